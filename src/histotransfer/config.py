@@ -1,0 +1,103 @@
+"""The one configuration schema (validated at the edge) shared by `histotransfer run`, the per-stage
+commands, DVC's params.yaml and the KFP pipelines. Every default lives here and only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TissueConfig(_Section):
+    """Tissue detection on a low-resolution image (Otsu on saturation, then morphology)."""
+
+    mask_mpp: float = Field(8.0, gt=0, description="resolution the mask is computed at, um/px")
+    saturation_threshold: int | None = Field(None, ge=0, le=255, description="None: Otsu")
+    min_saturation: int = Field(20, ge=0, le=255, description="floor for Otsu's threshold")
+    median_size_px: int = Field(5, ge=1)
+    closing_radius_um: float = Field(16.0, ge=0)
+    min_object_um2: float = Field(10_000.0, ge=0)
+    min_hole_um2: float = Field(10_000.0, ge=0)
+
+
+class TilingConfig(_Section):
+    target_mpp: float = Field(0.5, gt=0, description="resolution of the tiles, um/px")
+    patch_size_px: int = Field(224, ge=16, le=4096, description="tile side at target_mpp")
+    overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of a tile shared by neighbours")
+    min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    mpp_tolerance: float = Field(0.1, ge=0.0, le=1.0, description="see docs/adr/0001")
+    qc_max_side_px: int = Field(1200, ge=64)
+    tissue: TissueConfig = TissueConfig()
+
+
+class SampleDataConfig(_Section):
+    """The embedded sample cohort, built from real H&E pixels (see histotransfer.sample_data)."""
+
+    enabled: bool = True
+    n_slides: int = Field(16, ge=2)
+    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    lesion_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="of the tissue area")
+    mpp: float = Field(0.5, gt=0.1, le=2.0)
+    tissue_pieces: int = Field(2, ge=1, le=64)
+    seed: int = 0
+
+
+class StudyConfig(_Section):
+    """The whole study. Its defaults are the embedded demo."""
+
+    output_dir: Path = Path("runs/demo")
+    manifest: Path | None = Field(None, description="cohort manifest; None: use the sample cohort")
+    sample_data: SampleDataConfig = SampleDataConfig()
+    tiling: TilingConfig = TilingConfig()
+
+    @model_validator(mode="after")
+    def _has_cohort(self) -> StudyConfig:
+        if self.manifest is None and not self.sample_data.enabled:
+            raise ValueError("set `manifest` to your cohort's CSV, or enable `sample_data`")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or invalid; the message names the key and the problem."""
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {key}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read a YAML config (None: the defaults), apply dotted-key overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot override {dotted}: {part} is not a section")
+        node[leaf] = value
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from exc

@@ -1,0 +1,139 @@
+"""Tile geometry, defined once: read level for a target mpp, the tile grid, tissue fraction per tile.
+
+All coordinates are level-0 pixels (``x_lv0``, ``y_lv0``) of the top-left corner, as in CLAM.
+See docs/adr/0001-tile-geometry.md for the level-choice rule and its tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class GeometryError(ValueError):
+    """A slide cannot be tiled at the requested resolution or size."""
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """The pyramid level tiles are read from."""
+
+    read_level: int
+    read_downsample: float  # level-0 px per read-level px
+    level_mpp: float  # microns per pixel of the read level
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Everything needed to place and read one tile of ``patch_size_px`` at ``target_mpp``."""
+
+    target_mpp: float
+    patch_size_px: int  # side of the output tile, at target_mpp
+    slide_mpp: float  # level-0 microns per pixel
+    patch_size_level0: int  # side of the tile's footprint in level-0 px
+    stride_level0: int
+    read_level: int
+    read_downsample: float
+    read_size_px: int  # side of the region read at read_level (resized to patch_size_px)
+
+
+def select_level(
+    *,
+    slide_mpp: float,
+    level_downsamples: Sequence[float],
+    target_mpp: float,
+    tolerance: float = 0.1,
+) -> LevelChoice:
+    """The coarsest level whose mpp is no coarser than ``target_mpp * (1 + tolerance)``.
+
+    Tiles are then downsampled from that level (never upsampled beyond the tolerance). A slide whose
+    finest level is coarser than that bound cannot serve the target resolution.
+    """
+    if slide_mpp <= 0 or target_mpp <= 0:
+        raise GeometryError(f"mpp must be positive (slide {slide_mpp}, target {target_mpp})")
+    bound = target_mpp * (1 + tolerance)
+    if slide_mpp > bound:
+        raise GeometryError(
+            f"slide resolution {slide_mpp:g} um/px is coarser than the target {target_mpp:g} um/px "
+            f"(tolerance {tolerance:.0%}); choose a larger target_mpp for this slide"
+        )
+    best = 0
+    for level, downsample in enumerate(level_downsamples):
+        if slide_mpp * downsample <= bound and downsample > level_downsamples[best]:
+            best = level
+    downsample = float(level_downsamples[best])
+    return LevelChoice(read_level=best, read_downsample=downsample, level_mpp=slide_mpp * downsample)
+
+
+def tile_geometry(
+    *,
+    slide_mpp: float,
+    level_downsamples: Sequence[float],
+    target_mpp: float,
+    patch_size_px: int,
+    overlap: float = 0.0,
+    tolerance: float = 0.1,
+) -> TileGeometry:
+    """Tile footprint, stride and read size for a slide at a target resolution."""
+    if not 0.0 <= overlap < 1.0:
+        raise GeometryError(f"overlap must be in [0, 1), got {overlap}")
+    level = select_level(
+        slide_mpp=slide_mpp,
+        level_downsamples=level_downsamples,
+        target_mpp=target_mpp,
+        tolerance=tolerance,
+    )
+    patch_size_level0 = round(patch_size_px * target_mpp / slide_mpp)
+    return TileGeometry(
+        target_mpp=target_mpp,
+        patch_size_px=patch_size_px,
+        slide_mpp=slide_mpp,
+        patch_size_level0=patch_size_level0,
+        stride_level0=max(1, round(patch_size_level0 * (1.0 - overlap))),
+        read_level=level.read_level,
+        read_downsample=level.read_downsample,
+        read_size_px=max(1, round(patch_size_level0 / level.read_downsample)),
+    )
+
+
+def grid_coords(*, width_lv0: int, height_lv0: int, patch_size_lv0: int, stride_lv0: int) -> np.ndarray:
+    """Top-left corners of every full tile of a regular grid anchored at (0, 0).
+
+    Returns an (n_tiles, 2) int64 array of (x_lv0, y_lv0), row-major (y, then x).
+    """
+    if width_lv0 < patch_size_lv0 or height_lv0 < patch_size_lv0:
+        raise GeometryError(
+            f"slide of {width_lv0}x{height_lv0} level-0 px is smaller than one tile "
+            f"({patch_size_lv0} px); use a smaller patch_size_px or a larger target_mpp"
+        )
+    xs = np.arange(0, width_lv0 - patch_size_lv0 + 1, stride_lv0, dtype=np.int64)
+    ys = np.arange(0, height_lv0 - patch_size_lv0 + 1, stride_lv0, dtype=np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)  # (n_tiles, 2)
+
+
+def tissue_fractions(
+    mask: np.ndarray,
+    *,
+    mask_downsample: tuple[float, float],
+    coords_lv0: np.ndarray,
+    patch_size_lv0: int,
+) -> np.ndarray:
+    """Fraction of each tile's footprint that is tissue, from a low-resolution boolean mask.
+
+    ``mask_downsample`` is (level-0 px per mask px) along x and y. Footprints are rounded to whole
+    mask pixels (at least one). Uses a summed-area table: cost is independent of the tile size.
+    Returns float32 of shape (n_tiles,).
+    """
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    dx, dy = mask_downsample
+    x0 = np.clip(np.rint(coords_lv0[:, 0] / dx).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.rint(coords_lv0[:, 1] / dy).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.rint((coords_lv0[:, 0] + patch_size_lv0) / dx).astype(np.int64), x0 + 1, w)
+    y1 = np.clip(np.rint((coords_lv0[:, 1] + patch_size_lv0) / dy).astype(np.int64), y0 + 1, h)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)

@@ -1,0 +1,65 @@
+"""What an artifact records about how it was made, and the one resume check every stage uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from histotransfer import __version__
+
+CONFIG_HASH_ATTR = "config_hash"
+CONFIG_ATTR = "config_json"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace variation, so equal configs hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(obj: Any) -> str:
+    """Short sha256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def provenance_attrs(config: dict[str, Any]) -> dict[str, str]:
+    """Attributes every h5 artifact carries: package version, the config and its hash."""
+    return {
+        "histotransfer_version": __version__,
+        CONFIG_ATTR: canonical_json(config),
+        CONFIG_HASH_ATTR: config_hash(config),
+    }
+
+
+def is_current(path: str | os.PathLike[str], expected_hash: str) -> bool:
+    """True when ``path`` exists, is readable and was made with the config whose hash is given.
+
+    This is the single definition of "resume may skip this output". An h5 file records the hash in
+    its root attributes; a JSON file in a top-level ``config_hash`` key. Unreadable or truncated
+    files are not current (they get redone).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as f:
+                return f.attrs.get(CONFIG_HASH_ATTR) == expected_hash
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get(CONFIG_HASH_ATTR) == expected_hash
+    except (OSError, ValueError, KeyError):
+        return False
+    raise ValueError(f"no resume rule for artifact type {path.suffix!r}: {path}")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,73 @@
+"""Tissue detection on a low-resolution image: Otsu on HSV saturation, then morphology.
+
+Sizes are given in microns so one parameter set works whatever resolution the mask is computed at.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation of an (h, w, 3) uint8 image as uint8 in [0, 255]."""
+    rgb = rgb.astype(np.int32)
+    cmax = rgb.max(axis=2)
+    cmin = rgb.min(axis=2)
+    sat = np.zeros(cmax.shape, dtype=np.int32)
+    np.divide((cmax - cmin) * 255, cmax, out=sat, where=cmax > 0, casting="unsafe")
+    return sat.astype(np.uint8)
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius_px : radius_px + 1, -radius_px : radius_px + 1]
+    return xx**2 + yy**2 <= radius_px**2
+
+
+def _drop_small(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    areas = np.bincount(labels.ravel())
+    keep = areas >= min_area_px
+    keep[0] = False
+    return keep[labels]
+
+
+def detect_tissue(
+    rgb: np.ndarray,
+    *,
+    image_mpp: float,
+    saturation_threshold: int | None = None,
+    min_saturation: int = 20,
+    median_size_px: int = 5,
+    closing_radius_um: float = 16.0,
+    min_object_um2: float = 10_000.0,
+    min_hole_um2: float = 10_000.0,
+) -> np.ndarray:
+    """Boolean tissue mask (h, w) of an (h, w, 3) uint8 RGB image whose pixels are ``image_mpp`` um.
+
+    The saturation threshold is Otsu's, floored at ``min_saturation`` so that a blank slide (where
+    Otsu would split glass noise in two) yields no tissue; ``saturation_threshold`` fixes it instead.
+    """
+    sat = saturation(rgb)
+    if median_size_px > 1:
+        sat = ndimage.median_filter(sat, size=median_size_px)
+    if saturation_threshold is None:
+        otsu = threshold_otsu(sat) if sat.min() != sat.max() else 255
+        threshold = max(int(otsu), min_saturation)
+    else:
+        threshold = saturation_threshold
+    mask = sat > threshold
+    radius_px = round(closing_radius_um / image_mpp)
+    if radius_px >= 1:
+        mask = ndimage.binary_closing(mask, structure=_disk(radius_px), border_value=0)
+    px_area_um2 = image_mpp**2
+    mask = _drop_small(mask, min_object_um2 / px_area_um2)
+    holes = _drop_small(~mask, min_hole_um2 / px_area_um2)
+    # Holes touching the border are background, not holes: keep them.
+    border = ndimage.label(~mask)[0]
+    border_labels = np.unique(np.concatenate([border[0], border[-1], border[:, 0], border[:, -1]]))
+    small_holes = ~mask & ~holes & ~np.isin(border, border_labels[border_labels > 0])
+    return mask | small_holes
