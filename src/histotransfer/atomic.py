@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,13 +14,17 @@ from pathlib import Path
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` when the block succeeds.
 
-    The temporary name keeps the suffix (so libraries that sniff extensions still work) and starts
-    with a dot, so globs over finished artifacts never see it. On any exception the temporary file is
-    removed and ``final`` is left exactly as it was.
+    The temporary name starts with a dot and ends in ``.partial``, so neither a glob over finished
+    artifacts (``*.h5``) nor a reader sees it; writers that pick a format from the extension must be
+    told the format explicitly. On any exception the temporary file is
+    removed and ``final`` is left exactly as it was. Leftovers of a process killed mid-write (which
+    never got to clean up) are removed before the new write starts.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        stale.unlink(missing_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         yield tmp
         os.replace(tmp, final)

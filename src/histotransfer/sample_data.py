@@ -195,7 +195,7 @@ def build_sample_cohort(out_dir: str | Path, *, config: SampleDataConfig | None 
         )
         write_aperio_svs(out_dir / "slides" / f"{slide_id}.svs", composed.rgb, mpp=config.mpp)
         with atomic_path(out_dir / "masks" / f"{slide_id}.png") as tmp:
-            Image.fromarray(composed.lesion_mask.astype(np.uint8) * 255).save(tmp)
+            Image.fromarray(composed.lesion_mask.astype(np.uint8) * 255).save(tmp, format="PNG")
         rows.append(
             {
                 "slide_id": slide_id,

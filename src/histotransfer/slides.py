@@ -12,6 +12,9 @@ from PIL import Image
 from histotransfer.storage import fetch_gcs, is_gcs_uri
 
 _UM_PER_UNIT = {"centimeter": 1e4, "millimeter": 1e3, "micrometer": 1.0}
+# Microscopy lives well inside this range; values outside it are defaults of image tools (72 dpi is
+# 352.8 um/px) or corrupt metadata, and are treated as no resolution at all.
+PLAUSIBLE_MPP = (0.01, 100.0)
 
 
 class SlideError(RuntimeError):
@@ -55,11 +58,8 @@ def open_slide(path: str | Path) -> openslide.OpenSlide:
 def slide_mpp_from_properties(props: dict[str, str]) -> float | None:
     """Level-0 microns per pixel recorded in the slide, or None when it records none."""
     for key in ("openslide.mpp-x", "openslide.mpp-y"):
-        value = props.get(key)
-        if value:
-            mpp = float(value)
-            if mpp > 0:
-                return mpp
+        if value := props.get(key):
+            return float(value)
     unit = props.get("tiff.ResolutionUnit", "").lower()
     resolution = props.get("tiff.XResolution")
     if unit in _UM_PER_UNIT and resolution and float(resolution) > 0:
@@ -68,15 +68,18 @@ def slide_mpp_from_properties(props: dict[str, str]) -> float | None:
 
 
 def resolve_mpp(props: dict[str, str], manifest_mpp: float | None, *, name: str) -> tuple[float, str]:
-    """The slide's own mpp, else the manifest's; a slide with neither is an error saying what to do."""
+    """The slide's own plausible mpp, else the manifest's; neither is an error saying what to do."""
     mpp = slide_mpp_from_properties(props)
-    if mpp is not None:
+    if mpp is not None and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         return mpp, "slide"
     if manifest_mpp is not None:
         return manifest_mpp, "manifest"
+    recorded = (
+        "records no resolution" if mpp is None else f"records an implausible resolution ({mpp:g} um/px)"
+    )
     raise SlideError(
-        f"{name}: the slide records no resolution (microns per pixel); add an `mpp` column to the "
-        "manifest with this slide's level-0 um/px (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+        f"{name}: the slide {recorded}; add an `mpp` column to the manifest with this slide's "
+        "level-0 microns per pixel (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
     )
 
 

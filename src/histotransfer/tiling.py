@@ -119,35 +119,44 @@ def _tiling_config(record: SlideRecord, tiling: TilingConfig) -> dict[str, Any]:
 def tile_slide(record: SlideRecord, *, out_dir: Path, tiling: TilingConfig) -> dict[str, Any]:
     """Tile one slide into ``out_dir/{slide_id}.h5`` and ``.png``; raise SlideError when it cannot."""
     local = local_slide_path(record.path)
-    with open_slide(local) as slide:
-        info = slide_info(slide, record.mpp, name=str(local))
-        geometry = tile_geometry(
-            slide_mpp=info.mpp,
-            level_downsamples=info.level_downsamples,
-            target_mpp=tiling.target_mpp,
-            patch_size_px=tiling.patch_size_px,
-            overlap=tiling.overlap,
-            tolerance=tiling.mpp_tolerance,
-        )
-        width, height = info.dimensions
-        candidates = grid_coords(
-            width_lv0=width,
-            height_lv0=height,
-            patch_size_lv0=geometry.patch_size_level0,
-            stride_lv0=geometry.stride_level0,
-        )
-        mask, mask_downsample = compute_tissue_mask(slide, info, tiling)
-        fractions = tissue_fractions(
-            mask,
-            mask_downsample=mask_downsample,
-            coords_lv0=candidates,
-            patch_size_lv0=geometry.patch_size_level0,
-        )
-        keep = fractions >= tiling.min_tissue_fraction
-        coords, fractions = candidates[keep], fractions[keep]
-        qc = draw_qc(slide, mask, coords, geometry, max_side_px=tiling.qc_max_side_px)
+    try:
+        with open_slide(local) as slide:
+            return _tile_open_slide(slide, record, local=local, out_dir=out_dir, tiling=tiling)
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"{local}: OpenSlide failed while reading pixels ({exc})") from exc
+
+
+def _tile_open_slide(
+    slide: openslide.OpenSlide, record: SlideRecord, *, local: Path, out_dir: Path, tiling: TilingConfig
+) -> dict[str, Any]:
+    info = slide_info(slide, record.mpp, name=str(local))
+    geometry = tile_geometry(
+        slide_mpp=info.mpp,
+        level_downsamples=info.level_downsamples,
+        target_mpp=tiling.target_mpp,
+        patch_size_px=tiling.patch_size_px,
+        overlap=tiling.overlap,
+        tolerance=tiling.mpp_tolerance,
+    )
+    mask, mask_downsample = compute_tissue_mask(slide, info, tiling)  # reads pixels: fails early
+    width, height = info.dimensions
+    candidates = grid_coords(
+        width_lv0=width,
+        height_lv0=height,
+        patch_size_lv0=geometry.patch_size_level0,
+        stride_lv0=geometry.stride_level0,
+    )
+    fractions = tissue_fractions(
+        mask,
+        mask_downsample=mask_downsample,
+        coords_lv0=candidates,
+        patch_size_lv0=geometry.patch_size_level0,
+    )
+    keep = fractions >= tiling.min_tissue_fraction
+    coords, fractions = candidates[keep], fractions[keep]
+    qc = draw_qc(slide, mask, coords, geometry, max_side_px=tiling.qc_max_side_px)
     with atomic_path(out_dir / f"{record.slide_id}.png") as tmp:
-        qc.save(tmp)
+        qc.save(tmp, format="PNG")
     if len(coords) == 0:
         raise SlideError(
             f"no tissue found: 0 of {len(candidates)} candidate tiles reach "

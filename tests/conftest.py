@@ -1,0 +1,55 @@
+"""Shared fixtures: real-tissue cohorts built by the project's own sample-data code, and small
+synthetic slides with known geometry written by the project's own SVS writer."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histotransfer.config import SampleDataConfig
+from histotransfer.sample_data import build_sample_cohort
+from histotransfer.svs import write_aperio_svs
+
+# Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
+# that 224 px tiles at 0.5 um/px make on it.
+GOLDEN_MPP = 0.25
+GOLDEN_SIZE = (4032, 3136)  # (width, height) level-0 px: 9 x 7 tiles of 448 px
+GOLDEN_TISSUE = (896, 448, 2688, 2240)  # x0, y0, x1, y1: a 4 x 4 block of tiles
+GOLDEN_TILES = [(x, y) for y in range(448, 2240, 448) for x in range(896, 2688, 448)]
+
+
+def synthetic_slide_rgb(size: tuple[int, int], tissue_boxes=(), seed: int = 0) -> np.ndarray:
+    """Glass-coloured canvas with H&E-coloured noisy rectangles."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = np.full((height, width, 3), 242, dtype=np.uint8)
+    for x0, y0, x1, y1 in tissue_boxes:
+        noise = rng.integers(-25, 25, size=(y1 - y0, x1 - x0, 3))
+        rgb[y0:y1, x0:x1] = np.clip(np.array([190, 110, 170]) + noise, 0, 255)
+    return rgb
+
+
+@pytest.fixture(scope="session")
+def golden_slide(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("golden") / "golden.svs"
+    rgb = synthetic_slide_rgb(GOLDEN_SIZE, [GOLDEN_TISSUE])
+    return write_aperio_svs(path, rgb, mpp=GOLDEN_MPP, downsamples=(2, 8))
+
+
+@pytest.fixture(scope="session")
+def sample_cohort(tmp_path_factory) -> Path:
+    """Four small real-tissue slides at 0.5 um/px (two tumor, two normal); returns the manifest."""
+    config = SampleDataConfig(n_slides=4, tissue_pieces=1, seed=7)
+    return build_sample_cohort(tmp_path_factory.mktemp("cohort"), config=config)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

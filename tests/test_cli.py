@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import pytest
+
+from histotransfer.cli import EXIT_BAD_INPUT, main
+from tests.conftest import write_csv
+
+
+@pytest.mark.integration
+def test_run_builds_cohort_and_tiles_then_reuses_them(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'study'}\nsample_data:\n  n_slides: 2\n  tissue_pieces: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"cohort manifest: {tmp_path / 'study' / 'cohort' / 'manifest.csv'}" in proc.stdout
+    assert "2 of 2 slide(s) ready" in proc.stdout
+    assert len(list((tmp_path / "study" / "tiles").glob("*.h5"))) == 2
+    assert len(list((tmp_path / "study" / "tiles").glob("*.png"))) == 2
+    assert main(["run", "--config", str(config)]) == 0
+    summary = (tmp_path / "study" / "tiles" / "summary.csv").read_text()
+    assert summary.count(",skipped,") == 2
+
+
+def test_bad_manifest_exits_2_before_any_work(tmp_path, capsys):
+    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "a/b", "path": "x.svs", "label": ""}])
+    assert main(["tile", str(manifest), "--out", str(tmp_path / "t")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "line 2: slide_id 'a/b' is unsafe" in err
+    assert "line 2: label is empty" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys):
+    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "a", "path": "x.svs", "label": "t"}])
+    code = main(["tile", str(manifest), "--out", str(tmp_path / "t"), "--overlap", "2"])
+    assert code == EXIT_BAD_INPUT
+    assert "tiling.overlap" in capsys.readouterr().err
+
+
+def test_set_requires_key_value(capsys):
+    assert main(["run", "--set", "tiling.target_mpp"]) == EXIT_BAD_INPUT
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err

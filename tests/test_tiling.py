@@ -1,0 +1,167 @@
+import csv
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import openslide
+import pytest
+
+from histotransfer.assets import fetch_asset
+from histotransfer.cli import main
+from histotransfer.config import TilingConfig
+from histotransfer.manifest import read_manifest
+from histotransfer.provenance import sha256_file
+from histotransfer.svs import write_aperio_svs
+from histotransfer.tiling import tile_cohort
+from tests.conftest import (
+    GOLDEN_MPP,
+    GOLDEN_SIZE,
+    GOLDEN_TILES,
+    GOLDEN_TISSUE,
+    synthetic_slide_rgb,
+    write_csv,
+)
+
+
+def _summary(out):
+    with (out / "summary.csv").open() as f:
+        return {row["slide_id"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize(("downsamples", "read_level", "read_size"), [((2, 8), 1, 224), ((4, 16), 0, 448)])
+def test_golden_slide_coords(tmp_path, downsamples, read_level, read_size):
+    """224 px at 0.5 um/px on a 0.25 um/px slide: 448 px footprints, exactly the tissue block's tiles."""
+    rgb = synthetic_slide_rgb(GOLDEN_SIZE, [GOLDEN_TISSUE])
+    slide = write_aperio_svs(tmp_path / "golden.svs", rgb, mpp=GOLDEN_MPP, downsamples=downsamples)
+    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "golden", "path": str(slide), "label": "x"}])
+    result = tile_cohort(read_manifest(manifest), out_dir=tmp_path / "tiles", tiling=TilingConfig())
+    assert not result.failed
+    with h5py.File(tmp_path / "tiles" / "golden.h5", "r") as f:
+        coords = f["coords"]
+        assert coords.dtype == np.int64
+        assert [tuple(c) for c in coords[:]] == GOLDEN_TILES
+        attrs = dict(coords.attrs)
+        assert (attrs["patch_level"], attrs["read_level"], attrs["patch_size"]) == (
+            read_level,
+            read_level,
+            read_size,
+        )
+        assert (attrs["patch_size_level0"], attrs["patch_size_px"]) == (448, 224)
+        assert (attrs["target_mpp"], attrs["slide_mpp"]) == (0.5, pytest.approx(GOLDEN_MPP))
+        assert f["tissue_fraction"].shape == (16,)
+        assert (f["tissue_fraction"][:] > 0.9).all()
+        assert f.attrs["slide_id"] == "golden"
+    # CLAM reads `patch_size` px at `patch_level` from each coordinate: that must be all tissue.
+    with openslide.OpenSlide(str(slide)) as wsi:
+        for x, y in GOLDEN_TILES[::5]:
+            tile = np.asarray(
+                wsi.read_region((int(x), int(y)), read_level, (read_size, read_size)).convert("RGB")
+            )
+            assert tile.shape == (read_size, read_size, 3)
+            assert (tile.max(axis=2).astype(int) - tile.min(axis=2)).mean() > 40  # saturated: tissue
+    assert (tmp_path / "tiles" / "golden.png").is_file()
+    assert _summary(tmp_path / "tiles")["golden"]["n_tiles"] == "16"
+
+
+def test_sample_cohort_tiles_are_tissue(sample_cohort, tmp_path):
+    records = read_manifest(sample_cohort)
+    result = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig())
+    assert [o.status for o in result.outcomes] == ["done"] * len(records)
+    for record in records:
+        with h5py.File(tmp_path / f"{record.slide_id}.h5", "r") as f:
+            assert len(f["coords"]) > 20
+            assert (f["tissue_fraction"][:] >= 0.5).all()
+            assert f.attrs["config_hash"]
+
+
+def test_resume_skips_and_overwrite_redoes(sample_cohort, tmp_path):
+    records = read_manifest(sample_cohort)
+    tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig())
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.h5")}
+    again = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig())
+    assert {o.status for o in again.outcomes} == {"skipped"}
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.h5")} == mtimes
+    assert all(int(row["n_tiles"]) > 0 for row in _summary(tmp_path).values())  # stats of skipped outputs
+    redone = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig(), overwrite=True)
+    assert {o.status for o in redone.outcomes} == {"done"}
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in tmp_path.glob("*.h5"))
+    changed = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig(min_tissue_fraction=0.8))
+    assert {o.status for o in changed.outcomes} == {"done"}  # other parameters: not current
+
+
+@pytest.fixture
+def bad_cohort(sample_cohort, tmp_path):
+    """Two good slides and every kind of bad one; returns (manifest, {slide_id: expected reason})."""
+    blank = write_aperio_svs(tmp_path / "blank.svs", synthetic_slide_rgb((2000, 1500)), mpp=0.5)
+    tiny = write_aperio_svs(
+        tmp_path / "tiny.svs", synthetic_slide_rgb((200, 150), [(0, 0, 200, 150)]), mpp=0.5
+    )
+    good = read_manifest(sample_cohort)[:2]
+    rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in good]
+    bad = {
+        "unreadable": (fetch_asset("unreadable_svs"), "", "OpenSlide failed while reading pixels"),
+        "unopenable": (fetch_asset("unopenable_tiff"), "", "OpenSlide cannot read this file"),
+        "no-mpp": (
+            fetch_asset("no_mpp_tiff"),
+            "",
+            "implausible resolution (352.778 um/px); add an `mpp` column",
+        ),
+        "tiny-with-mpp": (fetch_asset("no_mpp_tiff"), "0.25", "smaller than one tile"),
+        "blank": (blank, "", "no tissue found"),
+        "tiny": (tiny, "", "smaller than one tile"),
+    }
+    rows += [{"slide_id": k, "path": str(p), "label": "x", "mpp": mpp} for k, (p, mpp, _) in bad.items()]
+    return write_csv(tmp_path / "m.csv", rows), {k: why for k, (_, _, why) in bad.items()}
+
+
+def test_bad_slides_fail_alone_and_lose_nothing(bad_cohort, tmp_path, capsys):
+    manifest, reasons = bad_cohort
+    inputs = {r.path: sha256_file(r.path) for r in read_manifest(manifest)}
+    out = tmp_path / "tiles"
+    out.mkdir()
+    keep = out / "unrelated.txt"
+    keep.write_text("the user's file")
+    assert main(["tile", str(manifest), "--out", str(out)]) == 1
+    summary = _summary(out)
+    for slide_id, why in reasons.items():
+        assert summary[slide_id]["status"] == "failed"
+        assert why in summary[slide_id]["reason"], summary[slide_id]["reason"]
+        assert not (out / f"{slide_id}.h5").exists()
+    good = [k for k in summary if k not in reasons]
+    assert len(good) == 2
+    assert all(summary[k]["status"] == "done" for k in good)
+    err = capsys.readouterr().err
+    assert f"{len(reasons)} of {len(summary)} slide(s) failed" in err
+    assert all(slide_id in err for slide_id in reasons)
+    assert {r.path: sha256_file(r.path) for r in read_manifest(manifest)} == inputs
+    assert keep.read_text() == "the user's file"
+    assert not list(out.glob("*.partial"))  # no temporary leftovers
+
+
+KILL_SCRIPT = """
+import os, sys
+import h5py
+from histotransfer.cli import main
+
+create = h5py.Group.create_dataset
+def die_mid_write(self, name, *args, **kwargs):
+    if name == "tissue_fraction":  # coords already written: the file is half done
+        os._exit(9)
+    return create(self, name, *args, **kwargs)
+h5py.Group.create_dataset = die_mid_write
+main(["tile", sys.argv[1], "--out", sys.argv[2]])
+"""
+
+
+def test_killed_run_leaves_no_half_file_and_rerun_finishes(sample_cohort, tmp_path):
+    out = tmp_path / "tiles"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(sample_cohort), str(out)], check=False)
+    assert proc.returncode == 9
+    assert not list(out.glob("*.h5"))
+    assert len(list(out.glob(".sample-000.h5.*.partial"))) == 1  # the half file never got its final name
+    assert main(["tile", str(sample_cohort), "--out", str(out)]) == 0
+    assert len(list(out.glob("*.h5"))) == 4
+    assert not list(out.glob("*.partial"))
+    with h5py.File(out / "sample-000.h5", "r") as f:
+        assert f["coords"].shape[0] == f["tissue_fraction"].shape[0] > 0
