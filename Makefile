@@ -21,7 +21,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not integration"
 
 demo: setup
-	$(BIN)/histotransfer run --output-dir $(DEMO_DIR)
+	$(BIN)/histotransfer run --config params.yaml --output-dir $(DEMO_DIR)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -42,3 +42,10 @@ def test_invalid_config_names_the_key(tmp_path, text, message):
 def test_override_into_a_value_is_an_error():
     with pytest.raises(ConfigError, match=r"cannot override tiling\.target_mpp\.x"):
         load_config(None, {"tiling.target_mpp": 1.0, "tiling.target_mpp.x": 2})
+
+
+def test_params_yaml_is_valid_and_is_the_demo():
+    from pathlib import Path
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    assert load_config(params) == StudyConfig()

@@ -125,10 +125,11 @@ def compose_slide(
         canvas[oy : oy + h, ox : ox + w] = piece
     for y in range(0, canvas.shape[0], 1024):  # in strips: the float copy of a 40x slide is large
         canvas[y : y + 1024] = _stain_jitter(canvas[y : y + 1024], od_scale)
+    if not lesion_fraction:
+        mask_shape = (-(-canvas.shape[0] // MASK_DOWNSAMPLE), -(-canvas.shape[1] // MASK_DOWNSAMPLE))
+        return ComposedSlide(canvas, np.zeros(mask_shape, dtype=bool), 0.0)
     small = reduce_rgb(canvas, MASK_DOWNSAMPLE)
     tissue = detect_tissue(small, image_mpp=mpp * MASK_DOWNSAMPLE)
-    if not lesion_fraction:
-        return ComposedSlide(canvas, np.zeros_like(tissue), 0.0)
     lesion = _lesion_blob(tissue, lesion_fraction * tissue.sum(), rng)
     _paint_tumor(
         canvas,
