@@ -1,0 +1,21 @@
+"""The benchmark scripts keep running (their numbers are read by people, never asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.integration
+def test_bench_tiling_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_tiling.py"), "--pieces", "1", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "speed-up tiler vs naive:" in proc.stdout
