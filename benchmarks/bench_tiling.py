@@ -24,12 +24,17 @@ from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
 from histotransfer.config import TilingConfig
-from histotransfer.geometry import grid_coords, tile_geometry
 from histotransfer.manifest import SlideRecord
 from histotransfer.sample_data import compose_slide, load_sources
 from histotransfer.slides import read_level_reduced, read_rgb, slide_info
 from histotransfer.svs import write_aperio_svs
-from histotransfer.tiling import compute_tissue_mask, mask_source, tile_slide
+from histotransfer.tiling import (
+    candidate_coords,
+    compute_tissue_mask,
+    mask_source,
+    slide_tile_geometry,
+    tile_slide,
+)
 from histotransfer.tissue import saturation
 
 MPP = 0.25
@@ -50,19 +55,8 @@ def naive_tiles(path: Path, tiling: TilingConfig, threshold: int) -> np.ndarray:
     """Read every candidate tile at full resolution; keep those with enough saturated pixels."""
     with openslide.OpenSlide(str(path)) as slide:
         info = slide_info(slide, None, name=str(path))
-        geo = tile_geometry(
-            slide_mpp=info.mpp,
-            level_downsamples=info.level_downsamples,
-            target_mpp=tiling.target_mpp,
-            patch_size_px=tiling.patch_size_px,
-        )
-        width, height = info.dimensions
-        candidates = grid_coords(
-            width_lv0=width,
-            height_lv0=height,
-            patch_size_lv0=geo.patch_size_level0,
-            stride_lv0=geo.stride_level0,
-        )
+        geo = slide_tile_geometry(info, tiling)
+        candidates = candidate_coords(info, geo)
         keep = []
         for x, y in tqdm(candidates, desc="naive", unit="tile", leave=False):
             tile = read_rgb(slide, (x, y), geo.read_level, (geo.read_size_px, geo.read_size_px))

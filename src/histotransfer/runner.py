@@ -75,8 +75,9 @@ def run_per_slide(
         try:
             stats = work(record)
         except Exception as exc:  # one bad slide must not sink the cohort
-            log.debug("%s failed on %s", stage, record.slide_id, exc_info=True)
             reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+            log.warning("%s failed on %s: %s", stage, record.slide_id, reason)
+            log.debug("traceback of the failure", exc_info=True)
             outcomes.append(SlideOutcome(record.slide_id, "failed", reason, time.perf_counter() - start))
             continue
         outcomes.append(SlideOutcome(record.slide_id, "done", "", time.perf_counter() - start, stats))

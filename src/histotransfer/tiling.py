@@ -54,6 +54,29 @@ def compute_tissue_mask(
     return mask, (width / mask.shape[1], height / mask.shape[0])
 
 
+def slide_tile_geometry(info: SlideInfo, tiling: TilingConfig) -> TileGeometry:
+    """Tile geometry of one slide under the tiling configuration."""
+    return tile_geometry(
+        slide_mpp=info.mpp,
+        level_downsamples=info.level_downsamples,
+        target_mpp=tiling.target_mpp,
+        patch_size_px=tiling.patch_size_px,
+        overlap=tiling.overlap,
+        tolerance=tiling.mpp_tolerance,
+    )
+
+
+def candidate_coords(info: SlideInfo, geometry: TileGeometry) -> np.ndarray:
+    """Every full tile of the slide's grid, before the tissue filter: (n_candidates, 2) int64."""
+    width, height = info.dimensions
+    return grid_coords(
+        width_lv0=width,
+        height_lv0=height,
+        patch_size_lv0=geometry.patch_size_level0,
+        stride_lv0=geometry.stride_level0,
+    )
+
+
 def draw_qc(
     slide: openslide.OpenSlide,
     mask: np.ndarray,
@@ -130,22 +153,9 @@ def _tile_open_slide(
     slide: openslide.OpenSlide, record: SlideRecord, *, local: Path, out_dir: Path, tiling: TilingConfig
 ) -> dict[str, Any]:
     info = slide_info(slide, record.mpp, name=str(local))
-    geometry = tile_geometry(
-        slide_mpp=info.mpp,
-        level_downsamples=info.level_downsamples,
-        target_mpp=tiling.target_mpp,
-        patch_size_px=tiling.patch_size_px,
-        overlap=tiling.overlap,
-        tolerance=tiling.mpp_tolerance,
-    )
+    geometry = slide_tile_geometry(info, tiling)
     mask, mask_downsample = compute_tissue_mask(slide, info, tiling)  # reads pixels: fails early
-    width, height = info.dimensions
-    candidates = grid_coords(
-        width_lv0=width,
-        height_lv0=height,
-        patch_size_lv0=geometry.patch_size_level0,
-        stride_lv0=geometry.stride_level0,
-    )
+    candidates = candidate_coords(info, geometry)
     fractions = tissue_fractions(
         mask,
         mask_downsample=mask_downsample,
