@@ -3,6 +3,11 @@ synthetic slides with known geometry written by the project's own SVS writer."""
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach a model hub; without this, a hub lookup retries for about a minute first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import csv
 from pathlib import Path
 

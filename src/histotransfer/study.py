@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from histotransfer.config import StudyConfig
+from histotransfer.encoders import build_encoder
+from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
 from histotransfer.sample_data import build_sample_cohort
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 class StudyOutputs:
     manifest: Path
     tiles_dir: Path
+    features_dir: Path
     stages: dict[str, StageResult] = field(default_factory=dict)
 
     @property
@@ -35,8 +38,26 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         log.info("building the sample cohort under %s", out / "cohort")
         manifest = build_sample_cohort(out / "cohort", config=config.sample_data)
     records = read_manifest(manifest)
-    outputs = StudyOutputs(manifest=manifest, tiles_dir=out / "tiles")
-    outputs.stages["tile"] = tile_cohort(
-        records, out_dir=outputs.tiles_dir, tiling=config.tiling, overwrite=overwrite
+    outputs = StudyOutputs(manifest=manifest, tiles_dir=out / "tiles", features_dir=out / "features")
+    tiled = tile_cohort(records, out_dir=outputs.tiles_dir, tiling=config.tiling, overwrite=overwrite)
+    outputs.stages["tile"] = tiled
+    failed = {o.slide_id for o in tiled.failed}
+    with_tiles = [r for r in records if r.slide_id not in failed]
+    extraction = config.extraction
+    settings = EngineSettings.resolve(
+        device=extraction.device,
+        batch_size=extraction.batch_size,
+        num_workers=extraction.num_workers,
+        precision=extraction.precision,
     )
+    for spec in extraction.encoders:
+        encoder = build_encoder(spec.id, weights=spec.weights)
+        outputs.stages[f"extract {spec.id}"] = extract_cohort(
+            with_tiles,
+            tiles_dir=outputs.tiles_dir,
+            out_dir=outputs.features_dir,
+            encoder=encoder,
+            settings=settings,
+            overwrite=overwrite,
+        )
     return outputs

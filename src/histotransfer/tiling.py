@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +186,47 @@ def _tile_open_slide(
     return {"n_tiles": len(coords), "read_level": geometry.read_level, "slide_mpp": info.mpp}
 
 
-def tiles_stats(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TileSet:
+    """A slide's tiles as the tiles contract stores them: what every later stage reads."""
+
+    slide_id: str
+    slide_path: str  # local path or gs:// URI, as in the manifest
+    coords: np.ndarray  # (n_tiles, 2) int64 level-0 x, y
+    tissue_fraction: np.ndarray  # (n_tiles,) float32
+    read_level: int
+    read_size_px: int  # side read at read_level
+    patch_size_px: int  # side of the tile at target_mpp
+    patch_size_level0: int
+    target_mpp: float
+    slide_mpp: float
+    config_hash: str
+
+
+def load_tiles(path: Path) -> TileSet:
+    """Read a tiles h5 file; a missing or incomplete one is a SlideError naming it."""
+    if not Path(path).is_file():
+        raise SlideError(f"no tiles file {path}: tiling failed or has not run (see summary.csv beside it)")
     with h5py.File(path, "r") as f:
         coords = f["coords"]
-        return {
-            "n_tiles": coords.shape[0],
-            "read_level": int(coords.attrs["read_level"]),
-            "slide_mpp": float(coords.attrs["slide_mpp"]),
-        }
+        return TileSet(
+            slide_id=str(f.attrs["slide_id"]),
+            slide_path=str(f.attrs["slide_path"]),
+            coords=coords[:],
+            tissue_fraction=f["tissue_fraction"][:],
+            read_level=int(coords.attrs["read_level"]),
+            read_size_px=int(coords.attrs["patch_size"]),
+            patch_size_px=int(coords.attrs["patch_size_px"]),
+            patch_size_level0=int(coords.attrs["patch_size_level0"]),
+            target_mpp=float(coords.attrs["target_mpp"]),
+            slide_mpp=float(coords.attrs["slide_mpp"]),
+            config_hash=str(f.attrs["config_hash"]),
+        )
+
+
+def tiles_stats(path: Path) -> dict[str, Any]:
+    tiles = load_tiles(path)
+    return {"n_tiles": len(tiles.coords), "read_level": tiles.read_level, "slide_mpp": tiles.slide_mpp}
 
 
 def tile_cohort(

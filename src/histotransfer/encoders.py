@@ -1,0 +1,302 @@
+"""The encoder registry: an encoder id names architecture, cut point and weights.
+
+    ARCH[@CUT][+WEIGHTS]      e.g. resnet18, resnet18@layer3, densenet121@transition2+random,
+                              densenet121+kimianet (with --weights FILE), resnet18@layer4+ft
+
+``ARCH`` is a key of ``ARCHS`` (built with timm), ``CUT`` one of ``list_cut_points(ARCH)`` (the network
+is run up to and including that module, then globally average-pooled), ``WEIGHTS`` a tag: none means the
+architecture's default pretrained weights, ``random`` an explicit seeded random init, any other tag
+weights given as a file or hub id. Asking for weights that cannot be had is an error, never a silent
+fallback to random.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from histotransfer.assets import AssetError, fetch_asset
+from histotransfer.provenance import sha256_file
+from histotransfer.weights import WeightsError, load_strict, map_to_model, read_checkpoint, state_sha256
+
+log = logging.getLogger(__name__)
+
+# The stem (before the first block) is a chain too, but no study cuts there.
+STEM_MODULES = frozenset({"conv1", "bn1", "act1", "maxpool", "conv0", "norm0", "pool0", "conv_stem"})
+HEAD_MODULES = frozenset({"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "head_dist"})
+RANDOM = "random"
+_ID = re.compile(r"^(?P<arch>[a-z0-9_]+)(?:@(?P<cut>[A-Za-z0-9_.]+))?(?:\+(?P<tag>[A-Za-z0-9_.-]+))?$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture with timm, and where its default weights come from."""
+
+    timm_name: str
+    default_weights: str  # "timm" (timm's pretrained tag), "hf-hub:ORG/NAME" or "asset:NAME"
+    flatten: tuple[str, ...] = ()  # sequential containers whose children are cut points
+    sequential: bool = True  # the trunk is a chain of modules (CNNs); transformers have no cut points
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec("resnet18", "timm", description="ImageNet ResNet18 (paper)"),
+    "resnet34": ArchSpec("resnet34", "timm", description="ImageNet ResNet34 (paper)"),
+    "resnet50": ArchSpec("resnet50", "timm", description="ImageNet ResNet50 (paper; @layer3 is CLAM's)"),
+    "densenet121": ArchSpec(
+        "densenet121", "timm", flatten=("features",), description="ImageNet DenseNet121 (paper; KimiaNet's)"
+    ),
+    "efficientnet_lite0": ArchSpec(
+        "efficientnet_lite0",
+        "asset:efficientnet_lite0_imagenet",
+        flatten=("blocks",),
+        description="ImageNet EfficientNet-Lite0 (weights from a registry package: works offline)",
+    ),
+    "uni": ArchSpec(
+        "vit_large_patch16_224",
+        "hf-hub:MahmoodLab/uni",
+        sequential=False,
+        create_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
+        description="UNI pathology foundation model, ViT-L/16 (gated on Hugging Face)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EncoderId:
+    arch: str
+    cut: str | None = None
+    tag: str | None = None  # None: default pretrained weights
+
+    def __str__(self) -> str:
+        return self.arch + (f"@{self.cut}" if self.cut else "") + (f"+{self.tag}" if self.tag else "")
+
+
+def list_encoders() -> list[str]:
+    """Every architecture and every cut point, as encoder ids with default weights."""
+    return [str(EncoderId(a, c)) for a in ARCHS for c in (None, *list_cut_points(a))]
+
+
+def parse_encoder_id(text: str) -> EncoderId:
+    match = _ID.match(text)
+    if not match:
+        raise ValueError(
+            f"malformed encoder id {text!r}: expected ARCH[@CUT][+WEIGHTS], e.g. resnet18@layer3+random"
+        )
+    enc = EncoderId(match["arch"], match["cut"], match["tag"])
+    if enc.arch not in ARCHS:
+        raise ValueError(f"unknown architecture {enc.arch!r} in {text!r}; known: {', '.join(ARCHS)}")
+    if enc.cut is not None and enc.cut not in list_cut_points(enc.arch):
+        valid = ", ".join(list_cut_points(enc.arch)) or "none"
+        raise ValueError(f"unknown cut point {enc.cut!r} for {enc.arch}; valid: {valid}")
+    return enc
+
+
+def _timm_model(arch: str, *, pretrained: bool | str = False, num_classes: int = 0) -> nn.Module:
+    spec = ARCHS[arch]
+    name = spec.timm_name
+    if isinstance(pretrained, str):  # a hub id replaces the architecture name
+        name, pretrained = pretrained, True
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **spec.create_kwargs)
+
+
+def trunk_path(model: nn.Module, spec: ArchSpec) -> list[str] | None:
+    """Module names, in forward order, of the model's feature trunk; None when it is not a chain."""
+    if not spec.sequential:
+        return None
+    path: list[str] = []
+    for name, child in model.named_children():
+        if name in HEAD_MODULES:
+            continue
+        if name in spec.flatten and isinstance(child, nn.Sequential):
+            path += [f"{name}.{sub}" for sub, _ in child.named_children()]
+        else:
+            path.append(name)
+    return path
+
+
+def _cut_name(module_path: str) -> str:
+    container, _, child = module_path.rpartition(".")
+    return module_path if child.isdigit() else (child or container)
+
+
+_CUT_CACHE: dict[str, list[str]] = {}
+
+
+def list_cut_points(arch: str) -> list[str]:
+    """Block boundaries the network can be cut after (layer1..4, denseblock1, transition1, blocks.3)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if arch not in _CUT_CACHE:
+        with torch.device("meta"):
+            path = trunk_path(_timm_model(arch), ARCHS[arch])
+        _CUT_CACHE[arch] = [_cut_name(p) for p in path or [] if _cut_name(p) not in STEM_MODULES]
+    return _CUT_CACHE[arch]
+
+
+class PatchEncoder(nn.Module):
+    """uint8 tiles (n, 3, h, w) -> features (n, dim): normalisation, trunk up to the cut, pooling."""
+
+    def __init__(self, model: nn.Module, path: list[str] | None, *, mean, std, input_size: int | None):
+        super().__init__()
+        self.model = model
+        self.path = path  # None: the whole network with its own pooling (num_classes=0)
+        self.input_size = input_size  # resize to this when the network needs a fixed size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = (tiles.float() - self.mean) / self.std  # (n, 3, h, w)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        if self.path is None:
+            return self.model(x)  # (n, dim)
+        for name in self.path:
+            x = self.model.get_submodule(name)(x)
+        return x.mean(dim=(2, 3))  # (n, dim)
+
+
+@dataclass
+class Encoder:
+    """A built encoder and everything the artifacts record about it."""
+
+    id: EncoderId
+    module: PatchEncoder
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: int  # the network's native input size (tiles of other sizes are fed as they are for CNNs)
+    weights_source: str
+    weights_sha256: str
+    unused_keys: list[str] = field(default_factory=list)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "encoder_id": str(self.id),
+            "arch": self.id.arch,
+            "timm_name": ARCHS[self.id.arch].timm_name,
+            "cut": self.id.cut or "",
+            "feature_dim": self.dim,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": self.input_size,
+        }
+
+
+def _prune_after(model: nn.Module, path: list[str], keep: int) -> None:
+    """Replace every trunk module after ``path[keep]`` and the head by Identity: they are never run."""
+    for name in [*path[keep + 1 :], *(n for n, _ in model.named_children() if n in HEAD_MODULES)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+
+
+def _weights_for(enc: EncoderId, weights: str | Path | None) -> str | Path | None:
+    """Resolve what to load: None (random), a hub id / 'timm', an asset, or a file."""
+    if enc.tag == RANDOM:
+        if weights not in (None, RANDOM):
+            raise WeightsError(f"{enc} asks for random weights but --weights {weights} was given")
+        return None
+    if weights == RANDOM:
+        raise WeightsError(
+            f"--weights random needs the id to say so: use {EncoderId(enc.arch, enc.cut, RANDOM)}"
+        )
+    if weights is not None:
+        return weights
+    if enc.tag is not None:
+        raise WeightsError(f"{enc} names weights {enc.tag!r}: give them with --weights FILE (or a hub id)")
+    return ARCHS[enc.arch].default_weights
+
+
+def _reference_state(arch: str) -> dict[str, torch.Tensor]:
+    """Names and shapes (no memory) of the full timm model with its ImageNet head: mapping targets."""
+    with torch.device("meta"):
+        return _timm_model(arch, num_classes=1000).state_dict()
+
+
+def _hub_model(enc: EncoderId, source: str) -> nn.Module:
+    try:
+        return _timm_model(enc.arch, pretrained=True if source == "timm" else source)
+    except Exception as exc:  # hub errors come in many types; none may fall back to random
+        raise WeightsError(
+            f"cannot load pretrained weights for {enc} from {source} ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); give a local checkpoint with --weights FILE, or ask for "
+            f"{EncoderId(enc.arch, enc.cut, RANDOM)}"
+        ) from exc
+
+
+def _checkpoint_file(enc: EncoderId, source: str | Path) -> Path:
+    if str(source).startswith("asset:"):
+        try:
+            return fetch_asset(str(source)[len("asset:") :])
+        except (AssetError, KeyError) as exc:
+            raise WeightsError(f"cannot fetch the default weights of {enc}: {exc}") from exc
+    return Path(source)
+
+
+def build_encoder(
+    encoder_id: str | EncoderId, *, weights: str | Path | None = None, seed: int = 0
+) -> Encoder:
+    """Build an encoder in eval mode on the CPU.
+
+    ``weights``: None for what the id says (its default pretrained weights, or random for ``+random``);
+    ``"timm"`` or ``"hf-hub:ORG/NAME"`` for hub weights; ``"asset:NAME"`` for a registry asset; otherwise
+    a checkpoint file in any supported layout (see histotransfer.weights).
+    """
+    enc = parse_encoder_id(encoder_id) if isinstance(encoder_id, str) else encoder_id
+    source = _weights_for(enc, weights)
+    torch.manual_seed(seed)
+    tensors, source_file = None, None
+    if source is None:
+        model, source_text = _timm_model(enc.arch), f"random (seed {seed})"
+    elif source == "timm" or str(source).startswith("hf-hub:"):
+        model = _hub_model(enc, str(source))
+        source_text = str(source) if source != "timm" else f"timm:{model.pretrained_cfg.get('hf_hub_id', '')}"
+    else:
+        source_file = _checkpoint_file(enc, source)
+        tensors = map_to_model(read_checkpoint(source_file), _reference_state(enc.arch))
+        model = _timm_model(enc.arch)
+        source_text = f"file:{source_file.name} (sha256 {sha256_file(source_file)[:16]})"
+    spec = ARCHS[enc.arch]
+    path = trunk_path(model, spec)
+    cut_path = None
+    if enc.cut is not None:
+        keep = [_cut_name(p) for p in path].index(enc.cut)
+        _prune_after(model, path, keep)  # before loading: strictness covers exactly the cut network
+        cut_path = path[: keep + 1]
+    unused = load_strict(model, tensors, source=str(source_file)) if tensors is not None else []
+    if unused:
+        log.info(
+            "%s: %d checkpoint tensor(s) not used by the network (heads, later blocks)", enc, len(unused)
+        )
+    cfg = timm.data.resolve_data_config({}, model=model)
+    input_size = int(cfg["input_size"][-1])
+    fixed = bool(model.pretrained_cfg.get("fixed_input_size", False))
+    module = PatchEncoder(
+        model, cut_path, mean=cfg["mean"], std=cfg["std"], input_size=input_size if fixed else None
+    )
+    module.eval()
+    probe = input_size if fixed or path is None else 64  # CNNs take any size: probe small
+    with torch.no_grad():
+        dim = int(module(torch.zeros(1, 3, probe, probe, dtype=torch.uint8)).shape[1])
+    return Encoder(
+        id=enc,
+        module=module,
+        dim=dim,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        input_size=input_size,
+        weights_source=source_text,
+        weights_sha256=state_sha256(module.model),
+        unused_keys=unused,
+    )

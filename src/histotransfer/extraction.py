@@ -1,0 +1,217 @@
+"""Patch feature extraction: tiles read on the fly from the WSI, encoded on the GPU (or CPU).
+
+Each DataLoader worker opens its own slide handle and reads tiles from the level the tiles file names,
+resizing them to the tile size; batches travel as uint8 and are normalised on the device by the
+encoder itself; channels_last; autocast (bf16 by default) on CUDA; pinned memory. Output per slide:
+``{out_dir}/{encoder_id}/{slide_id}.h5`` with ``features`` (n_tiles, dim) aligned with ``coords``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from histotransfer.atomic import atomic_path
+from histotransfer.encoders import Encoder
+from histotransfer.manifest import SlideRecord
+from histotransfer.provenance import config_hash, provenance_attrs
+from histotransfer.runner import StageResult, run_per_slide
+from histotransfer.slides import local_slide_path, open_slide, read_rgb
+from histotransfer.tiling import TileSet, load_tiles
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TileReader(Dataset):
+    """The tiles of one slide as uint8 (3, patch, patch) tensors, read lazily from the WSI."""
+
+    def __init__(self, slide_path: Path, tiles: TileSet):
+        self.slide_path = Path(slide_path)
+        self.tiles = tiles
+        self._slide = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.tiles.coords)
+
+    def _handle(self):
+        if self._pid != os.getpid():  # a handle per process: OpenSlide handles do not survive fork
+            self._slide, self._pid = open_slide(self.slide_path), os.getpid()
+        return self._slide
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        t = self.tiles
+        size = t.read_size_px
+        rgb = read_rgb(self._handle(), tuple(t.coords[index]), t.read_level, (size, size))  # (s, s, 3)
+        if size != t.patch_size_px:
+            resized = Image.fromarray(rgb).resize(
+                (t.patch_size_px, t.patch_size_px), Image.Resampling.BILINEAR
+            )
+            rgb = np.asarray(resized)
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, p, p) uint8
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode JPEG tiles; the main process owns the cores for the model
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    precision: str  # "fp32", "bf16" or "fp16"; always fp32 on the CPU
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        precision: str = "auto",
+    ) -> EngineSettings:
+        """Sensible defaults: CUDA when present, bf16 there, batch 256 (GPU) or 32 (CPU)."""
+        dev = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
+        cuda = dev.type == "cuda"
+        if precision == "auto":
+            precision = "bf16" if cuda else "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+        if not cuda:
+            precision = "fp32"
+        cpus = os.cpu_count() or 1
+        workers = num_workers if num_workers is not None else (min(16, cpus) if cuda else max(1, cpus // 2))
+        return cls(dev, batch_size or (256 if cuda else 32), workers, precision)
+
+
+def prepare(encoder: Encoder, settings: EngineSettings) -> torch.nn.Module:
+    """The encoder's module on the device, channels_last, in eval mode."""
+    return encoder.module.to(settings.device, memory_format=torch.channels_last).eval()
+
+
+def encode_batches(
+    module: torch.nn.Module, batches, n_tiles: int, dim: int, settings: EngineSettings, desc: str = ""
+) -> np.ndarray:
+    """Run uint8 batches through the module; returns (n_tiles, dim) float32 in input order."""
+    dtype = PRECISIONS[settings.precision]
+    cuda = settings.device.type == "cuda"
+    out = torch.empty((n_tiles, dim), dtype=torch.float32, device=settings.device)
+    start = 0
+    bar = tqdm(total=n_tiles, desc=desc or "extract", unit="tile", leave=False, dynamic_ncols=True)
+    autocast = torch.autocast(settings.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        for batch in batches:  # (b, 3, p, p) uint8
+            x = batch.to(settings.device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+            out[start : start + len(x)] = module(x).float()  # (b, dim); stays on the device: no sync
+            start += len(x)
+            bar.update(len(x))
+    bar.close()
+    if start != n_tiles:
+        raise RuntimeError(f"expected {n_tiles} tiles, encoded {start}")
+    return out.cpu().numpy()
+
+
+def extract_tiles(
+    encoder: Encoder, module: torch.nn.Module, slide_path: Path, tiles: TileSet, settings: EngineSettings
+) -> np.ndarray:
+    """Features (n_tiles, dim) of one slide's tiles, read on the fly."""
+    workers = settings.num_workers
+    loader = DataLoader(
+        TileReader(slide_path, tiles),
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=settings.device.type == "cuda",
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
+    )
+    return encode_batches(module, loader, len(tiles.coords), encoder.dim, settings, desc=tiles.slide_id)
+
+
+def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[str, Any]:
+    return {
+        "stage": "extract",
+        "encoder": encoder.provenance(),
+        "tiles_config_hash": tiles_hash,
+        "precision": precision,
+    }
+
+
+def write_features(
+    path: Path, *, features: np.ndarray, tiles: TileSet, encoder: Encoder, precision: str
+) -> None:
+    """Write one slide's features per the contract, atomically."""
+    config = _extract_config(encoder, tiles.config_hash, precision)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(provenance_attrs(config))
+        f.attrs.update({k: v for k, v in encoder.provenance().items() if not isinstance(v, list)})
+        f.attrs.update(mean=encoder.mean, std=encoder.std, precision=precision, slide_id=tiles.slide_id)
+        f.attrs.update(patch_size_px=tiles.patch_size_px, target_mpp=tiles.target_mpp)
+        f.create_dataset("features", data=features.astype(np.float32))  # (n_tiles, dim)
+        f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2) same order as the tiles file
+
+
+def features_stats(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        return {"n_tiles": f["features"].shape[0], "dim": f["features"].shape[1]}
+
+
+def extract_cohort(
+    records: Sequence[SlideRecord],
+    *,
+    tiles_dir: Path,
+    out_dir: Path,
+    encoder: Encoder,
+    settings: EngineSettings,
+    overwrite: bool = False,
+) -> StageResult:
+    """Extract features for every slide with tiles; results under ``out_dir/{encoder_id}/``."""
+    tiles_dir, enc_dir = Path(tiles_dir), Path(out_dir) / str(encoder.id)
+    module = prepare(encoder, settings)
+
+    def expected_hash(record: SlideRecord) -> str:
+        path = tiles_dir / f"{record.slide_id}.h5"
+        tiles_hash = load_tiles(path).config_hash if path.is_file() else "missing"
+        return config_hash(_extract_config(encoder, tiles_hash, settings.precision))
+
+    def work(record: SlideRecord) -> dict[str, Any]:
+        tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
+        features = extract_tiles(encoder, module, local_slide_path(record.path), tiles, settings)
+        if not np.isfinite(features).all():
+            raise ValueError(f"non-finite features for {record.slide_id} (precision {settings.precision})")
+        write_features(
+            enc_dir / f"{record.slide_id}.h5",
+            features=features,
+            tiles=tiles,
+            encoder=encoder,
+            precision=settings.precision,
+        )
+        return {"n_tiles": len(features), "dim": features.shape[1]}
+
+    return run_per_slide(
+        records,
+        stage=f"extract {encoder.id}",
+        output_for=lambda r: enc_dir / f"{r.slide_id}.h5",
+        config_hash_for=expected_hash,
+        work=work,
+        stats_of=features_stats,
+        summary_path=enc_dir / "summary.csv",
+        overwrite=overwrite,
+    )
