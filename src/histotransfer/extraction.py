@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import openslide
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +29,7 @@ from histotransfer.encoders import Encoder
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.slides import local_slide_path, open_slide, read_rgb
+from histotransfer.slides import SlideError, local_slide_path, open_slide, read_rgb
 from histotransfer.tiling import TileSet, load_tiles
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,14 +54,29 @@ class TileReader(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         t = self.tiles
-        size = t.read_size_px
-        rgb = read_rgb(self._handle(), tuple(t.coords[index]), t.read_level, (size, size))  # (s, s, 3)
+        size, (x, y) = t.read_size_px, t.coords[index]
+        try:
+            rgb = read_rgb(self._handle(), (x, y), t.read_level, (size, size))  # (s, s, 3)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(
+                f"{self.slide_path}: cannot read the tile at ({x}, {y}) level {t.read_level}: {exc}"
+            ) from exc
         if size != t.patch_size_px:
             resized = Image.fromarray(rgb).resize(
                 (t.patch_size_px, t.patch_size_px), Image.Resampling.BILINEAR
             )
             rgb = np.asarray(resized)
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, p, p) uint8
+
+
+def concise_error(exc: Exception) -> str:
+    """The message of an error, also when a DataLoader worker wrapped it in a whole traceback."""
+    text = str(exc)
+    if "Original Traceback" in text:  # the last line is "package.module.ErrorType: message"
+        last = next(line for line in reversed(text.strip().splitlines()) if line.strip()).strip()
+        kind, sep, message = last.partition(": ")
+        return message if sep and re.fullmatch(r"[\w.]+", kind) else last
+    return text
 
 
 def _worker_init(_: int) -> None:
@@ -131,6 +148,8 @@ def extract_tiles(
     encoder: Encoder, module: torch.nn.Module, slide_path: Path, tiles: TileSet, settings: EngineSettings
 ) -> np.ndarray:
     """Features (n_tiles, dim) of one slide's tiles, read on the fly."""
+    with open_slide(slide_path):  # fail here, with a short message, before workers start
+        pass
     workers = settings.num_workers
     loader = DataLoader(
         TileReader(slide_path, tiles),
@@ -193,7 +212,10 @@ def extract_cohort(
 
     def work(record: SlideRecord) -> dict[str, Any]:
         tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
-        features = extract_tiles(encoder, module, local_slide_path(record.path), tiles, settings)
+        try:
+            features = extract_tiles(encoder, module, local_slide_path(record.path), tiles, settings)
+        except (SlideError, openslide.OpenSlideError, RuntimeError) as exc:
+            raise SlideError(concise_error(exc)) from exc
         if not np.isfinite(features).all():
             raise ValueError(f"non-finite features for {record.slide_id} (precision {settings.precision})")
         write_features(

@@ -1,0 +1,119 @@
+import shutil
+
+import h5py
+import numpy as np
+import openslide
+import pytest
+import torch
+from PIL import Image
+
+from histotransfer.config import TilingConfig
+from histotransfer.encoders import build_encoder
+from histotransfer.extraction import EngineSettings, extract_cohort
+from histotransfer.manifest import read_manifest
+from histotransfer.svs import write_aperio_svs
+from histotransfer.tiling import load_tiles, tile_cohort
+from tests.conftest import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
+
+CPU = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder("resnet18@layer2+random")
+
+
+@pytest.fixture
+def tiled(sample_cohort, tmp_path):
+    """Two real-tissue slides at 0.5 um/px (read as they are) and one at 0.25 um/px (read 448 px,
+    resized to 224), tiled."""
+    rgb = synthetic_slide_rgb(GOLDEN_SIZE, [GOLDEN_TISSUE])
+    golden = write_aperio_svs(tmp_path / "golden40x.svs", rgb, mpp=GOLDEN_MPP)
+    rows = [
+        {"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in read_manifest(sample_cohort)[:2]
+    ]
+    rows.append({"slide_id": "golden40x", "path": str(golden), "label": "x"})
+    records = read_manifest(write_csv(tmp_path / "m.csv", rows))
+    tile_cohort(records, out_dir=tmp_path / "tiles", tiling=TilingConfig())
+    return records, tmp_path / "tiles"
+
+
+def _reference_tile(path: str, tiles, index: int, tmp_path) -> torch.Tensor:
+    """Read one tile independently of the engine, round-trip it through a lossless PNG."""
+    x, y = (int(v) for v in tiles.coords[index])
+    with openslide.OpenSlide(path) as slide:
+        size = tiles.read_size_px
+        image = slide.read_region((x, y), tiles.read_level, (size, size)).convert("RGB")
+    if size != tiles.patch_size_px:
+        image = image.resize((tiles.patch_size_px, tiles.patch_size_px), Image.Resampling.BILINEAR)
+    png = tmp_path / f"tile-{index}.png"
+    image.save(png)
+    return torch.from_numpy(np.asarray(Image.open(png)).copy()).permute(2, 0, 1)
+
+
+def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encoder, tmp_path):
+    records, tiles_dir = tiled
+    result = extract_cohort(
+        records, tiles_dir=tiles_dir, out_dir=tmp_path / "features", encoder=encoder, settings=CPU
+    )
+    assert not result.failed
+    for record in records:
+        tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
+        with h5py.File(tmp_path / "features" / "resnet18@layer2+random" / f"{record.slide_id}.h5") as f:
+            np.testing.assert_array_equal(f["coords"][:], tiles.coords)  # aligned with the tiles file
+            features = f["features"][:]
+            assert features.shape == (len(tiles.coords), 128)
+            assert f.attrs["weights_sha256"] == encoder.weights_sha256
+            assert f.attrs["encoder_id"] == "resnet18@layer2+random"
+        picks = np.random.default_rng(0).choice(
+            len(tiles.coords), size=min(6, len(tiles.coords)), replace=False
+        )
+        batch = torch.stack([_reference_tile(record.path, tiles, int(i), tmp_path) for i in picks])
+        with torch.no_grad():
+            reference = encoder.module.cpu()(batch).numpy()
+        np.testing.assert_allclose(features[picks], reference, rtol=1e-4, atol=1e-4)
+        assert (tiles.read_size_px != tiles.patch_size_px) == (record.slide_id == "golden40x")
+
+
+def test_worker_count_and_batch_size_do_not_change_features(tiled, encoder, tmp_path):
+    records, tiles_dir = tiled
+    a = EngineSettings.resolve(device="cpu", batch_size=7, num_workers=0)
+    extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "a", encoder=encoder, settings=a)
+    extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "b", encoder=encoder, settings=CPU)
+    name = f"resnet18@layer2+random/{records[0].slide_id}.h5"
+    with h5py.File(tmp_path / "a" / name) as fa, h5py.File(tmp_path / "b" / name) as fb:
+        np.testing.assert_allclose(fa["features"][:], fb["features"][:], rtol=1e-5, atol=1e-5)
+
+
+def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
+    records, tiles_dir = tiled
+    rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in records]
+    for name in ("truncated", "zeroed", "untiled"):
+        shutil.copy(records[0].path, tmp_path / f"{name}.svs")
+        rows.append({"slide_id": name, "path": str(tmp_path / f"{name}.svs"), "label": "x"})
+    cohort = read_manifest(write_csv(tmp_path / "m2.csv", rows))
+    tile_cohort(
+        [r for r in cohort if r.slide_id in ("truncated", "zeroed")], out_dir=tiles_dir, tiling=TilingConfig()
+    )
+    data = bytearray((tmp_path / "truncated.svs").read_bytes())
+    (tmp_path / "truncated.svs").write_bytes(data[: len(data) // 3])  # damaged after tiling: unopenable
+    n = len(data)
+    data[n // 20 : n * 3 // 5] = bytes(n * 3 // 5 - n // 20)  # opens, but tiles fail to decode in a worker
+    (tmp_path / "zeroed.svs").write_bytes(bytes(data))
+    out = tmp_path / "features"
+    result = extract_cohort(cohort, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)
+    status = {o.slide_id: o for o in result.outcomes}
+    assert status["truncated"].reason.startswith("SlideError: ")
+    assert "not a slide format OpenSlide can open" in status["truncated"].reason
+    assert "cannot read the tile at" in status["zeroed"].reason
+    assert "Traceback" not in status["zeroed"].reason  # one line, not a worker's traceback
+    assert "no tiles file" in status["untiled"].reason
+    assert [status[r.slide_id].status for r in records] == ["done"] * len(records)
+    enc_dir = out / "resnet18@layer2+random"
+    assert not any((enc_dir / f"{name}.h5").exists() for name in ("truncated", "zeroed", "untiled"))
+    assert not list(enc_dir.glob("*.partial"))
+    again = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)
+    assert {o.status for o in again.outcomes} == {"skipped"}
+    tile_cohort(records[:1], out_dir=tiles_dir, tiling=TilingConfig(min_tissue_fraction=0.9))  # tiles change
+    third = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)
+    assert [o.status for o in third.outcomes] == ["done"] + ["skipped"] * (len(records) - 1)
