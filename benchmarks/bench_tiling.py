@@ -22,12 +22,10 @@ import openslide
 from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 
-from histotransfer.assets import cache_dir
+from common import MPP, benchmark_slide
 from histotransfer.config import TilingConfig
 from histotransfer.manifest import SlideRecord
-from histotransfer.sample_data import compose_slide, load_sources
 from histotransfer.slides import read_level_reduced, read_rgb, slide_info
-from histotransfer.svs import write_aperio_svs
 from histotransfer.tiling import (
     candidate_coords,
     compute_tissue_mask,
@@ -36,19 +34,6 @@ from histotransfer.tiling import (
     tile_slide,
 )
 from histotransfer.tissue import saturation
-
-MPP = 0.25
-
-
-def benchmark_slide(pieces: int) -> Path:
-    path = cache_dir() / "bench" / f"tiling-40x-{pieces}pieces.svs"
-    if not path.is_file():
-        print(f"generating {path} (once) ...", flush=True)
-        composed = compose_slide(
-            load_sources(), np.random.default_rng(0), mpp=MPP, tissue_pieces=pieces, lesion_fraction=None
-        )
-        write_aperio_svs(path, composed.rgb, mpp=MPP)
-    return path
 
 
 def naive_tiles(path: Path, tiling: TilingConfig, threshold: int) -> np.ndarray:

@@ -15,7 +15,8 @@ from histotransfer.svs import write_aperio_svs
 from histotransfer.tiling import load_tiles, tile_cohort
 from tests.conftest import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
 
-CPU = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2)
+CPU = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2, backend="torch")
+ORT = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2)  # auto on CPU: onnxruntime
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,15 @@ def _reference_tile(path: str, tiles, index: int, tmp_path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(png)).copy()).permute(2, 0, 1)
 
 
-def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encoder, tmp_path):
+def test_cpu_defaults_to_onnxruntime():
+    assert (ORT.backend, ORT.precision, CPU.backend) == ("onnxruntime", "fp32", "torch")
+
+
+@pytest.mark.parametrize("settings", [CPU, ORT], ids=["torch", "onnxruntime"])
+def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encoder, tmp_path, settings):
     records, tiles_dir = tiled
-    result = extract_cohort(
-        records, tiles_dir=tiles_dir, out_dir=tmp_path / "features", encoder=encoder, settings=CPU
-    )
+    out = tmp_path / "features"
+    result = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=settings)
     assert not result.failed
     for record in records:
         tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
@@ -65,6 +70,7 @@ def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encod
             assert features.shape == (len(tiles.coords), 128)
             assert f.attrs["weights_sha256"] == encoder.weights_sha256
             assert f.attrs["encoder_id"] == "resnet18@layer2+random"
+            assert f.attrs["backend"] == settings.backend
         picks = np.random.default_rng(0).choice(
             len(tiles.coords), size=min(6, len(tiles.coords)), replace=False
         )
@@ -77,7 +83,7 @@ def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encod
 
 def test_worker_count_and_batch_size_do_not_change_features(tiled, encoder, tmp_path):
     records, tiles_dir = tiled
-    a = EngineSettings.resolve(device="cpu", batch_size=7, num_workers=0)
+    a = EngineSettings.resolve(device="cpu", batch_size=7, num_workers=0, backend="torch")
     extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "a", encoder=encoder, settings=a)
     extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "b", encoder=encoder, settings=CPU)
     name = f"resnet18@layer2+random/{records[0].slide_id}.h5"

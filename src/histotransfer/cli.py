@@ -99,12 +99,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
             "extraction.batch_size": args.batch_size,
             "extraction.num_workers": args.num_workers,
             "extraction.precision": args.precision,
+            "extraction.backend": args.backend,
         },
     )
     records = read_manifest(args.manifest)
     ex = config.extraction
     settings = EngineSettings.resolve(
-        device=ex.device, batch_size=ex.batch_size, num_workers=ex.num_workers, precision=ex.precision
+        device=ex.device,
+        batch_size=ex.batch_size,
+        num_workers=ex.num_workers,
+        precision=ex.precision,
+        backend=ex.backend,
     )
     spec = ex.encoders[0]
     encoder = build_encoder(spec.id, weights=spec.weights)
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--backend", choices=["auto", "torch", "onnxruntime"], help="auto: torch on GPU, ORT on CPU"
+    )
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
     p.set_defaults(func=cmd_extract)

@@ -24,9 +24,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
 from histotransfer.encoders import Encoder
 from histotransfer.manifest import SlideRecord
+from histotransfer.onnx_export import export_encoder, ort_session, run_session
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.slides import SlideError, local_slide_path, open_slide, read_rgb
@@ -65,8 +67,8 @@ class TileReader(Dataset):
             resized = Image.fromarray(rgb).resize(
                 (t.patch_size_px, t.patch_size_px), Image.Resampling.BILINEAR
             )
-            rgb = np.asarray(resized)
-        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, p, p) uint8
+            rgb = np.array(resized)  # a writable copy: torch wraps it without copying again
+        return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, p, p) uint8
 
 
 def concise_error(exc: Exception) -> str:
@@ -83,12 +85,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode JPEG tiles; the main process owns the cores for the model
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     device: torch.device
     batch_size: int
     num_workers: int
-    precision: str  # "fp32", "bf16" or "fp16"; always fp32 on the CPU
+    precision: str  # "fp32", "bf16" or "fp16"; always fp32 on the CPU and with onnxruntime
+    backend: str  # "torch" or "onnxruntime"
 
     @classmethod
     def resolve(
@@ -98,54 +104,114 @@ class EngineSettings:
         batch_size: int | None = None,
         num_workers: int | None = None,
         precision: str = "auto",
+        backend: str = "auto",
     ) -> EngineSettings:
-        """Sensible defaults: CUDA when present, bf16 there, batch 256 (GPU) or 32 (CPU)."""
-        dev = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        """Defaults: CUDA with torch and bf16 when present; else the CPU with ONNX Runtime (faster
+        there, see benchmarks/bench_extract.py); batch 256 on GPU, 32 on CPU; a worker per core."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
         cuda = dev.type == "cuda"
+        if backend == "auto":
+            backend = "torch" if cuda else "onnxruntime"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
         if precision == "auto":
             precision = "bf16" if cuda else "fp32"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-        if not cuda:
+        if not cuda or backend == "onnxruntime":
             precision = "fp32"
         cpus = os.cpu_count() or 1
-        workers = num_workers if num_workers is not None else (min(16, cpus) if cuda else max(1, cpus // 2))
-        return cls(dev, batch_size or (256 if cuda else 32), workers, precision)
+        workers = num_workers if num_workers is not None else min(16, cpus)  # tile decoding is the bottleneck
+        return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend)
 
 
-def prepare(encoder: Encoder, settings: EngineSettings) -> torch.nn.Module:
-    """The encoder's module on the device, channels_last, in eval mode."""
-    return encoder.module.to(settings.device, memory_format=torch.channels_last).eval()
+class TorchRunner:
+    """Batches through the torch module on the device: channels_last, autocast, no host sync."""
+
+    def __init__(self, encoder: Encoder, settings: EngineSettings):
+        self.device = settings.device
+        self.module = encoder.module.to(settings.device, memory_format=torch.channels_last).eval()
+        dtype = PRECISIONS[settings.precision]
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        )
+        self._non_blocking = self.device.type == "cuda"
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
+        x = batch.to(self.device, non_blocking=self._non_blocking).contiguous(
+            memory_format=torch.channels_last
+        )
+        with torch.inference_mode(), self._autocast():
+            return self.module(x).float()
 
 
-def encode_batches(
-    module: torch.nn.Module, batches, n_tiles: int, dim: int, settings: EngineSettings, desc: str = ""
-) -> np.ndarray:
-    """Run uint8 batches through the module; returns (n_tiles, dim) float32 in input order."""
-    dtype = PRECISIONS[settings.precision]
-    cuda = settings.device.type == "cuda"
-    out = torch.empty((n_tiles, dim), dtype=torch.float32, device=settings.device)
+class OrtRunner:
+    """Batches through ONNX Runtime: the encoder is exported once per tile size, cached by weights."""
+
+    parity_rtol = 1e-4
+
+    def __init__(self, encoder: Encoder, settings: EngineSettings):
+        self.encoder = encoder
+        self.device = torch.device("cpu")
+        self._sessions: dict[int, Any] = {}
+        self._providers = (
+            ["CUDAExecutionProvider"] if settings.device.type == "cuda" else ["CPUExecutionProvider"]
+        )
+
+    def _session(self, tile_px: int):
+        if tile_px not in self._sessions:
+            enc = self.encoder
+            path = cache_dir() / "onnx" / f"{enc.id}-{enc.weights_sha256[:16]}-{tile_px}px.onnx"
+            if not path.is_file():
+                export_encoder(enc, path, tile_px=tile_px)
+            session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
+            self._check_parity(session, tile_px, path)
+            self._sessions[tile_px] = session
+        return self._sessions[tile_px]
+
+    def _check_parity(self, session, tile_px: int, path: Path) -> None:
+        probe = torch.randint(
+            0, 256, (2, 3, tile_px, tile_px), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+        )
+        with torch.inference_mode():
+            expected = self.encoder.module.cpu()(probe).numpy()
+        got = run_session(session, probe.numpy())
+        error = float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12))
+        if not error <= self.parity_rtol:
+            raise RuntimeError(
+                f"ONNX export of {self.encoder.id} disagrees with torch (relative error {error:.2e} > "
+                f"{self.parity_rtol:g}; {path}); use backend torch for this encoder"
+            )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
+        tiles = np.ascontiguousarray(batch.numpy())
+        return torch.from_numpy(run_session(self._session(tiles.shape[-1]), tiles))
+
+
+def make_runner(encoder: Encoder, settings: EngineSettings) -> TorchRunner | OrtRunner:
+    return (
+        OrtRunner(encoder, settings) if settings.backend == "onnxruntime" else TorchRunner(encoder, settings)
+    )
+
+
+def encode_batches(runner, batches, n_tiles: int, dim: int, desc: str = "") -> np.ndarray:
+    """Run uint8 batches through a runner; returns (n_tiles, dim) float32 in input order."""
+    out = torch.empty((n_tiles, dim), dtype=torch.float32, device=runner.device)
     start = 0
-    bar = tqdm(total=n_tiles, desc=desc or "extract", unit="tile", leave=False, dynamic_ncols=True)
-    autocast = torch.autocast(settings.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with tqdm(total=n_tiles, desc=desc or "extract", unit="tile", leave=False, dynamic_ncols=True) as bar:
         for batch in batches:  # (b, 3, p, p) uint8
-            x = batch.to(settings.device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-            out[start : start + len(x)] = module(x).float()  # (b, dim); stays on the device: no sync
-            start += len(x)
-            bar.update(len(x))
-    bar.close()
+            out[start : start + len(batch)] = runner(batch)  # (b, dim); stays on the device: no sync
+            start += len(batch)
+            bar.update(len(batch))
     if start != n_tiles:
         raise RuntimeError(f"expected {n_tiles} tiles, encoded {start}")
     return out.cpu().numpy()
 
 
 def extract_tiles(
-    encoder: Encoder, module: torch.nn.Module, slide_path: Path, tiles: TileSet, settings: EngineSettings
+    runner, encoder: Encoder, slide_path: Path, tiles: TileSet, settings: EngineSettings
 ) -> np.ndarray:
     """Features (n_tiles, dim) of one slide's tiles, read on the fly."""
     with open_slide(slide_path):  # fail here, with a short message, before workers start
@@ -161,7 +227,7 @@ def extract_tiles(
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
     )
-    return encode_batches(module, loader, len(tiles.coords), encoder.dim, settings, desc=tiles.slide_id)
+    return encode_batches(runner, loader, len(tiles.coords), encoder.dim, desc=tiles.slide_id)
 
 
 def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[str, Any]:
@@ -174,14 +240,16 @@ def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[s
 
 
 def write_features(
-    path: Path, *, features: np.ndarray, tiles: TileSet, encoder: Encoder, precision: str
+    path: Path, *, features: np.ndarray, tiles: TileSet, encoder: Encoder, settings: EngineSettings
 ) -> None:
     """Write one slide's features per the contract, atomically."""
+    precision = settings.precision
     config = _extract_config(encoder, tiles.config_hash, precision)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(provenance_attrs(config))
         f.attrs.update({k: v for k, v in encoder.provenance().items() if not isinstance(v, list)})
-        f.attrs.update(mean=encoder.mean, std=encoder.std, precision=precision, slide_id=tiles.slide_id)
+        f.attrs.update(mean=encoder.mean, std=encoder.std, precision=precision, backend=settings.backend)
+        f.attrs.update(slide_id=tiles.slide_id)
         f.attrs.update(patch_size_px=tiles.patch_size_px, target_mpp=tiles.target_mpp)
         f.create_dataset("features", data=features.astype(np.float32))  # (n_tiles, dim)
         f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2) same order as the tiles file
@@ -203,7 +271,7 @@ def extract_cohort(
 ) -> StageResult:
     """Extract features for every slide with tiles; results under ``out_dir/{encoder_id}/``."""
     tiles_dir, enc_dir = Path(tiles_dir), Path(out_dir) / str(encoder.id)
-    module = prepare(encoder, settings)
+    runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:
         path = tiles_dir / f"{record.slide_id}.h5"
@@ -213,7 +281,7 @@ def extract_cohort(
     def work(record: SlideRecord) -> dict[str, Any]:
         tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
         try:
-            features = extract_tiles(encoder, module, local_slide_path(record.path), tiles, settings)
+            features = extract_tiles(runner, encoder, local_slide_path(record.path), tiles, settings)
         except (SlideError, openslide.OpenSlideError, RuntimeError) as exc:
             raise SlideError(concise_error(exc)) from exc
         if not np.isfinite(features).all():
@@ -223,7 +291,7 @@ def extract_cohort(
             features=features,
             tiles=tiles,
             encoder=encoder,
-            precision=settings.precision,
+            settings=settings,
         )
         return {"n_tiles": len(features), "dim": features.shape[1]}
 

@@ -49,6 +49,7 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         batch_size=extraction.batch_size,
         num_workers=extraction.num_workers,
         precision=extraction.precision,
+        backend=extraction.backend,
     )
     for spec in extraction.encoders:
         encoder = build_encoder(spec.id, weights=spec.weights)
