@@ -19,3 +19,22 @@ def test_bench_tiling_smoke():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "speed-up tiler vs naive:" in proc.stdout
+
+
+@pytest.mark.integration
+def test_bench_extract_smoke():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_extract.py"),
+            "--pieces",
+            "1",
+            "--encoder",
+            "resnet18@layer1+random",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ONNX Runtime / torch: model-only" in proc.stdout

@@ -19,12 +19,56 @@ def test_run_builds_cohort_and_tiles_then_reuses_them(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"cohort manifest: {tmp_path / 'study' / 'cohort' / 'manifest.csv'}" in proc.stdout
-    assert "2 of 2 slide(s) ready" in proc.stdout
+    assert "tiles (h5 + QC png): 2 of 2 slide(s) ready" in proc.stdout
+    assert "features efficientnet_lite0: 2 of 2 slide(s) ready" in proc.stdout
     assert len(list((tmp_path / "study" / "tiles").glob("*.h5"))) == 2
+    assert len(list((tmp_path / "study" / "features" / "efficientnet_lite0").glob("*.h5"))) == 2
     assert len(list((tmp_path / "study" / "tiles").glob("*.png"))) == 2
     assert main(["run", "--config", str(config)]) == 0
     summary = (tmp_path / "study" / "tiles" / "summary.csv").read_text()
     assert summary.count(",skipped,") == 2
+    summary = (tmp_path / "study" / "features" / "efficientnet_lite0" / "summary.csv").read_text()
+    assert summary.count(",skipped,") == 2
+
+
+@pytest.mark.integration
+def test_extract_command(sample_cohort, tmp_path, capsys):
+    assert main(["tile", str(sample_cohort), "--out", str(tmp_path / "tiles")]) == 0
+    tiles, features = str(tmp_path / "tiles"), str(tmp_path / "features")
+    args = [
+        "extract",
+        str(sample_cohort),
+        "--tiles",
+        tiles,
+        "--encoder",
+        "resnet18@layer1+random",
+        "--out",
+        features,
+    ]
+    code = main([*args, "--device", "cpu", "--backend", "torch", "--batch-size", "8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "encoder resnet18@layer1+random: 64-d, weights random (seed 0)" in out
+    assert len(list((tmp_path / "features" / "resnet18@layer1+random").glob("*.h5"))) == 4
+
+
+def test_unavailable_weights_exit_2_with_the_way_out(sample_cohort, tmp_path, capsys):
+    code = main(
+        [
+            "extract",
+            str(sample_cohort),
+            "--tiles",
+            str(tmp_path),
+            "--encoder",
+            "resnet18",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cannot load pretrained weights for resnet18" in err
+    assert "resnet18+random" in err
 
 
 def test_bad_manifest_exits_2_before_any_work(tmp_path, capsys):
