@@ -84,6 +84,32 @@ class ExtractionConfig(_Section):
         return value
 
 
+class MILConfig(_Section):
+    """Attention-MIL head and its training (defaults: the paper)."""
+
+    attention: Literal["paper", "gated"] = "paper"
+    hidden_dims: tuple[int, int] = (256, 64)
+    attention_dim: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(0.0, ge=0.0, description="weight of the patch-level auxiliary loss; 0: no patch head")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(20, ge=1)
+    folds: int = Field(5, ge=2, description="cross-validation folds (ignored when the manifest has `split`)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="of each fold's training patients")
+    class_weighting: bool = True
+    max_loss: float = Field(1e3, gt=0, description="a loss above this (or NaN) stops training")
+    seed: int = 0
+    bag_cache_gb: float = Field(4.0, ge=0, description="features kept in memory between epochs")
+
+
+class EvaluationConfig(_Section):
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for confidence intervals")
+    ci: float = Field(0.95, gt=0.5, lt=1.0)
+    heatmaps: int = Field(8, ge=0, description="attention heatmaps drawn per encoder")
+    lesion_tile_fraction: float = Field(0.5, gt=0, le=1, description="a tile is lesion when this much is")
+
+
 class StudyConfig(_Section):
     """The whole study. Its defaults are the embedded demo."""
 
@@ -92,6 +118,8 @@ class StudyConfig(_Section):
     sample_data: SampleDataConfig = SampleDataConfig()
     tiling: TilingConfig = TilingConfig()
     extraction: ExtractionConfig = ExtractionConfig()
+    mil: MILConfig = MILConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _has_cohort(self) -> StudyConfig:

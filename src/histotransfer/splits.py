@@ -1,0 +1,80 @@
+"""Cross-validation folds: stratified by label, grouped by patient, each with a validation part.
+
+See docs/adr/0005-folds.md. A manifest with a `split` column defines one fold instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from histotransfer.manifest import SlideRecord
+
+
+class SplitError(ValueError):
+    """The cohort cannot be split as asked; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    train: tuple[str, ...]  # slide ids used to fit
+    val: tuple[str, ...]  # slide ids for model selection (early stopping), never the test ones
+    test: tuple[str, ...]  # slide ids evaluated only
+
+
+def _holdout(ids: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
+    """Split ``ids`` into (fit, val) with about ``fraction`` in val, stratified and grouped."""
+    n_splits = max(2, round(1 / fraction))
+    n_splits = min(n_splits, len(np.unique(groups)))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fit, val = next(splitter.split(ids, labels, groups))
+    return ids[fit], ids[val]
+
+
+def _ids(values) -> tuple[str, ...]:
+    return tuple(sorted(str(v) for v in values))
+
+
+def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: float, seed: int) -> list[Fold]:
+    """Folds over slides; no patient appears in two parts of a fold, nor in two test sets."""
+    if any(r.split for r in records):
+        return [_manifest_fold(records)]
+    ids = np.array([r.slide_id for r in records])
+    labels = np.array([r.label for r in records])
+    groups = np.array([r.patient_id for r in records])
+    classes, counts = np.unique(labels, return_counts=True)
+    n_patients = len(np.unique(groups))
+    if n_folds > n_patients or counts.min() < 2:
+        label_counts = {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
+        raise SplitError(
+            f"cannot make {n_folds} folds from {n_patients} patients with label counts {label_counts}: "
+            "lower mil.folds, or add slides"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = []
+    for k, (train_idx, test_idx) in enumerate(splitter.split(ids, labels, groups)):
+        fit, val = _holdout(ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k)
+        folds.append(Fold(k, _ids(fit), _ids(val), _ids(ids[test_idx])))
+    return folds
+
+
+def _manifest_fold(records: Sequence[SlideRecord]) -> Fold:
+    missing = [r.slide_id for r in records if not r.split]
+    if missing:
+        raise SplitError(
+            f"the manifest's split column is empty for {', '.join(missing[:10])}: fill it for every row"
+        )
+    parts = {s: tuple(sorted(r.slide_id for r in records if r.split == s)) for s in ("train", "val", "test")}
+    by_patient: dict[str, set[str]] = {}
+    for r in records:
+        by_patient.setdefault(r.patient_id, set()).add(r.split)
+    leaking = sorted(p for p, splits in by_patient.items() if len(splits) > 1)
+    if leaking:
+        raise SplitError(f"patients in more than one split: {', '.join(leaking[:10])}")
+    if not parts["train"] or not parts["val"] or not parts["test"]:
+        raise SplitError("a manifest split needs train, val and test slides")
+    return Fold(0, parts["train"], parts["val"], parts["test"])
