@@ -6,29 +6,46 @@ import pytest
 from histotransfer.cli import EXIT_BAD_INPUT, main
 from tests.conftest import write_csv
 
+STUDY = """
+output_dir: {out}
+sample_data: {{n_slides: 6, tissue_pieces: 1}}
+extraction:
+  encoders: [{{id: efficientnet_lite0@blocks.3}}]
+mil: {{epochs: 3, folds: 3}}
+evaluation: {{bootstrap: 100, heatmaps: 2}}
+"""
+
 
 @pytest.mark.integration
-def test_run_builds_cohort_and_tiles_then_reuses_them(tmp_path):
+def test_run_is_the_whole_study_and_reuses_what_is_done(tmp_path):
     config = tmp_path / "study.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'study'}\nsample_data:\n  n_slides: 2\n  tissue_pieces: 1\n")
+    config.write_text(STUDY.format(out=tmp_path / "study"))
     proc = subprocess.run(
         [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert f"cohort manifest: {tmp_path / 'study' / 'cohort' / 'manifest.csv'}" in proc.stdout
-    assert "tiles (h5 + QC png): 2 of 2 slide(s) ready" in proc.stdout
-    assert "features efficientnet_lite0: 2 of 2 slide(s) ready" in proc.stdout
-    assert len(list((tmp_path / "study" / "tiles").glob("*.h5"))) == 2
-    assert len(list((tmp_path / "study" / "features" / "efficientnet_lite0").glob("*.h5"))) == 2
-    assert len(list((tmp_path / "study" / "tiles").glob("*.png"))) == 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = tmp_path / "study"
+    assert f"cohort manifest: {study / 'cohort' / 'manifest.csv'}" in proc.stdout
+    assert "tiles (h5 + QC png): 6 of 6 slide(s) ready" in proc.stdout
+    assert "features efficientnet_lite0@blocks.3: 6 of 6 slide(s) ready" in proc.stdout
+    assert "mil efficientnet_lite0@blocks.3: AUC " in proc.stdout
+    assert f"report: {study / 'report' / 'index.html'}" in proc.stdout
+    assert len(list((study / "tiles").glob("*.h5"))) == 6
+    assert len(list((study / "features" / "efficientnet_lite0@blocks.3").glob("*.h5"))) == 6
+    metrics = study / "mil" / "efficientnet_lite0@blocks.3" / "metrics.json"
+    assert len(list((metrics.parent / "heatmaps").glob("*.png"))) == 2
+    html = (study / "report" / "index.html").read_text()
+    assert "<td>efficientnet_lite0@blocks.3</td>" in html
+    assert "Tiling QC" in html
+    before = metrics.stat().st_mtime_ns
     assert main(["run", "--config", str(config)]) == 0
-    summary = (tmp_path / "study" / "tiles" / "summary.csv").read_text()
-    assert summary.count(",skipped,") == 2
-    summary = (tmp_path / "study" / "features" / "efficientnet_lite0" / "summary.csv").read_text()
-    assert summary.count(",skipped,") == 2
+    assert metrics.stat().st_mtime_ns == before  # every stage reused
+    summary = (study / "features" / "efficientnet_lite0@blocks.3" / "summary.csv").read_text()
+    assert summary.count(",skipped,") == 6
+    assert main(["report", str(study)]) == 0
 
 
 @pytest.mark.integration

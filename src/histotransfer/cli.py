@@ -14,9 +14,12 @@ from typing import Any
 
 from histotransfer import __version__
 from histotransfer.assets import AssetError
+from histotransfer.bags import FeaturesError
 from histotransfer.config import ConfigError, StudyConfig, load_config
 from histotransfer.manifest import ManifestError, read_manifest
 from histotransfer.runner import StageResult
+from histotransfer.splits import SplitError
+from histotransfer.training import TrainingError
 from histotransfer.weights import WeightsError
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -150,7 +153,71 @@ def cmd_run(args: argparse.Namespace) -> int:
             encoder_id = name.split(" ", 1)[1]
             code = _report(result, f"  features {encoder_id}", outputs.features_dir / encoder_id)
             status = max(status, code)
+    for result in outputs.mil:
+        auc = result.metrics["pooled"]["auc"]
+        print(f"  mil {result.encoder_id}: AUC {_ci(auc)} -> {result.out_dir}")
+    for encoder_id, why in outputs.errors.items():
+        print(f"  mil {encoder_id} FAILED: {why}", file=sys.stderr)
+        status = EXIT_SLIDES_FAILED
+    print(f"  report: {outputs.report} (and summary.md beside it)")
     return status
+
+
+def _ci(entry: dict) -> str:
+    if entry["value"] is None:
+        return "n/a"
+    ci = f" [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]" if entry["ci_low"] is not None else ""
+    return f"{entry['value']:.3f}{ci}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from histotransfer.mil_stage import LesionMasks, train_mil
+
+    config = _config(
+        args,
+        {
+            "mil.epochs": args.epochs,
+            "mil.lr": args.lr,
+            "mil.folds": args.folds,
+            "mil.attention": args.attention,
+            "mil.seed": args.seed,
+        },
+    )
+    records = read_manifest(args.manifest)
+    result = train_mil(
+        records,
+        features_dir=args.features,
+        out_dir=args.out,
+        mil=config.mil,
+        evaluation=config.evaluation,
+        tiles_dir=args.tiles,
+        lesion_masks=LesionMasks.beside(args.manifest),
+        overwrite=args.overwrite,
+    )
+    pooled = result.metrics["pooled"]
+    print(f"mil {result.encoder_id}{' (reused)' if result.reused else ''}: {result.out_dir}")
+    for name in ("auc", "accuracy", "balanced_accuracy", "f1"):
+        print(f"  {name:<18} {_ci(pooled[name])}")
+    loc = result.metrics["localisation"]
+    if loc["mean_auroc"] is not None:
+        print(f"  attention localisation AUROC {loc['mean_auroc']:.3f} over {loc['n_slides']} slide(s)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from histotransfer.mil_stage import MILResult
+    from histotransfer.report import write_report
+
+    results = [MILResult.load(p.parent) for p in sorted((args.study / "mil").glob("*/metrics.json"))]
+    if not results:
+        print(
+            f"error: no MIL results under {args.study / 'mil'} (run `histotransfer run` or `train`)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    path = write_report(results, report_dir=args.study / "report", tiles_dir=args.study / "tiles")
+    print(f"report: {path}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("train", help="cross-validate attention-MIL on one encoder's features")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--features", type=Path, required=True, help="the encoder's folder: FEATURES/ENCODER_ID")
+    p.add_argument("--out", type=Path, required=True, help="MIL root; writes OUT/ENCODER_ID/")
+    p.add_argument(
+        "--tiles", type=Path, help="tiles folder: checks alignment, enables heatmaps and localisation"
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--folds", type=int)
+    p.add_argument("--attention", choices=["paper", "gated"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    add_config(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
+    p.add_argument("study", type=Path, help="the study's output_dir")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("encoders", help="list architectures, cut points and default weights")
     p.set_defaults(func=cmd_encoders)
 
@@ -221,9 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, AssetError, WeightsError) as exc:
+    except (ConfigError, ManifestError, AssetError, WeightsError, FeaturesError, SplitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SLIDES_FAILED
 
 
 if __name__ == "__main__":

@@ -63,9 +63,20 @@ class EncoderConfig(_Section):
         return str(parse_encoder_id(value))
 
 
+# The demo's encoders: real ImageNet weights (they ship in a registry package, so this runs offline),
+# the paper's truncation study on them, and a random-init baseline.
+DEMO_ENCODERS = (
+    "efficientnet_lite0",
+    "efficientnet_lite0@blocks.5",
+    "efficientnet_lite0@blocks.3",
+    "efficientnet_lite0@blocks.1",
+    "efficientnet_lite0+random",
+)
+
+
 class ExtractionConfig(_Section):
     encoders: list[EncoderConfig] = Field(
-        default_factory=lambda: [EncoderConfig(id="efficientnet_lite0")], min_length=1
+        default_factory=lambda: [EncoderConfig(id=i) for i in DEMO_ENCODERS], min_length=1
     )
     device: str = Field("auto", description="auto: CUDA when present, else CPU")
     batch_size: int | None = Field(None, ge=1, description="None: 256 on GPU, 32 on CPU")

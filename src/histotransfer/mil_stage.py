@@ -75,6 +75,12 @@ class MILResult:
     metrics: dict[str, Any]
     reused: bool
 
+    @classmethod
+    def load(cls, out_dir: Path) -> MILResult:
+        """A finished MIL result from its folder (``metrics.json`` is written last)."""
+        metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
+        return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
+
 
 def _stage_config(records, store: BagStore, mil: MILConfig, evaluation: EvaluationConfig) -> dict[str, Any]:
     feature_hashes = {}

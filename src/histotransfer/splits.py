@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from histotransfer.manifest import SlideRecord
 
@@ -27,11 +27,16 @@ class Fold:
 
 
 def _holdout(ids: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
-    """Split ``ids`` into (fit, val) with about ``fraction`` in val, stratified and grouped."""
-    n_splits = max(2, round(1 / fraction))
-    n_splits = min(n_splits, len(np.unique(groups)))
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    fit, val = next(splitter.split(ids, labels, groups))
+    """Split ``ids`` into (fit, val) with about ``fraction`` in val, grouped, stratified when possible."""
+    _, counts = np.unique(labels, return_counts=True)
+    n_splits = min(round(1 / fraction), len(np.unique(groups)))
+    if counts.min() >= 2:
+        splitter = StratifiedGroupKFold(
+            n_splits=max(2, min(n_splits, counts.min())), shuffle=True, random_state=seed
+        )
+        fit, val = next(splitter.split(ids, labels, groups))
+    else:  # a class with one training slide cannot be in both parts: split by patient only
+        fit, val = next(GroupKFold(n_splits=max(2, n_splits)).split(ids, labels, groups))
     return ids[fit], ids[val]
 
 
@@ -48,7 +53,7 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     groups = np.array([r.patient_id for r in records])
     classes, counts = np.unique(labels, return_counts=True)
     n_patients = len(np.unique(groups))
-    if n_folds > n_patients or counts.min() < 2:
+    if n_folds > n_patients or counts.min() < n_folds:
         label_counts = {str(c): int(n) for c, n in zip(classes, counts, strict=True)}
         raise SplitError(
             f"cannot make {n_folds} folds from {n_patients} patients with label counts {label_counts}: "

@@ -6,13 +6,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histotransfer.bags import FeaturesError
 from histotransfer.config import StudyConfig
 from histotransfer.encoders import build_encoder
 from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.manifest import read_manifest
+from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
+from histotransfer.report import write_report
 from histotransfer.runner import StageResult
 from histotransfer.sample_data import build_sample_cohort
+from histotransfer.splits import SplitError
 from histotransfer.tiling import tile_cohort
+from histotransfer.training import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,11 @@ class StudyOutputs:
     manifest: Path
     tiles_dir: Path
     features_dir: Path
+    mil_dir: Path
+    report: Path | None = None
     stages: dict[str, StageResult] = field(default_factory=dict)
+    mil: list[MILResult] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # encoder id -> why its MIL stage failed
 
     @property
     def failures(self) -> dict[str, StageResult]:
@@ -38,7 +47,9 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         log.info("building the sample cohort under %s", out / "cohort")
         manifest = build_sample_cohort(out / "cohort", config=config.sample_data)
     records = read_manifest(manifest)
-    outputs = StudyOutputs(manifest=manifest, tiles_dir=out / "tiles", features_dir=out / "features")
+    outputs = StudyOutputs(
+        manifest=manifest, tiles_dir=out / "tiles", features_dir=out / "features", mil_dir=out / "mil"
+    )
     tiled = tile_cohort(records, out_dir=outputs.tiles_dir, tiling=config.tiling, overwrite=overwrite)
     outputs.stages["tile"] = tiled
     failed = {o.slide_id for o in tiled.failed}
@@ -53,7 +64,7 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     )
     for spec in extraction.encoders:
         encoder = build_encoder(spec.id, weights=spec.weights)
-        outputs.stages[f"extract {spec.id}"] = extract_cohort(
+        extracted = extract_cohort(
             with_tiles,
             tiles_dir=outputs.tiles_dir,
             out_dir=outputs.features_dir,
@@ -61,4 +72,30 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
             settings=settings,
             overwrite=overwrite,
         )
+        outputs.stages[f"extract {spec.id}"] = extracted
+        _train(config, outputs, extracted, with_tiles, str(encoder.id), overwrite=overwrite)
+    outputs.report = write_report(outputs.mil, report_dir=out / "report", tiles_dir=outputs.tiles_dir)
     return outputs
+
+
+def _train(
+    config, outputs: StudyOutputs, extracted: StageResult, records, encoder_id: str, *, overwrite: bool
+) -> None:
+    """MIL for one encoder on the slides it has features for; a failure is recorded, not raised."""
+    failed = {o.slide_id for o in extracted.failed}
+    try:
+        result = train_mil(
+            [r for r in records if r.slide_id not in failed],
+            features_dir=outputs.features_dir / encoder_id,
+            out_dir=outputs.mil_dir,
+            mil=config.mil,
+            evaluation=config.evaluation,
+            tiles_dir=outputs.tiles_dir,
+            lesion_masks=LesionMasks.beside(outputs.manifest),
+            overwrite=overwrite,
+        )
+    except (FeaturesError, SplitError, TrainingError) as exc:
+        log.error("MIL for %s failed: %s", encoder_id, exc)
+        outputs.errors[encoder_id] = f"{type(exc).__name__}: {exc}"
+        return
+    outputs.mil.append(result)

@@ -1,0 +1,215 @@
+"""The study report: encoders against metrics with CIs, the truncation curve, ROC curves, attention
+heatmaps and tiling QC, as ``report/index.html`` and ``report/summary.md``."""
+
+from __future__ import annotations
+
+import csv
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.encoders import RANDOM, EncoderId, list_cut_points, parse_encoder_id
+from histotransfer.mil_stage import MILResult, plot_roc, roc_points
+
+METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
+
+
+def family(enc: EncoderId) -> str:
+    """What kind of representation an encoder id stands for, as the paper groups them."""
+    if enc.tag == RANDOM:
+        kind = "random init"
+    elif enc.tag == "ft":
+        kind = "fine-tuned"
+    elif enc.tag:
+        kind = f"given weights ({enc.tag})"
+    elif enc.arch == "uni":
+        kind = "pathology foundation model"
+    else:
+        kind = "ImageNet"
+    return kind + (" · truncated" if enc.cut else "")
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    text = f"{entry['value']:.3f}"
+    if entry.get("ci_low") is not None:
+        text += f" [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+    return text
+
+
+def _encoder(encoder_id: str) -> EncoderId | None:
+    try:
+        return parse_encoder_id(encoder_id)
+    except ValueError:  # features made outside the registry: reported, not grouped
+        return None
+
+
+def _rows(results: Sequence[MILResult]) -> list[dict[str, str]]:
+    rows = []
+    for r in results:
+        m, enc = r.metrics, _encoder(r.encoder_id)
+        fold_auc = m["fold_summary"]["auc"]
+        loc = m["localisation"]["mean_auroc"]
+        rows.append(
+            {
+                "encoder": r.encoder_id,
+                "family": family(enc) if enc else "other",
+                "cut": (enc.cut or "full") if enc else "n/a",
+                "dim": str(m["feature_dim"]),
+                **{name: _fmt(m["pooled"][key]) for key, name in METRIC_NAMES.items()},
+                "fold AUC (mean ± sd)": "n/a"
+                if fold_auc["mean"] is None
+                else f"{fold_auc['mean']:.3f} ± {fold_auc['sd'] or 0:.3f}",
+                "attention localisation AUROC": "n/a" if loc is None else f"{loc:.3f}",
+            }
+        )
+    return rows
+
+
+def _sort_key(r: MILResult) -> tuple[float, float]:
+    auc = r.metrics["pooled"]["auc"]["value"]
+    loc = r.metrics["localisation"]["mean_auroc"]
+    return (-(auc if auc is not None else -1), -(loc if loc is not None else -1))
+
+
+def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
+    """AUC (with CI) and localisation against cut point, one line per architecture and weights."""
+    groups: dict[tuple[str, str | None], list[tuple[int, str, MILResult]]] = {}
+    for r in results:
+        if (enc := _encoder(r.encoder_id)) is None:
+            continue
+        cuts = list_cut_points(enc.arch)
+        order = cuts.index(enc.cut) if enc.cut else len(cuts)
+        groups.setdefault((enc.arch, enc.tag), []).append((order, enc.cut or "full", r))
+    groups = {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return False
+    fig = Figure(figsize=(9, 3.8), dpi=110)
+    ax_auc, ax_loc = fig.subplots(1, 2)
+    for (arch, tag), points in groups.items():
+        label = arch + (f"+{tag}" if tag else "")
+        x = np.arange(len(points))
+        auc = [p[2].metrics["pooled"]["auc"] for p in points]
+        y = np.array([a["value"] if a["value"] is not None else np.nan for a in auc])
+        lo = np.array([a["ci_low"] if a["ci_low"] is not None else np.nan for a in auc])
+        hi = np.array([a["ci_high"] if a["ci_high"] is not None else np.nan for a in auc])
+        ax_auc.errorbar(
+            x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], marker="o", capsize=3, label=label
+        )
+        loc = [p[2].metrics["localisation"]["mean_auroc"] for p in points]
+        ax_loc.plot(x, [v if v is not None else np.nan for v in loc], marker="s", label=label)
+        for ax in (ax_auc, ax_loc):
+            ax.set_xticks(x, [p[1] for p in points], rotation=30, ha="right", fontsize=7)
+    ax_auc.set(title="slide AUC (95% CI) vs cut point", ylabel="AUC", ylim=(0.4, 1.03))
+    ax_loc.set(title="attention localisation vs cut point", ylabel="AUROC of attention vs lesion")
+    for ax in (ax_auc, ax_loc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return True
+
+
+def _roc_all(results: Sequence[MILResult], path: Path) -> bool:
+    curves = {}
+    for r in results:
+        with (r.out_dir / "predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        classes = r.metrics["classes"]
+        y = np.array([classes.index(row["label"]) for row in rows])
+        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+        if (points := roc_points(y, probs)) is not None:
+            curves[r.encoder_id] = (*points, r.metrics["pooled"]["auc"]["value"])
+    if curves:
+        plot_roc(path, curves, "out-of-fold ROC, all encoders")
+    return bool(curves)
+
+
+def _link(report_dir: Path, target: Path) -> str:
+    """A relative, URL-quoted link from the report to an artifact of the same study."""
+    return quote(str(Path("..") / target.resolve().relative_to(report_dir.parent.resolve())))
+
+
+def _figure(src: str, caption: str, css: str = "") -> str:
+    cls = f' class="{css}"' if css else ""
+    text = html.escape(caption)
+    return f'<figure><img{cls} src="{src}" alt="{text}"><figcaption>{text}</figcaption></figure>'
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+    "table{border-collapse:collapse;font-size:13px}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+    ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:8px}"
+    "img.wide{max-width:900px}figure{margin:0 0 1em}figcaption{font-size:12px;color:#555}"
+)
+
+
+def write_report(
+    results: Sequence[MILResult], *, report_dir: Path, tiles_dir: Path, title: str = "HistoTransfer study"
+) -> Path:
+    """Write index.html and summary.md under ``report_dir``; returns the HTML path."""
+    report_dir = Path(report_dir)
+    results = sorted(results, key=_sort_key)
+    rows = _rows(results)
+    figures = report_dir / "figures"
+    has_truncation = truncation_curve(results, figures / "truncation.png")
+    has_roc = _roc_all(results, figures / "roc.png")
+    columns = list(rows[0]) if rows else []
+    md = [
+        f"# {title}",
+        "",
+        f"{len(results)} encoder(s); metrics pooled over out-of-fold predictions, 95% "
+        "bootstrap CIs in brackets.",
+        "",
+    ]
+    md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
+    write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+
+    def table() -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>" for row in rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{len(results)} encoder(s), best first. Slide-level metrics are pooled over out-of-fold "
+        "predictions (each slide predicted by the fold model that never saw it) with 95% bootstrap "
+        "confidence intervals; attention localisation is the mean AUROC of tile attention against the "
+        "ground-truth lesion mask over positive slides, where masks exist.</p>",
+        table(),
+    ]
+    if has_truncation:
+        parts += ["<h2>Truncation</h2>", '<img src="figures/truncation.png" alt="truncation curve">']
+    if has_roc:
+        parts += ["<h2>ROC curves</h2>", '<img src="figures/roc.png" alt="ROC curves">']
+    if results:
+        best = results[0]
+        heatmaps = sorted((best.out_dir / "heatmaps").glob("*.png"))
+        parts.append(f"<h2>Attention heatmaps: {html.escape(best.encoder_id)}</h2>")
+        parts.append("<p>Left: the slide; right: tiles coloured by attention rank (bright: high).</p>")
+        parts += [_figure(_link(report_dir, p), p.stem, "wide") for p in heatmaps]
+        parts += [
+            f'<p><a href="{_link(report_dir, r.out_dir / "metrics.json")}">{html.escape(r.encoder_id)}: '
+            "metrics.json</a></p>"
+            for r in results
+        ]
+    qc = sorted(Path(tiles_dir).glob("*.png"))
+    if qc:
+        parts.append("<h2>Tiling QC</h2><p>Green: tissue outline; blue: kept tiles.</p><div class='grid'>")
+        parts += [_figure(_link(report_dir, p), p.stem) for p in qc]
+        parts.append("</div>")
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
+    page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
+    write_text_atomic(report_dir / "index.html", page)
+    return report_dir / "index.html"

@@ -1,0 +1,231 @@
+"""Attention-MIL: the paper's head, folds, training, evaluation and the bad-input contract."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histotransfer.bags import BagStore, FeaturesError
+from histotransfer.config import EvaluationConfig, MILConfig
+from histotransfer.manifest import SlideRecord
+from histotransfer.mil import AttentionMIL
+from histotransfer.mil_stage import train_mil
+from histotransfer.splits import SplitError, make_folds
+from histotransfer.training import TrainingError, train_fold
+
+FAST = MILConfig(epochs=12, folds=4)
+EVAL = EvaluationConfig(bootstrap=200, heatmaps=0)
+
+
+def test_head_matches_the_paper():
+    model = AttentionMIL(1280, 2)
+    linear = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linear == [(1280, 256), (256, 64), (64, 32), (32, 1), (64, 2)]
+    assert [type(m) for m in model.embed] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout]
+    assert isinstance(model.attention_v[1], nn.Tanh)
+    assert model.attention_u is None
+    assert model.patch_classifier is None
+    out = model(torch.randn(37, 1280))
+    assert out.logits.shape == (2,)
+    assert out.attention.shape == (37,)
+    torch.testing.assert_close(out.attention.sum(), torch.tensor(1.0))
+
+
+def test_gated_attention_patch_head_and_classes():
+    model = AttentionMIL(64, 3, attention="gated", patch_head=True, dropout=0.25)
+    assert isinstance(model.attention_u[1], nn.Sigmoid)
+    out = model.eval()(torch.randn(5, 64))
+    assert out.logits.shape == (3,)
+    assert out.patch_logits.shape == (5, 3)
+    with pytest.raises(ValueError, match="attention must be one of paper, gated"):
+        AttentionMIL(64, 2, attention="mean")
+
+
+# ---- a synthetic MIL problem: a bag is positive when it holds a planted vector ------------------------
+
+DIM = 32
+
+
+def synthetic_cohort(folder, n_bags=40, seed=0):
+    """Bags of N(0, 1) instances; positive bags hold 2 instances of a fixed 'tumour' vector (+ noise).
+    Returns (records, {slide_id: indices of planted instances})."""
+    rng = np.random.default_rng(seed)
+    planted_vector = rng.normal(0, 1, DIM) * 2.5
+    records, planted = [], {}
+    features_dir = folder / "features" / "synthetic"
+    features_dir.mkdir(parents=True)
+    for i in range(n_bags):
+        slide_id, label = f"bag-{i:03d}", "pos" if i % 2 else "neg"
+        n = int(rng.integers(15, 40))
+        x = rng.normal(0, 1, (n, DIM)).astype(np.float32)
+        if label == "pos":
+            where = rng.choice(n, size=2, replace=False)
+            x[where] = planted_vector + rng.normal(0, 0.3, (2, DIM))
+            planted[slide_id] = set(where.tolist())
+        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset(
+                "coords", data=np.stack([np.arange(n) * 224, np.zeros(n)], axis=1).astype(np.int64)
+            )
+            f.attrs["config_hash"] = f"synthetic-{seed}"
+        records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=f"p{i // 2}"))
+    return records, planted, features_dir
+
+
+def test_synthetic_mil_is_learned_and_attention_finds_the_planted_instances(tmp_path):
+    records, planted, features_dir = synthetic_cohort(tmp_path)
+    result = train_mil(
+        records, features_dir=features_dir, out_dir=tmp_path / "mil", mil=FAST, evaluation=EVAL
+    )
+    assert result.metrics["pooled"]["auc"]["value"] > 0.95
+    assert result.metrics["n_slides"] == len(records)
+    hits = 0
+    for slide_id, where in planted.items():
+        with h5py.File(result.out_dir / "attention" / f"{slide_id}.h5") as f:
+            attention = f["attention"][:]
+            assert f["coords"].shape == (len(attention), 2)
+        hits += int(attention.argmax()) in where
+    assert hits / len(planted) >= 0.9
+    with (result.out_dir / "predictions.csv").open() as f:
+        assert f.readline().strip() == "slide_id,label,fold,prediction,prob_neg,prob_pos"
+    for fold in range(FAST.folds):
+        state = torch.load(result.out_dir / f"fold{fold}" / "model.pt", weights_only=True)
+        assert state["classifier.weight"].shape == (2, 64)
+
+
+def test_training_is_deterministic_and_resumes(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
+    a = train_mil(records, features_dir=features_dir, out_dir=tmp_path / "a", mil=FAST, evaluation=EVAL)
+    b = train_mil(records, features_dir=features_dir, out_dir=tmp_path / "b", mil=FAST, evaluation=EVAL)
+    assert a.metrics == b.metrics
+    assert (a.out_dir / "predictions.csv").read_text() == (b.out_dir / "predictions.csv").read_text()
+    again = train_mil(records, features_dir=features_dir, out_dir=tmp_path / "a", mil=FAST, evaluation=EVAL)
+    assert again.reused
+    changed = train_mil(
+        records,
+        features_dir=features_dir,
+        out_dir=tmp_path / "a",
+        mil=FAST.model_copy(update={"seed": 1}),
+        evaluation=EVAL,
+    )
+    assert not changed.reused
+
+
+def test_folds_never_share_a_patient():
+    rng = np.random.default_rng(0)
+    records = [
+        SlideRecord(f"s{i}", "x", "ab"[int(rng.integers(2))], patient_id=f"p{i // 3}") for i in range(60)
+    ]
+    patient = {r.slide_id: r.patient_id for r in records}
+    folds = make_folds(records, n_folds=5, val_fraction=0.2, seed=0)
+    tested = [s for f in folds for s in f.test]
+    assert sorted(tested) == sorted(patient)  # every slide tested exactly once
+    for fold in folds:
+        parts = [{patient[s] for s in part} for part in (fold.train, fold.val, fold.test)]
+        assert not (parts[0] & parts[1])
+        assert not (parts[0] & parts[2])
+        assert not (parts[1] & parts[2])
+        assert len(fold.val) > 0
+    test_patients = [{patient[s] for s in f.test} for f in folds]
+    for i in range(len(folds)):
+        for j in range(i + 1, len(folds)):
+            assert not test_patients[i] & test_patients[j]
+
+
+def test_manifest_split_is_one_fold_and_checked():
+    records = [
+        SlideRecord(f"s{i}", "x", "ab"[i % 2], f"p{i}", split=("train", "val", "test")[i % 3])
+        for i in range(12)
+    ]
+    (fold,) = make_folds(records, n_folds=5, val_fraction=0.2, seed=0)
+    assert fold.test == tuple(sorted(r.slide_id for r in records if r.split == "test"))
+    leaky = [*records, SlideRecord("s99", "x", "a", "p0", split="test")]  # p0 is also in train
+    with pytest.raises(SplitError, match="patients in more than one split: p0"):
+        make_folds(leaky, n_folds=5, val_fraction=0.2, seed=0)
+    with pytest.raises(SplitError, match="cannot make 5 folds from 3 patients"):
+        make_folds(
+            [SlideRecord(f"s{i}", "x", "ab"[i % 2], f"p{i % 3}") for i in range(6)],
+            n_folds=5,
+            val_fraction=0.2,
+            seed=0,
+        )
+
+
+def test_model_selection_never_sees_the_test_fold(tmp_path, monkeypatch):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
+    store = BagStore(records, features_dir, classes=["neg", "pos"])
+    fold = make_folds(records, n_folds=4, val_fraction=0.2, seed=0)[0]
+    seen = set()
+    original = BagStore.features
+
+    def spy(self, slide_id):
+        seen.add(slide_id)
+        return original(self, slide_id)
+
+    monkeypatch.setattr(BagStore, "features", spy)
+    fold_model = train_fold(store, fold, n_classes=2, cfg=FAST)
+    assert seen == set(fold.train) | set(fold.val)
+    assert not seen & set(fold.test)
+    val_losses = [h["val_loss"] for h in fold_model.history]
+    assert fold_model.best_epoch == int(np.argmin(val_losses)) + 1  # chosen on validation loss
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=12)
+    cfg = MILConfig(epochs=2, folds=3, max_loss=1e-6)
+    with pytest.raises(
+        TrainingError, match=r"fold 0, epoch 1, slide bag-\d+: loss .* diverged .* lower mil.lr"
+    ):
+        train_mil(records, features_dir=features_dir, out_dir=tmp_path / "mil", mil=cfg, evaluation=EVAL)
+
+
+def test_bad_feature_files_give_clear_errors(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=8)
+    (features_dir / "bag-003.h5").unlink()
+    with h5py.File(features_dir / "bag-004.h5", "a") as f:
+        del f["features"]
+        f.create_dataset("features", data=np.zeros((len(f["coords"]), DIM + 1), dtype=np.float32))
+    with h5py.File(features_dir / "bag-005.h5", "a") as f:
+        coords = f["coords"][:]
+        del f["coords"]
+        f.create_dataset("coords", data=coords[:-1])
+    with pytest.raises(FeaturesError) as info:
+        BagStore(records, features_dir, classes=["neg", "pos"])
+    message = str(info.value)
+    assert "3 feature file problem(s)" in message
+    assert "bag-003: no features file" in message
+    assert "bag-004.h5: features are 33-d, other slides' are 32-d" in message
+    assert "bag-005.h5: " in message
+    assert "feature rows but coords of shape" in message
+
+
+def test_coords_must_match_the_tiles_file(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=4)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for r in records:
+        with (
+            h5py.File(features_dir / f"{r.slide_id}.h5") as f,
+            h5py.File(tiles / f"{r.slide_id}.h5", "w") as t,
+        ):
+            coords = f["coords"][:]
+            t.create_dataset("coords", data=coords[::-1] if r.slide_id == "bag-002" else coords)
+    with pytest.raises(FeaturesError, match=r"bag-002.h5: coords are not those of .*tiles/bag-002.h5"):
+        BagStore(records, features_dir, classes=["neg", "pos"], tiles_dir=tiles)
+
+
+def test_metrics_file_reports_folds_and_confidence(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
+    result = train_mil(
+        records, features_dir=features_dir, out_dir=tmp_path / "mil", mil=FAST, evaluation=EVAL
+    )
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    assert len(metrics["folds"]) == FAST.folds
+    for name in ("auc", "accuracy", "balanced_accuracy", "f1"):
+        entry = metrics["pooled"][name]
+        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+        assert metrics["fold_summary"][name]["mean"] is not None
+    assert (result.out_dir / "roc.png").is_file()

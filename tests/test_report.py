@@ -1,0 +1,104 @@
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from histotransfer.config import EvaluationConfig, MILConfig
+from histotransfer.encoders import parse_encoder_id
+from histotransfer.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
+from histotransfer.mil_stage import LesionMasks, train_mil
+from histotransfer.report import family, write_report
+from tests.test_mil import synthetic_cohort
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_fast_bootstrap_metrics_equal_scikit_learn(n_classes):
+    rng = np.random.default_rng(n_classes)
+    for _ in range(150):
+        n = int(rng.integers(2, 25))
+        y = rng.integers(0, n_classes, n)
+        probs = rng.integers(1, 4, (n, n_classes)).astype(float)  # ties on purpose
+        probs /= probs.sum(axis=1, keepdims=True)
+        fast, reference = fast_metrics(y, probs), point_metrics(y, probs)
+        for name, value in reference.items():
+            if np.isnan(value):
+                assert np.isnan(fast[name])
+            else:
+                assert fast[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_confidence_intervals():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 50)
+    probs = np.stack([1 - (p := np.clip(y * 0.3 + rng.uniform(0, 0.7, 100), 0, 1)), p], axis=1)
+    out = with_confidence(y, probs, n_boot=300, ci=0.95, seed=0)
+    assert out["auc"]["ci_low"] < out["auc"]["value"] < out["auc"]["ci_high"]
+    tiny = with_confidence(np.array([1]), np.array([[0.2, 0.8]]), n_boot=200, ci=0.95, seed=0)
+    assert tiny["auc"] == {"value": None, "ci_low": None, "ci_high": None}
+
+
+def test_localisation_auroc():
+    assert localisation_auroc(np.array([0.1, 0.2, 0.7]), np.array([False, False, True])) == 1.0
+    assert localisation_auroc(np.array([0.9, 0.1]), np.array([False, True])) == 0.0
+    assert localisation_auroc(np.array([0.5, 0.5]), np.array([True, True])) is None
+
+
+def test_lesion_labels_of_sample_cohort_tiles(sample_cohort):
+    masks = LesionMasks.beside(sample_cohort)
+    assert masks.downsample == 4
+    mask = np.asarray(Image.open(masks.folder / "sample-000.png")) > 0
+    assert mask.any()
+    depth = ndimage.distance_transform_edt(mask)
+    y, x = np.unravel_index(depth.argmax(), mask.shape)  # deepest lesion pixel: a 64 px tile fits
+    assert depth[y, x] > 10
+    coords = np.array([[x * 4 - 32, y * 4 - 32], [0, 0]])  # centred in the lesion; a glass corner
+    assert masks.tile_labels("sample-000", coords, 64, 0.5).tolist() == [True, False]
+    assert masks.tile_labels("no-such-slide", coords, 64, 0.5) is None
+
+
+@pytest.mark.parametrize(
+    ("encoder_id", "kind"),
+    [
+        ("efficientnet_lite0", "ImageNet"),
+        ("resnet50@layer3", "ImageNet · truncated"),
+        ("resnet18+random", "random init"),
+        ("densenet121+kimianet", "given weights (kimianet)"),
+        ("resnet18@layer4+ft", "fine-tuned · truncated"),
+        ("uni", "pathology foundation model"),
+    ],
+)
+def test_family(encoder_id, kind):
+    assert family(parse_encoder_id(encoder_id)) == kind
+
+
+def test_report_has_table_truncation_curve_and_roc(tmp_path):
+    results = []
+    for encoder_id in ("resnet18@layer1+random", "resnet18@layer2+random", "resnet18+random"):
+        records, _, features_dir = synthetic_cohort(tmp_path / encoder_id, n_bags=16)
+        for path in features_dir.glob("*.h5"):
+            with h5py.File(path, "a") as f:
+                f.attrs["encoder_id"] = encoder_id
+        cfg = MILConfig(epochs=4, folds=4)
+        results.append(
+            train_mil(
+                records,
+                features_dir=features_dir,
+                out_dir=tmp_path / "study" / "mil",
+                mil=cfg,
+                evaluation=EvaluationConfig(bootstrap=100, heatmaps=0),
+            )
+        )
+    (tmp_path / "study" / "tiles").mkdir()
+    page = write_report(
+        results, report_dir=tmp_path / "study" / "report", tiles_dir=tmp_path / "study" / "tiles"
+    )
+    text = page.read_text()
+    for encoder_id in ("resnet18@layer1+random", "resnet18@layer2+random", "resnet18+random"):
+        assert f"<td>{encoder_id}</td>" in text
+    assert "figures/truncation.png" in text
+    assert (page.parent / "figures" / "truncation.png").stat().st_size > 1000
+    assert (page.parent / "figures" / "roc.png").is_file()
+    summary = (page.parent / "summary.md").read_text()
+    assert summary.count("| resnet18") == 3
+    assert "attention localisation AUROC" in summary
