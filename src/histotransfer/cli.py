@@ -92,7 +92,7 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from histotransfer.encoders import build_encoder
-    from histotransfer.extraction import EngineSettings, extract_cohort
+    from histotransfer.extraction import extract_cohort, settings_from
 
     config = _config(
         args,
@@ -106,15 +106,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         },
     )
     records = read_manifest(args.manifest)
-    ex = config.extraction
-    settings = EngineSettings.resolve(
-        device=ex.device,
-        batch_size=ex.batch_size,
-        num_workers=ex.num_workers,
-        precision=ex.precision,
-        backend=ex.backend,
-    )
-    spec = ex.encoders[0]
+    settings = settings_from(config.extraction)
+    spec = config.extraction.encoders[0]
     encoder = build_encoder(spec.id, weights=spec.weights)
     print(f"encoder {encoder.id}: {encoder.dim}-d, weights {encoder.weights_source}; {settings}")
     result = extract_cohort(
@@ -150,8 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = _report(outputs.stages["tile"], "  tiles (h5 + QC png)", outputs.tiles_dir)
     for name, result in outputs.stages.items():
         if name.startswith("extract "):
-            encoder_id = name.split(" ", 1)[1]
-            code = _report(result, f"  features {encoder_id}", outputs.features_dir / encoder_id)
+            code = _report(result, f"  features {name.split(' ', 1)[1]}", result.summary_path.parent)
             status = max(status, code)
     for result in outputs.mil:
         auc = result.metrics["pooled"]["auc"]
@@ -202,6 +194,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     if loc["mean_auroc"] is not None:
         print(f"  attention localisation AUROC {loc['mean_auroc']:.3f} over {loc['n_slides']} slide(s)")
     return EXIT_OK
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from histotransfer.extraction import settings_from
+    from histotransfer.finetune_stage import finetune_study
+    from histotransfer.mil_stage import LesionMasks
+
+    config = _config(
+        args,
+        {
+            "finetune.k": args.k,
+            "finetune.epochs": args.epochs,
+            "finetune.lr": args.lr,
+            "finetune.head_lr": args.head_lr,
+            "finetune.selection": args.selection,
+            "finetune.freeze_blocks": args.freeze_blocks,
+            "finetune.accumulate": args.accumulate,
+            "finetune.augment": args.augment or None,
+            "extraction.device": args.device,
+        },
+    )
+    settings = settings_from(config.extraction)
+    study = args.study
+    result = finetune_study(
+        read_manifest(args.manifest),
+        encoder_id=args.encoder,
+        weights=args.weights,
+        features_dir=study / "features",
+        tiles_dir=study / "tiles",
+        mil_dir=study / "mil",
+        finetune_dir=study / "finetune",
+        mil=config.mil,
+        cfg=config.finetune,
+        evaluation=config.evaluation,
+        settings=settings,
+        lesion_masks=LesionMasks.beside(args.manifest),
+        overwrite=args.overwrite,
+    )
+    for fold, path in result.fold_encoders.items():
+        print(f"fold {fold}: fine-tuned encoder {path}")
+    print(
+        f"mil {result.finetuned_id}: AUC {_ci(result.mil.metrics['pooled']['auc'])} -> {result.mil.out_dir}"
+    )
+    return max(EXIT_OK, *(EXIT_SLIDES_FAILED if r.failed else EXIT_OK for r in result.extraction.values()))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -284,6 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune", help="attention top-k fine-tuning in every fold, then features and MIL again"
+    )
+    p.add_argument("manifest", type=Path)
+    p.add_argument(
+        "--study", type=Path, required=True, help="folder with tiles/, features/ and mil/ of the frozen run"
+    )
+    p.add_argument("--encoder", required=True, help="an encoder whose frozen-feature MIL has run")
+    p.add_argument("--weights", help="its weights, as given to extract")
+    p.add_argument("--k", type=int, help="tiles per slide (paper: 64)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="encoder learning rate (paper: 1e-5)")
+    p.add_argument("--head-lr", type=float)
+    p.add_argument("--selection", choices=["attention", "random"])
+    p.add_argument("--freeze-blocks", type=int)
+    p.add_argument("--accumulate", type=int)
+    p.add_argument("--augment", action="store_true", help="random flips and 90-degree rotations")
+    p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true")
+    add_config(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
     p.add_argument("study", type=Path, help="the study's output_dir")

@@ -114,6 +114,33 @@ class MILConfig(_Section):
     bag_cache_gb: float = Field(4.0, ge=0, description="features kept in memory between epochs")
 
 
+class FinetuneConfig(_Section):
+    """Attention top-k fine-tuning (defaults: the paper; the demo config shrinks k and epochs)."""
+
+    encoders: list[str] = Field(
+        default_factory=list, description="encoder ids to fine-tune (from extraction)"
+    )
+    k: int = Field(64, ge=1, description="tiles per slide, by attention of the fold's frozen MIL model")
+    selection: Literal["attention", "random"] = Field("attention", description="random: the baseline")
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-5, gt=0, description="encoder learning rate (Adam)")
+    head_lr: float | None = Field(None, gt=0, description="attention head learning rate; None: lr")
+    freeze_blocks: int = Field(0, ge=0, description="freeze the stem and the first N blocks")
+    augment: bool = Field(False, description="random flips and 90-degree rotations")
+    accumulate: int = Field(1, ge=1, description="slides per optimiser step (gradient accumulation)")
+    patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better val loss")
+    class_weighting: bool = True
+    max_loss: float = Field(1e3, gt=0)
+    seed: int = 0
+
+    @field_validator("encoders")
+    @classmethod
+    def _known_encoders(cls, value: list[str]) -> list[str]:
+        from histotransfer.encoders import parse_encoder_id
+
+        return [str(parse_encoder_id(v)) for v in value]
+
+
 class EvaluationConfig(_Section):
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for confidence intervals")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
@@ -130,6 +157,7 @@ class StudyConfig(_Section):
     tiling: TilingConfig = TilingConfig()
     extraction: ExtractionConfig = ExtractionConfig()
     mil: MILConfig = MILConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")

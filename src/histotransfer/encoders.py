@@ -165,6 +165,19 @@ class PatchEncoder(nn.Module):
         return x.mean(dim=(2, 3))  # (n, dim)
 
 
+def leading_modules(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
+    """The stem and the first ``n_blocks`` cut-point blocks of a trunk: what "freeze N blocks" freezes."""
+    path = trunk_path(model, ARCHS[arch])
+    if path is None:
+        raise ValueError(f"{arch} is not a chain of blocks: freezing the first blocks is not defined for it")
+    names = [_cut_name(p) for p in path]
+    blocks = [n for n in names if n not in STEM_MODULES]
+    if not 0 <= n_blocks <= len(blocks):
+        raise ValueError(f"{arch} has {len(blocks)} blocks ({', '.join(blocks)}); cannot freeze {n_blocks}")
+    end = names.index(blocks[n_blocks - 1]) + 1 if n_blocks else 0
+    return [model.get_submodule(p) for p in path[:end]]
+
+
 @dataclass
 class Encoder:
     """A built encoder and everything the artifacts record about it."""

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
+from histotransfer.config import ExtractionConfig
 from histotransfer.encoders import Encoder
 from histotransfer.manifest import SlideRecord
 from histotransfer.onnx_export import export_encoder, ort_session, run_session
@@ -125,6 +126,17 @@ class EngineSettings:
         cpus = os.cpu_count() or 1
         workers = num_workers if num_workers is not None else min(16, cpus)  # tile decoding is the bottleneck
         return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend)
+
+
+def settings_from(extraction: ExtractionConfig) -> EngineSettings:
+    """Engine settings for the config's extraction section."""
+    return EngineSettings.resolve(
+        device=extraction.device,
+        batch_size=extraction.batch_size,
+        num_workers=extraction.num_workers,
+        precision=extraction.precision,
+        backend=extraction.backend,
+    )
 
 
 class TorchRunner:
@@ -268,9 +280,10 @@ def extract_cohort(
     encoder: Encoder,
     settings: EngineSettings,
     overwrite: bool = False,
+    dest: Path | None = None,
 ) -> StageResult:
-    """Extract features for every slide with tiles; results under ``out_dir/{encoder_id}/``."""
-    tiles_dir, enc_dir = Path(tiles_dir), Path(out_dir) / str(encoder.id)
+    """Extract features for every slide with tiles; results under ``out_dir/{encoder_id}/`` (or ``dest``)."""
+    tiles_dir, enc_dir = Path(tiles_dir), Path(dest) if dest else Path(out_dir) / str(encoder.id)
     runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:

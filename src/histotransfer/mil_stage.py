@@ -82,11 +82,14 @@ class MILResult:
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
 
-def _stage_config(records, store: BagStore, mil: MILConfig, evaluation: EvaluationConfig) -> dict[str, Any]:
+def _stage_config(
+    records, stores: Sequence[BagStore], mil: MILConfig, evaluation: EvaluationConfig
+) -> dict[str, Any]:
     feature_hashes = {}
     for record in records:
-        with h5py.File(store.bags[record.slide_id].path, "r") as f:
-            feature_hashes[record.slide_id] = str(f.attrs.get("config_hash", ""))
+        for i, store in enumerate(stores):
+            with h5py.File(store.bags[record.slide_id].path, "r") as f:
+                feature_hashes[f"{i}/{record.slide_id}"] = str(f.attrs.get("config_hash", ""))
     cohort = [(r.slide_id, r.label, r.patient_id, r.split) for r in records]
     return {
         "stage": "mil",
@@ -152,10 +155,20 @@ def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
+def _encoder_id(recorded: str, features_dir: Path) -> str:
+    """The id the features record (validated: it names the output folder), else the folder's name."""
+    if not recorded:
+        return Path(features_dir).name
+    try:
+        return str(parse_encoder_id(recorded))
+    except ValueError as exc:
+        raise FeaturesError(f"{features_dir}: the features record an unusable encoder id ({exc})") from exc
+
+
 def train_mil(
     records: Sequence[SlideRecord],
     *,
-    features_dir: Path,
+    features_dir: Path | dict[int, Path],
     out_dir: Path,
     mil: MILConfig,
     evaluation: EvaluationConfig,
@@ -163,20 +176,34 @@ def train_mil(
     lesion_masks: LesionMasks | None = None,
     overwrite: bool = False,
 ) -> MILResult:
-    """Cross-validate attention-MIL on one encoder's features; reuse a current result."""
+    """Cross-validate attention-MIL on one encoder's features; reuse a current result.
+
+    ``features_dir`` is one folder, or one folder per fold index (fine-tuned encoders: fold k's slides
+    are encoded by fold k's encoder, which never saw that fold's test slides).
+    """
     classes = sorted({r.label for r in records})
     if len(classes) < 2:
         raise FeaturesError(f"the cohort has a single label ({classes}); MIL needs at least two classes")
-    store = BagStore(records, features_dir, classes=classes, tiles_dir=tiles_dir, cache_gb=mil.bag_cache_gb)
-    encoder_id = str(parse_encoder_id(store.encoder_id)) if store.encoder_id else Path(features_dir).name
+    dirs = features_dir if isinstance(features_dir, dict) else {None: features_dir}
+    stores = {
+        k: BagStore(records, d, classes=classes, tiles_dir=tiles_dir, cache_gb=mil.bag_cache_gb / len(dirs))
+        for k, d in dirs.items()
+    }
+    first = next(iter(stores.values()))
+    encoder_id = _encoder_id(first.encoder_id, next(iter(dirs.values())))
+
+    def store_for(fold_index: int) -> BagStore:
+        return stores[fold_index if fold_index in stores else None]
+
     out = Path(out_dir) / encoder_id
-    expected = config_hash(_stage_config(records, store, mil, evaluation))
+    expected = config_hash(_stage_config(records, list(stores.values()), mil, evaluation))
     if not overwrite and is_current(out / "metrics.json", expected):
         return MILResult(encoder_id, out, json.loads((out / "metrics.json").read_text()), reused=True)
     folds = make_folds(records, n_folds=mil.folds, val_fraction=mil.val_fraction, seed=mil.seed)
     preds: list[SlidePrediction] = []
     per_fold = []
     for fold in tqdm(folds, desc=f"mil {encoder_id}", unit="fold", dynamic_ncols=True):
+        store = store_for(fold.index)
         fold_model = train_fold(store, fold, n_classes=len(classes), cfg=mil)
         _save_fold(out, fold_model)
         fold_preds = predict(fold_model.model, store, fold.test, fold.index)
@@ -193,7 +220,7 @@ def train_mil(
     probs = np.stack([p.probs for p in preds])
     pooled = with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=mil.seed)
     localisation = _attention_outputs(
-        records, preds, store, out, tiles_dir, lesion_masks, evaluation, classes
+        records, preds, store_for, out, tiles_dir, lesion_masks, evaluation, classes
     )
     if (points := roc_points(y, probs)) is not None:
         plot_roc(
@@ -202,7 +229,7 @@ def train_mil(
     metrics = {
         "config_hash": expected,
         "encoder_id": encoder_id,
-        "feature_dim": store.dim,
+        "feature_dim": first.dim,
         "classes": classes,
         "n_slides": len(preds),
         "folds": per_fold,
@@ -217,7 +244,7 @@ def train_mil(
 
 
 def _attention_outputs(
-    records, preds, store, out, tiles_dir, lesion_masks, evaluation, classes
+    records, preds, store_for, out, tiles_dir, lesion_masks, evaluation, classes
 ) -> dict[str, Any]:
     """Attention files for every slide; heatmaps for some; localisation AUROC on positive slides."""
     by_id = {r.slide_id: r for r in records}
@@ -226,7 +253,7 @@ def _attention_outputs(
     ranked = sorted(positives, key=lambda p: -p.probs[-1]) + [p for p in preds if p not in positives]
     draw = {p.slide_id for p in ranked[: evaluation.heatmaps]}
     for pred in preds:
-        coords = store.coords(pred.slide_id)
+        coords = store_for(pred.fold).coords(pred.slide_id)
         _write_attention(out / "attention" / f"{pred.slide_id}.h5", pred, coords)
         if tiles_dir is None:
             continue

@@ -23,7 +23,7 @@ def family(enc: EncoderId) -> str:
     """What kind of representation an encoder id stands for, as the paper groups them."""
     if enc.tag == RANDOM:
         kind = "random init"
-    elif enc.tag == "ft":
+    elif enc.tag == "ft" or (enc.tag or "").endswith("-ft"):
         kind = "fine-tuned"
     elif enc.tag:
         kind = f"given weights ({enc.tag})"
@@ -132,6 +132,61 @@ def _roc_all(results: Sequence[MILResult], path: Path) -> bool:
     return bool(curves)
 
 
+def _finetune_pairs(results: Sequence[MILResult]) -> list[tuple[MILResult, MILResult]]:
+    by_id = {r.encoder_id: r for r in results}
+    pairs = []
+    for r in results:
+        enc = _encoder(r.encoder_id)
+        if enc is None or not (enc.tag == "ft" or (enc.tag or "").endswith("-ft")):
+            continue
+        base_tag = None if enc.tag == "ft" else enc.tag[: -len("-ft")]
+        base = by_id.get(str(EncoderId(enc.arch, enc.cut, base_tag)))
+        if base is not None:
+            pairs.append((base, r))
+    return pairs
+
+
+PAIR_COLUMNS = (
+    "encoder",
+    "frozen AUC",
+    "fine-tuned AUC",
+    "frozen bal. acc.",
+    "fine-tuned bal. acc.",
+    "frozen localisation",
+    "fine-tuned localisation",
+)
+
+
+def _pair_cells(frozen: MILResult, tuned: MILResult) -> list[str]:
+    def loc(r: MILResult) -> str:
+        value = r.metrics["localisation"]["mean_auroc"]
+        return "n/a" if value is None else f"{value:.3f}"
+
+    fp, tp = frozen.metrics["pooled"], tuned.metrics["pooled"]
+    return [
+        frozen.encoder_id,
+        _fmt(fp["auc"]),
+        _fmt(tp["auc"]),
+        _fmt(fp["balanced_accuracy"]),
+        _fmt(tp["balanced_accuracy"]),
+        loc(frozen),
+        loc(tuned),
+    ]
+
+
+def _pairs_table(pairs) -> str:
+    head = "".join(f"<th>{c}</th>" for c in PAIR_COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _pair_cells(*p)) + "</tr>" for p in pairs
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _pairs_markdown(pairs) -> str:
+    lines = ["| " + " | ".join(PAIR_COLUMNS) + " |", "|" + "---|" * len(PAIR_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(_pair_cells(*p)) + " |" for p in pairs])
+
+
 def _link(report_dir: Path, target: Path) -> str:
     """A relative, URL-quoted link from the report to an artifact of the same study."""
     return quote(str(Path("..") / target.resolve().relative_to(report_dir.parent.resolve())))
@@ -189,6 +244,11 @@ def write_report(
         "ground-truth lesion mask over positive slides, where masks exist.</p>",
         table(),
     ]
+    pairs = _finetune_pairs(results)
+    if pairs:
+        parts += ["<h2>Frozen vs fine-tuned</h2>", _pairs_table(pairs)]
+        md += ["", "## Frozen vs fine-tuned", "", _pairs_markdown(pairs)]
+        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
     if has_truncation:
         parts += ["<h2>Truncation</h2>", '<img src="figures/truncation.png" alt="truncation curve">']
     if has_roc:

@@ -9,7 +9,8 @@ from pathlib import Path
 from histotransfer.bags import FeaturesError
 from histotransfer.config import StudyConfig
 from histotransfer.encoders import build_encoder
-from histotransfer.extraction import EngineSettings, extract_cohort
+from histotransfer.extraction import extract_cohort, settings_from
+from histotransfer.finetune_stage import finetune_study
 from histotransfer.manifest import read_manifest
 from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
 from histotransfer.report import write_report
@@ -18,6 +19,7 @@ from histotransfer.sample_data import build_sample_cohort
 from histotransfer.splits import SplitError
 from histotransfer.tiling import tile_cohort
 from histotransfer.training import TrainingError
+from histotransfer.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,8 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     outputs.stages["tile"] = tiled
     failed = {o.slide_id for o in tiled.failed}
     with_tiles = [r for r in records if r.slide_id not in failed]
-    extraction = config.extraction
-    settings = EngineSettings.resolve(
-        device=extraction.device,
-        batch_size=extraction.batch_size,
-        num_workers=extraction.num_workers,
-        precision=extraction.precision,
-        backend=extraction.backend,
-    )
-    for spec in extraction.encoders:
+    settings = settings_from(config.extraction)
+    for spec in config.extraction.encoders:
         encoder = build_encoder(spec.id, weights=spec.weights)
         extracted = extract_cohort(
             with_tiles,
@@ -74,8 +69,45 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         )
         outputs.stages[f"extract {spec.id}"] = extracted
         _train(config, outputs, extracted, with_tiles, str(encoder.id), overwrite=overwrite)
+    for encoder_id in config.finetune.encoders:
+        _finetune(config, outputs, with_tiles, encoder_id, settings, overwrite=overwrite)
     outputs.report = write_report(outputs.mil, report_dir=out / "report", tiles_dir=outputs.tiles_dir)
     return outputs
+
+
+def _finetune(config, outputs: StudyOutputs, records, encoder_id: str, settings, *, overwrite: bool) -> None:
+    """Fine-tune one encoder in every fold and re-run MIL on its features; failures are recorded."""
+    specs = {e.id: e for e in config.extraction.encoders}
+    if encoder_id not in specs:
+        outputs.errors[f"{encoder_id} (fine-tuning)"] = "not among extraction.encoders: add it there first"
+        return
+    if encoder_id in outputs.errors or not any(r.encoder_id == encoder_id for r in outputs.mil):
+        outputs.errors[f"{encoder_id} (fine-tuning)"] = "its frozen-feature MIL did not finish"
+        return
+    failed = {o.slide_id for o in outputs.stages[f"extract {encoder_id}"].failed}
+    try:
+        result = finetune_study(
+            [r for r in records if r.slide_id not in failed],
+            encoder_id=encoder_id,
+            weights=specs[encoder_id].weights,
+            features_dir=outputs.features_dir,
+            tiles_dir=outputs.tiles_dir,
+            mil_dir=outputs.mil_dir,
+            finetune_dir=outputs.mil_dir.parent / "finetune",
+            mil=config.mil,
+            cfg=config.finetune,
+            evaluation=config.evaluation,
+            settings=settings,
+            lesion_masks=LesionMasks.beside(outputs.manifest),
+            overwrite=overwrite,
+        )
+    except (FeaturesError, SplitError, TrainingError, WeightsError) as exc:
+        log.error("fine-tuning %s failed: %s", encoder_id, exc)
+        outputs.errors[f"{encoder_id} (fine-tuning)"] = f"{type(exc).__name__}: {exc}"
+        return
+    for fold, stage in result.extraction.items():
+        outputs.stages[f"extract {result.finetuned_id} fold{fold}"] = stage
+    outputs.mil.append(result.mil)
 
 
 def _train(

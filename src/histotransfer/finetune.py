@@ -1,0 +1,253 @@
+"""Attention top-k fine-tuning (the paper's answer to frozen ImageNet features), inside each fold.
+
+For fold k: the frozen-feature MIL model of fold k scores the tiles of the fold's training and
+validation slides; the k highest-attention tiles of each (or k random ones, the baseline) form small
+bags; encoder + attention head, the head initialised from the MIL head, train end to end on the
+training bags, read on the fly from the WSI, with BatchNorm kept in eval mode; the epoch with the
+lowest validation loss is kept. Test slides of the fold are never read. Outputs per fold under
+``finetune/{encoder_id}/fold{k}/``: ``encoder.pt`` (a state_dict with timm names: it loads as the
+encoder ``{encoder_id}+ft``), ``head.pt``, ``selection.h5`` (coords and scores per slide),
+``history.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.bags import BagStore
+from histotransfer.config import FinetuneConfig
+from histotransfer.encoders import Encoder, leading_modules
+from histotransfer.extraction import TileReader
+from histotransfer.mil import AttentionMIL
+from histotransfer.slides import local_slide_path
+from histotransfer.tiling import TileSet
+from histotransfer.training import TrainingError, class_weights
+
+
+def select_tiles(
+    attention: np.ndarray, k: int, *, mode: str = "attention", rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Indices of the k tiles to fine-tune on: highest attention first, or k at random (baseline)."""
+    k = min(k, len(attention))
+    if mode == "attention":
+        return np.argsort(-attention, kind="stable")[:k]
+    if mode == "random":
+        return np.sort((rng or np.random.default_rng(0)).choice(len(attention), size=k, replace=False))
+    raise ValueError(f"selection must be attention or random, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class Bag:
+    """The selected tiles of one slide."""
+
+    slide_id: str
+    slide_path: str
+    tiles: TileSet  # only the selected tiles
+    label: int
+    scores: np.ndarray  # attention of the selected tiles under the fold's frozen MIL model
+
+
+def make_bags(
+    slide_ids: Sequence[str],
+    *,
+    store: BagStore,
+    head: AttentionMIL,
+    tiles: dict[str, TileSet],
+    paths: dict[str, str],
+    k: int,
+    mode: str,
+    seed: int,
+) -> list[Bag]:
+    """Score every tile of the given slides with the frozen MIL head and keep k per slide."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    head.eval()
+    with torch.no_grad():
+        for slide_id in slide_ids:
+            attention = head(store.features(slide_id)).attention.numpy()  # (n_tiles,)
+            idx = select_tiles(attention, k, mode=mode, rng=rng)
+            full = tiles[slide_id]
+            subset = dataclasses.replace(
+                full, coords=full.coords[idx], tissue_fraction=full.tissue_fraction[idx]
+            )
+            bags.append(Bag(slide_id, paths[slide_id], subset, store.label(slide_id), attention[idx]))
+    return bags
+
+
+def save_selection(path: Path, bags: Sequence[Bag], *, mode: str) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["selection"] = mode
+        for bag in bags:
+            group = f.create_group(bag.slide_id)
+            group.create_dataset("coords", data=bag.tiles.coords)  # (k, 2) level-0 x, y
+            group.create_dataset("scores", data=bag.scores.astype(np.float32))  # (k,)
+            group.attrs["label"] = bag.label
+
+
+class BagDataset(Dataset):
+    """One item per slide: its selected tiles (k, 3, p, p) uint8, optionally flipped and rotated."""
+
+    def __init__(self, bags: Sequence[Bag], *, augment: bool, seed: int):
+        self.bags = list(bags)
+        self.readers = [TileReader(local_slide_path(b.slide_path), b.tiles) for b in self.bags]
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        reader = self.readers[index]
+        tiles = torch.stack([reader[j] for j in range(len(reader))])  # (k, 3, p, p)
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
+            for j in range(len(tiles)):
+                t = torch.rot90(tiles[j], int(torch.randint(4, (1,), generator=g)), dims=(1, 2))
+                tiles[j] = t.flip(2) if torch.rand(1, generator=g) < 0.5 else t
+        return tiles, self.bags[index].label
+
+
+class EncoderWithHead(nn.Module):
+    """Encoder and attention head trained end to end; BatchNorm layers always in eval mode."""
+
+    def __init__(self, encoder: nn.Module, head: AttentionMIL):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    @classmethod
+    def start(cls, encoder: Encoder, head: AttentionMIL) -> EncoderWithHead:
+        """Copies of the encoder and of the fold's trained MIL head: the originals stay untouched."""
+        return cls(copy.deepcopy(encoder.module), copy.deepcopy(head))
+
+    def train(self, mode: bool = True) -> EncoderWithHead:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # running statistics stay the pretrained ones; affine weights still train
+        return self
+
+    def forward(self, tiles: torch.Tensor):  # (k, 3, p, p) uint8
+        return self.head(self.encoder(tiles))
+
+
+@dataclass
+class FinetuneResult:
+    model: EncoderWithHead
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def finetune(
+    encoder: Encoder,
+    head: AttentionMIL,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    *,
+    n_classes: int,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    num_workers: int = 0,
+) -> FinetuneResult:
+    """Train encoder + head on the training bags; keep the epoch with the lowest validation loss."""
+    torch.manual_seed(cfg.seed)
+    model = EncoderWithHead.start(encoder, head).to(device)
+    for module in (
+        leading_modules(model.encoder.model, encoder.id.arch, cfg.freeze_blocks) if cfg.freeze_blocks else []
+    ):
+        module.requires_grad_(False)
+    groups = [
+        {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr},
+    ]
+    optimizer = torch.optim.Adam(groups)
+    weight = class_weights([b.label for b in train_bags], n_classes) if cfg.class_weighting else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    train_data = BagDataset(train_bags, augment=cfg.augment, seed=cfg.seed)
+    val_data = BagDataset(val_bags, augment=False, seed=cfg.seed)
+
+    def loader(data: BagDataset, shuffle: bool, epoch: int) -> DataLoader:
+        data.epoch = epoch
+        g = torch.Generator().manual_seed(cfg.seed + epoch)
+        return DataLoader(data, batch_size=None, shuffle=shuffle, generator=g, num_workers=num_workers)
+
+    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    history, stale = [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        losses = []
+        optimizer.zero_grad()
+        for step, (tiles, label) in enumerate(loader(train_data, True, epoch), start=1):
+            with autocast():
+                out = model(tiles.to(device))
+            loss = loss_fn(out.logits.float()[None], torch.tensor([label], device=device))
+            if not torch.isfinite(loss) or loss.item() > cfg.max_loss:
+                raise TrainingError(
+                    f"fine-tuning epoch {epoch}: loss {loss.item():.4g} diverged; lower finetune.lr"
+                )
+            (loss / cfg.accumulate).backward()
+            losses.append(loss.item())
+            if step % cfg.accumulate == 0 or step == len(train_data):
+                optimizer.step()
+                optimizer.zero_grad()
+        val_loss = evaluate_loss(model, val_data, loss_fn, device, autocast, loader(val_data, False, 0))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss})
+        if val_loss < best[0]:
+            best, stale = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
+        else:
+            stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    return FinetuneResult(model, best[1], history)
+
+
+def evaluate_loss(model, data, loss_fn, device, autocast, batches) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for tiles, label in batches:
+            with autocast():
+                out = model(tiles.to(device))
+            losses.append(loss_fn(out.logits.float()[None], torch.tensor([label], device=device)).item())
+    return float(np.mean(losses)) if losses else math.inf
+
+
+def save_finetuned(
+    out: Path, result: FinetuneResult, fold_parts: dict[str, Any], cfg: FinetuneConfig, config_hash: str
+) -> None:
+    """encoder.pt (timm names of the cut network), head.pt, and history.json (written last)."""
+    with atomic_path(out / "encoder.pt") as tmp:
+        torch.save({k: v.cpu() for k, v in result.model.encoder.model.state_dict().items()}, tmp)
+    with atomic_path(out / "head.pt") as tmp:
+        torch.save({k: v.cpu() for k, v in result.model.head.state_dict().items()}, tmp)
+    summary = {"config_hash": config_hash, "best_epoch": result.best_epoch, "history": result.history}
+    summary |= {"finetune": cfg.model_dump(mode="json"), **fold_parts}
+    write_text_atomic(out / "history.json", json.dumps(summary, indent=1))
+
+
+def progress(folds, encoder_id: str):
+    return tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True)

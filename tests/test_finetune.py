@@ -1,0 +1,170 @@
+"""Attention top-k fine-tuning: selection, BatchNorm, head initialisation, learning, no leakage."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histotransfer.config import FinetuneConfig, TilingConfig
+from histotransfer.encoders import build_encoder
+from histotransfer.finetune import Bag, EncoderWithHead, finetune, select_tiles
+from histotransfer.manifest import read_manifest
+from histotransfer.mil import AttentionMIL
+from histotransfer.tiling import load_tiles, tile_cohort
+
+
+def test_top_k_picks_exactly_the_highest_attention():
+    attention = np.array([0.1, 0.5, 0.3, 0.9, 0.5, 0.05])
+    assert select_tiles(attention, 3).tolist() == [3, 1, 4]  # ties keep tile order
+    assert select_tiles(attention, 10).tolist() == [3, 1, 4, 2, 0, 5]
+    random = select_tiles(attention, 3, mode="random", rng=np.random.default_rng(0))
+    assert len(set(random.tolist())) == 3
+    assert random.tolist() == select_tiles(attention, 3, mode="random", rng=np.random.default_rng(0)).tolist()
+    with pytest.raises(ValueError, match="selection must be attention or random"):
+        select_tiles(attention, 3, mode="best")
+
+
+def _bn_modules(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_batchnorm_stays_in_eval_mode_and_head_starts_from_mil_head():
+    encoder = build_encoder("resnet18@layer1+random")
+    head = AttentionMIL(encoder.dim, 2)
+    model = EncoderWithHead.start(encoder, head).train()
+    assert _bn_modules(model)
+    assert all(not m.training for m in _bn_modules(model))
+    assert model.head.embed.training  # everything else trains
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(model.head.state_dict()[key], value)
+    assert model.head is not head  # a copy: the fold's MIL model is not modified
+
+
+@pytest.fixture(scope="module")
+def small_bags(sample_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft-tiles")
+    records = read_manifest(sample_cohort)
+    tile_cohort(records, out_dir=out, tiling=TilingConfig())
+    bags = []
+    for r in records:
+        tiles = load_tiles(out / f"{r.slide_id}.h5")
+        idx = np.arange(4)
+        subset = tiles.__class__(
+            **{**tiles.__dict__, "coords": tiles.coords[idx], "tissue_fraction": tiles.tissue_fraction[idx]}
+        )
+        bags.append(Bag(r.slide_id, r.path, subset, int(r.label == "tumor"), np.zeros(4)))
+    return bags
+
+
+def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
+    encoder = build_encoder("resnet18@layer1+random")
+    torch.manual_seed(0)
+    head = AttentionMIL(encoder.dim, 2)
+    before = {k: v.clone() for k, v in encoder.module.model.state_dict().items()}
+    cfg = FinetuneConfig(k=4, epochs=6, lr=1e-3, patience=None, augment=True)
+    result = finetune(
+        encoder, head, small_bags, small_bags[:2], n_classes=2, cfg=cfg, device=torch.device("cpu")
+    )
+    after = result.model.encoder.model.state_dict()
+    for key, value in before.items():
+        if "running_" in key or "num_batches_tracked" in key:
+            torch.testing.assert_close(after[key], value, msg=key)  # BatchNorm statistics untouched
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])  # while weights train
+    assert not torch.equal(after["bn1.weight"], before["bn1.weight"])  # affine parameters too
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best_epoch == int(np.argmin([h["val_loss"] for h in result.history])) + 1
+    assert torch.equal(encoder.module.model.conv1.weight, before["conv1.weight"])  # the original is untouched
+
+
+def test_freeze_blocks(small_bags):
+    encoder = build_encoder("resnet18@layer2+random")
+    cfg = FinetuneConfig(k=4, epochs=1, lr=1e-3, freeze_blocks=1, patience=None)
+    head = AttentionMIL(encoder.dim, 2)
+    result = finetune(
+        encoder, head, small_bags[:2], small_bags[2:], n_classes=2, cfg=cfg, device=torch.device("cpu")
+    )
+    after = result.model.encoder.model
+    torch.testing.assert_close(after.layer1[0].conv1.weight, encoder.module.model.layer1[0].conv1.weight)
+    torch.testing.assert_close(after.conv1.weight, encoder.module.model.conv1.weight)
+    assert not torch.equal(after.layer2[0].conv1.weight, encoder.module.model.layer2[0].conv1.weight)
+
+
+STUDY = """
+output_dir: {out}
+sample_data: {{n_slides: 6, tissue_pieces: 1, seed: 3}}
+extraction:
+  encoders: [{{id: efficientnet_lite0@blocks.1}}]
+mil: {{epochs: 3, folds: 3}}
+finetune: {{encoders: [efficientnet_lite0@blocks.1], k: 3, epochs: 2, lr: 0.0001}}
+evaluation: {{bootstrap: 100, heatmaps: 0}}
+"""
+
+
+@pytest.mark.integration
+def test_finetuning_inside_cross_validation_never_sees_the_test_fold(tmp_path, monkeypatch):
+    import histotransfer.finetune_stage as stage
+    from histotransfer.config import load_config
+    from histotransfer.study import run_study
+    from histotransfer.training import build_model
+
+    seen = []
+    real_finetune = stage.finetune
+
+    def spy(encoder, head, train_bags, val_bags, **kwargs):
+        seen.append(({b.slide_id for b in train_bags}, {b.slide_id for b in val_bags}))
+        return real_finetune(encoder, head, train_bags, val_bags, **kwargs)
+
+    monkeypatch.setattr(stage, "finetune", spy)
+    (tmp_path / "c.yaml").write_text(STUDY.format(out=tmp_path / "study"))
+    config = load_config(tmp_path / "c.yaml")
+    outputs = run_study(config)
+    assert not outputs.errors
+    study = tmp_path / "study"
+    ft_id = "efficientnet_lite0@blocks.1+ft"
+    assert [r.encoder_id for r in outputs.mil] == ["efficientnet_lite0@blocks.1", ft_id]
+    assert len(seen) == 3
+    for k, (train, val) in enumerate(seen):
+        fold = json.loads(
+            (study / "mil" / "efficientnet_lite0@blocks.1" / f"fold{k}" / "history.json").read_text()
+        )
+        assert train == set(fold["train"])
+        assert val == set(fold["val"])
+        assert not (train | val) & set(fold["test"])
+        ft_fold = study / "finetune" / "efficientnet_lite0@blocks.1" / f"fold{k}"
+        # the selection is exactly the top-k attention of this fold's frozen MIL model
+        head = build_model(24, 2, config.mil)
+        head.load_state_dict(
+            torch.load(
+                fold_model := study / "mil" / "efficientnet_lite0@blocks.1" / f"fold{k}" / "model.pt",
+                weights_only=True,
+            )
+        )
+        assert fold_model.is_file()
+        with h5py.File(ft_fold / "selection.h5") as sel:
+            assert set(sel) == set(fold["train"]) | set(fold["val"])
+            for slide_id in sel:
+                with h5py.File(study / "features" / "efficientnet_lite0@blocks.1" / f"{slide_id}.h5") as f:
+                    attention = head(torch.from_numpy(f["features"][:])).attention.detach().numpy()
+                    top = f["coords"][:][np.argsort(-attention, kind="stable")[:3]]
+                np.testing.assert_array_equal(sel[slide_id]["coords"][:], top)
+        # fold k's test slides are encoded by fold k's fine-tuned encoder
+        tuned = build_encoder(ft_id, weights=ft_fold / "encoder.pt")
+        for slide_id in fold["test"]:
+            with h5py.File(study / "features" / ft_id / f"fold{k}" / f"{slide_id}.h5") as f:
+                assert f.attrs["weights_sha256"] == tuned.weights_sha256
+    ft_mil = json.loads((study / "mil" / ft_id / "metrics.json").read_text())
+    assert ft_mil["n_slides"] == 6
+    report = (study / "report" / "summary.md").read_text()
+    assert "## Frozen vs fine-tuned" in report
+    # the per-stage command over the same study reuses every fold's fine-tuning, features and MIL
+    from histotransfer.cli import main
+
+    manifest = study / "cohort" / "manifest.csv"
+    mtime = (study / "mil" / ft_id / "metrics.json").stat().st_mtime_ns
+    args = ["finetune", str(manifest), "--study", str(study), "--encoder", "efficientnet_lite0@blocks.1"]
+    assert main([*args, "--config", str(tmp_path / "c.yaml")]) == 0
+    assert (study / "mil" / ft_id / "metrics.json").stat().st_mtime_ns == mtime
