@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.bags import BagStore
@@ -247,7 +246,3 @@ def save_finetuned(
     summary = {"config_hash": config_hash, "best_epoch": result.best_epoch, "history": result.history}
     summary |= {"finetune": cfg.model_dump(mode="json"), **fold_parts}
     write_text_atomic(out / "history.json", json.dumps(summary, indent=1))
-
-
-def progress(folds, encoder_id: str):
-    return tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True)

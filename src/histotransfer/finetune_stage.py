@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
 from histotransfer.encoders import EncoderId, build_encoder, parse_encoder_id
 from histotransfer.extraction import EngineSettings, extract_cohort
-from histotransfer.finetune import finetune, make_bags, progress, save_finetuned, save_selection
+from histotransfer.finetune import finetune, make_bags, save_finetuned, save_selection
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
 from histotransfer.provenance import config_hash, is_current, sha256_file
@@ -87,7 +88,7 @@ def finetune_study(
     tiles = {r.slide_id: load_tiles(tiles_dir / f"{r.slide_id}.h5") for r in records}
     paths = {r.slide_id: r.path for r in records}
     fold_encoders, extraction = {}, {}
-    for fold in progress(folds, encoder_id):
+    for fold in tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True):
         out = finetune_dir / encoder_id / f"fold{fold.index}"
         head_file = mil_dir / encoder_id / f"fold{fold.index}" / "model.pt"
         expected = config_hash(

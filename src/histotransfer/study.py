@@ -35,10 +35,6 @@ class StudyOutputs:
     mil: list[MILResult] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # encoder id -> why its MIL stage failed
 
-    @property
-    def failures(self) -> dict[str, StageResult]:
-        return {name: result for name, result in self.stages.items() if result.failed}
-
 
 def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     """Run every configured stage under ``config.output_dir``; failed slides are reported, not raised."""
@@ -75,7 +71,9 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     return outputs
 
 
-def _finetune(config, outputs: StudyOutputs, records, encoder_id: str, settings, *, overwrite: bool) -> None:
+def _finetune(
+    config: StudyConfig, outputs: StudyOutputs, records, encoder_id: str, settings, *, overwrite: bool
+) -> None:
     """Fine-tune one encoder in every fold and re-run MIL on its features; failures are recorded."""
     specs = {e.id: e for e in config.extraction.encoders}
     if encoder_id not in specs:
@@ -111,7 +109,13 @@ def _finetune(config, outputs: StudyOutputs, records, encoder_id: str, settings,
 
 
 def _train(
-    config, outputs: StudyOutputs, extracted: StageResult, records, encoder_id: str, *, overwrite: bool
+    config: StudyConfig,
+    outputs: StudyOutputs,
+    extracted: StageResult,
+    records,
+    encoder_id: str,
+    *,
+    overwrite: bool,
 ) -> None:
     """MIL for one encoder on the slides it has features for; a failure is recorded, not raised."""
     failed = {o.slide_id for o in extracted.failed}
