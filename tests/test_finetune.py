@@ -100,6 +100,7 @@ extraction:
   encoders: [{{id: efficientnet_lite0@blocks.1}}]
 mil: {{epochs: 3, folds: 3}}
 finetune: {{encoders: [efficientnet_lite0@blocks.1], k: 3, epochs: 2, lr: 0.0001}}
+cka: {{tiles: 64, batch_size: 16, fold: 1}}
 evaluation: {{bootstrap: 100, heatmaps: 0}}
 """
 
@@ -160,6 +161,11 @@ def test_finetuning_inside_cross_validation_never_sees_the_test_fold(tmp_path, m
     assert ft_mil["n_slides"] == 6
     report = (study / "report" / "summary.md").read_text()
     assert "## Frozen vs fine-tuned" in report
+    assert [p.name for p in outputs.cka] == [f"efficientnet_lite0@blocks.1__{ft_id}-fold1.json"]
+    cka = json.loads(outputs.cka[0].read_text())
+    assert cka["layers_a"] == ["blocks.0", "blocks.1"]
+    assert cka["n_examples"] == 64
+    assert "## CKA: frozen vs fine-tuned" in report
     # the per-stage command over the same study reuses every fold's fine-tuning, features and MIL
     from histotransfer.cli import main
 

@@ -151,6 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for encoder_id, why in outputs.errors.items():
         print(f"  mil {encoder_id} FAILED: {why}", file=sys.stderr)
         status = EXIT_SLIDES_FAILED
+    for path in outputs.cka:
+        print(f"  cka: {path}")
     print(f"  report: {outputs.report} (and summary.md beside it)")
     return status
 
@@ -240,6 +242,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return max(EXIT_OK, *(EXIT_SLIDES_FAILED if r.failed else EXIT_OK for r in result.extraction.values()))
 
 
+def cmd_cka(args: argparse.Namespace) -> int:
+    from histotransfer.cka_stage import compare, sample_tiles, write_cka
+    from histotransfer.encoders import build_encoder
+
+    config = _config(
+        args, {"cka.tiles": args.n_tiles, "cka.batch_size": args.batch_size, "cka.seed": args.seed}
+    )
+    a = build_encoder(args.a, weights=args.weights_a)
+    b = build_encoder(args.b, weights=args.weights_b)
+    tiles = sample_tiles(
+        read_manifest(args.manifest), args.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed
+    )
+    result = compare(a, b, tiles, batch_size=config.cka.batch_size, device=args.device)
+    json_path, png_path = write_cka(args.out, args.name_a or str(a.id), args.name_b or str(b.id), result)
+    print(f"cka {a.id} vs {b.id} on {result.n_examples} tiles: {json_path} and {png_path}")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from histotransfer.mil_stage import MILResult
     from histotransfer.report import write_report
@@ -251,7 +271,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    path = write_report(results, report_dir=args.study / "report", tiles_dir=args.study / "tiles")
+    cka = sorted((args.study / "cka").glob("*.json"))
+    path = write_report(results, report_dir=args.study / "report", tiles_dir=args.study / "tiles", cka=cka)
     print(f"report: {path}")
     return EXIT_OK
 
@@ -342,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("cka", help="layer-by-layer CKA of two encoders on the same tiles")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--tiles", type=Path, required=True)
+    p.add_argument("--a", required=True, help="encoder id")
+    p.add_argument("--b", required=True, help="encoder id (e.g. resnet18+ft with --weights-b FILE)")
+    p.add_argument("--weights-a")
+    p.add_argument("--weights-b")
+    p.add_argument("--name-a", help="name in the output file (default: the id)")
+    p.add_argument("--name-b")
+    p.add_argument("--out", type=Path, required=True, help="cka folder; writes OUT/A__B.json and .png")
+    p.add_argument("--n-tiles", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu")
+    add_config(p)
+    p.set_defaults(func=cmd_cka)
 
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
     p.add_argument("study", type=Path, help="the study's output_dir")

@@ -141,6 +141,15 @@ class FinetuneConfig(_Section):
         return [str(parse_encoder_id(v)) for v in value]
 
 
+class CKAConfig(_Section):
+    """Frozen vs fine-tuned representations, layer by layer (runs for every fine-tuned encoder)."""
+
+    tiles: int = Field(256, ge=8, description="tiles sampled from the cohort's tiles files")
+    batch_size: int = Field(64, ge=4, description="minibatch of the unbiased-HSIC estimator")
+    fold: int = Field(0, ge=0, description="which fold's fine-tuned encoder to compare")
+    seed: int = 0
+
+
 class EvaluationConfig(_Section):
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for confidence intervals")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
@@ -158,6 +167,7 @@ class StudyConfig(_Section):
     extraction: ExtractionConfig = ExtractionConfig()
     mil: MILConfig = MILConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    cka: CKAConfig = CKAConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")

@@ -165,6 +165,19 @@ class PatchEncoder(nn.Module):
         return x.mean(dim=(2, 3))  # (n, dim)
 
 
+def block_modules(model: nn.Module, arch: str) -> dict[str, nn.Module]:
+    """The blocks (cut points) a built network still has, in forward order, by cut-point name."""
+    path = trunk_path(model, ARCHS[arch])
+    if path is None:
+        raise ValueError(f"{arch} is not a chain of blocks: it has no named layers to compare")
+    blocks = {}
+    for p in path:
+        module = model.get_submodule(p)
+        if _cut_name(p) not in STEM_MODULES and not isinstance(module, nn.Identity):
+            blocks[_cut_name(p)] = module
+    return blocks
+
+
 def leading_modules(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Module]:
     """The stem and the first ``n_blocks`` cut-point blocks of a trunk: what "freeze N blocks" freezes."""
     path = trunk_path(model, ARCHS[arch])

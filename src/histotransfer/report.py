@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -207,8 +208,35 @@ STYLE = (
 )
 
 
+def _cka_section(report_dir: Path, files: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """HTML parts and markdown lines: each frozen vs fine-tuned CKA heatmap and its diagonal."""
+    parts, md = ["<h2>CKA: frozen vs fine-tuned</h2>"], ["", "## CKA: frozen vs fine-tuned", ""]
+    for path in files:
+        data = json.loads(Path(path).read_text())
+        matrix = np.array(data["matrix"])
+        same = [n for n in data["layers_a"] if n in data["layers_b"]]
+        diagonal = {n: matrix[data["layers_a"].index(n), data["layers_b"].index(n)] for n in same}
+        parts.append(
+            _figure(_link(report_dir, Path(path).with_suffix(".png")), f"{data['a']} vs {data['b']}")
+        )
+        cells = "".join(f"<td>{html.escape(n)}: {v:.3f}</td>" for n, v in diagonal.items())
+        parts.append(
+            f"<p>Same layer before vs after ({data['n_examples']} tiles):</p><table><tr>{cells}</tr></table>"
+        )
+        md.append(
+            f"{data['a']} vs {data['b']} ({data['n_examples']} tiles), same layer: "
+            + ", ".join(f"{n} {v:.3f}" for n, v in diagonal.items())
+        )
+    return parts, md
+
+
 def write_report(
-    results: Sequence[MILResult], *, report_dir: Path, tiles_dir: Path, title: str = "HistoTransfer study"
+    results: Sequence[MILResult],
+    *,
+    report_dir: Path,
+    tiles_dir: Path,
+    title: str = "HistoTransfer study",
+    cka: Sequence[Path] = (),
 ) -> Path:
     """Write index.html and summary.md under ``report_dir``; returns the HTML path."""
     report_dir = Path(report_dir)
@@ -248,6 +276,11 @@ def write_report(
     if pairs:
         parts += ["<h2>Frozen vs fine-tuned</h2>", _pairs_table(pairs)]
         md += ["", "## Frozen vs fine-tuned", "", _pairs_markdown(pairs)]
+        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+    if cka:
+        cka_parts, cka_md = _cka_section(report_dir, cka)
+        parts += cka_parts
+        md += cka_md
         write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
     if has_truncation:
         parts += ["<h2>Truncation</h2>", '<img src="figures/truncation.png" alt="truncation curve">']

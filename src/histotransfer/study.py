@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from histotransfer.bags import FeaturesError
+from histotransfer.cka_stage import compare, sample_tiles, write_cka
 from histotransfer.config import StudyConfig
 from histotransfer.encoders import build_encoder
 from histotransfer.extraction import extract_cohort, settings_from
@@ -34,6 +35,7 @@ class StudyOutputs:
     stages: dict[str, StageResult] = field(default_factory=dict)
     mil: list[MILResult] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # encoder id -> why its MIL stage failed
+    cka: list[Path] = field(default_factory=list)  # cka/{a}__{b}.json files
 
 
 def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
@@ -67,7 +69,9 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         _train(config, outputs, extracted, with_tiles, str(encoder.id), overwrite=overwrite)
     for encoder_id in config.finetune.encoders:
         _finetune(config, outputs, with_tiles, encoder_id, settings, overwrite=overwrite)
-    outputs.report = write_report(outputs.mil, report_dir=out / "report", tiles_dir=outputs.tiles_dir)
+    outputs.report = write_report(
+        outputs.mil, report_dir=out / "report", tiles_dir=outputs.tiles_dir, cka=outputs.cka
+    )
     return outputs
 
 
@@ -106,6 +110,17 @@ def _finetune(
     for fold, stage in result.extraction.items():
         outputs.stages[f"extract {result.finetuned_id} fold{fold}"] = stage
     outputs.mil.append(result.mil)
+    fold = config.cka.fold
+    if fold not in result.fold_encoders:
+        outputs.errors[f"{encoder_id} (cka)"] = f"cka.fold {fold} is not a fold of this study"
+        return
+    frozen = build_encoder(encoder_id, weights=specs[encoder_id].weights)
+    tuned = build_encoder(result.finetuned_id, weights=result.fold_encoders[fold])
+    tiles = sample_tiles(records, outputs.tiles_dir, n_tiles=config.cka.tiles, seed=config.cka.seed)
+    cka = compare(frozen, tuned, tiles, batch_size=config.cka.batch_size, device=str(settings.device))
+    outputs.cka.append(
+        write_cka(outputs.mil_dir.parent / "cka", encoder_id, f"{result.finetuned_id}-fold{fold}", cka)[0]
+    )
 
 
 def _train(

@@ -1,0 +1,121 @@
+"""Layer-by-layer CKA between two encoders on the same tiles: ``cka/{a}__{b}.json`` and a heatmap."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+from tqdm.auto import tqdm
+
+from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.cka import MinibatchCKA
+from histotransfer.encoders import Encoder, block_modules
+from histotransfer.extraction import TileReader
+from histotransfer.manifest import SlideRecord
+from histotransfer.slides import local_slide_path
+from histotransfer.tiling import load_tiles
+
+
+@dataclass(frozen=True)
+class CKAResult:
+    matrix: np.ndarray  # (layers_a, layers_b)
+    layers_a: list[str]
+    layers_b: list[str]
+    n_examples: int
+
+
+def sample_tiles(
+    records: Sequence[SlideRecord], tiles_dir: Path, *, n_tiles: int, seed: int
+) -> ConcatDataset:
+    """``n_tiles`` tiles drawn uniformly from all tiles of the cohort (seeded), read on the fly."""
+    readers = [
+        TileReader(local_slide_path(r.path), load_tiles(Path(tiles_dir) / f"{r.slide_id}.h5"))
+        for r in records
+    ]
+    sizes = np.array([len(r) for r in readers])
+    n_tiles = min(n_tiles, int(sizes.sum()))
+    picks = np.sort(np.random.default_rng(seed).choice(int(sizes.sum()), size=n_tiles, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for i, reader in enumerate(readers):
+        local = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
+        if len(local):
+            parts.append(Subset(reader, local.tolist()))
+    return ConcatDataset(parts)
+
+
+class _Recorder:
+    """Forward hooks that keep each named block's output, globally average-pooled: (batch, channels)."""
+
+    def __init__(self, blocks: dict[str, torch.nn.Module]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in blocks.items()]
+
+    def _hook(self, name):
+        def hook(_module, _inputs, output):
+            self.outputs[name] = output.float().mean(dim=(2, 3)) if output.ndim == 4 else output.float()
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def compare(
+    a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, device: str = "cpu"
+) -> CKAResult:
+    """The layers x layers linear CKA matrix of two encoders on the same tiles (minibatch, unbiased)."""
+    blocks_a, blocks_b = block_modules(a.module.model, a.id.arch), block_modules(b.module.model, b.id.arch)
+    estimator = MinibatchCKA(len(blocks_a), len(blocks_b))
+    rec_a, rec_b = _Recorder(blocks_a), _Recorder(blocks_b)
+    module_a, module_b = a.module.to(device).eval(), b.module.to(device).eval()
+    loader = DataLoader(tiles, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=0)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="cka", unit="batch", leave=False):
+                x = batch.to(device)
+                module_a(x)
+                module_b(x)
+                estimator.update(
+                    [rec_a.outputs[n].cpu() for n in blocks_a], [rec_b.outputs[n].cpu() for n in blocks_b]
+                )
+    finally:
+        rec_a.close()
+        rec_b.close()
+    return CKAResult(estimator.value(), list(blocks_a), list(blocks_b), estimator.examples)
+
+
+def write_cka(out_dir: Path, name_a: str, name_b: str, result: CKAResult) -> tuple[Path, Path]:
+    """``{out_dir}/{a}__{b}.json`` (matrix, layer names, sample size, method) and ``.png`` heatmap."""
+    stem = f"{name_a}__{name_b}"
+    payload = {
+        "a": name_a,
+        "b": name_b,
+        "layers_a": result.layers_a,
+        "layers_b": result.layers_b,
+        "matrix": result.matrix.round(6).tolist(),
+        "n_examples": result.n_examples,
+        "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021), GAP per layer",
+    }
+    json_path = write_text_atomic(Path(out_dir) / f"{stem}.json", json.dumps(payload, indent=1))
+    fig = Figure(figsize=(1.2 + 0.55 * len(result.layers_b), 1.0 + 0.5 * len(result.layers_a)), dpi=110)
+    ax = fig.subplots()
+    image = ax.imshow(result.matrix, vmin=0, vmax=1, cmap="magma", origin="upper")
+    ax.set_xticks(range(len(result.layers_b)), result.layers_b, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(result.layers_a)), result.layers_a, fontsize=7)
+    ax.set(xlabel=name_b, ylabel=name_a, title="linear CKA")
+    for (i, j), v in np.ndenumerate(result.matrix):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    png_path = Path(out_dir) / f"{stem}.png"
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return json_path, png_path
