@@ -33,7 +33,7 @@ from histotransfer.onnx_export import export_encoder, ort_session, run_session
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.slides import SlideError, local_slide_path, open_slide, read_rgb
-from histotransfer.tiling import TileSet, load_tiles
+from histotransfer.tiling import TileSet, load_tiles, tiles_config_hash
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -287,8 +287,7 @@ def extract_cohort(
     runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:
-        path = tiles_dir / f"{record.slide_id}.h5"
-        tiles_hash = load_tiles(path).config_hash if path.is_file() else "missing"
+        tiles_hash = tiles_config_hash(tiles_dir / f"{record.slide_id}.h5") or "missing"
         return config_hash(_extract_config(encoder, tiles_hash, settings.precision))
 
     def work(record: SlideRecord) -> dict[str, Any]:

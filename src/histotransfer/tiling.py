@@ -224,6 +224,14 @@ def load_tiles(path: Path) -> TileSet:
         )
 
 
+def tiles_config_hash(path: Path) -> str | None:
+    """The config hash a tiles file records (None when there is no file): reads attributes only."""
+    if not Path(path).is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["config_hash"])
+
+
 def tiles_stats(path: Path) -> dict[str, Any]:
     tiles = load_tiles(path)
     return {"n_tiles": len(tiles.coords), "read_level": tiles.read_level, "slide_mpp": tiles.slide_mpp}
