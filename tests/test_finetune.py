@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from histotransfer.config import FinetuneConfig, TilingConfig
-from histotransfer.encoders import build_encoder
+from histotransfer.encoders import build_encoder, parse_encoder_id
 from histotransfer.finetune import Bag, EncoderWithHead, finetune, select_tiles
 from histotransfer.manifest import read_manifest
 from histotransfer.mil import AttentionMIL
@@ -25,6 +25,18 @@ def test_top_k_picks_exactly_the_highest_attention():
     assert random.tolist() == select_tiles(attention, 3, mode="random", rng=np.random.default_rng(0)).tolist()
     with pytest.raises(ValueError, match="selection must be attention or random"):
         select_tiles(attention, 3, mode="best")
+
+
+@pytest.mark.parametrize(
+    ("frozen", "tuned"),
+    [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet-ft")],
+)
+def test_finetuned_encoder_ids(frozen, tuned):
+    from histotransfer.finetune_stage import finetuned_id
+    from histotransfer.report import family
+
+    assert finetuned_id(frozen) == tuned
+    assert family(parse_encoder_id(tuned)).startswith("fine-tuned")
 
 
 def _bn_modules(model):

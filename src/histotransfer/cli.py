@@ -199,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from histotransfer.encoders import build_encoder
     from histotransfer.extraction import settings_from
     from histotransfer.finetune_stage import finetune_study
     from histotransfer.mil_stage import LesionMasks
@@ -221,8 +222,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     study = args.study
     result = finetune_study(
         read_manifest(args.manifest),
-        encoder_id=args.encoder,
-        weights=args.weights,
+        encoder=build_encoder(args.encoder, weights=args.weights),
         features_dir=study / "features",
         tiles_dir=study / "tiles",
         mil_dir=study / "mil",

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
-from histotransfer.encoders import EncoderId, build_encoder, parse_encoder_id
+from histotransfer.encoders import Encoder, EncoderId, build_encoder, parse_encoder_id
 from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.finetune import finetune, make_bags, save_finetuned, save_selection
 from histotransfer.manifest import SlideRecord
@@ -39,12 +39,9 @@ class FinetuneOutputs:
 
 
 def finetuned_id(encoder_id: str) -> str:
+    """``resnet18@layer3`` -> ``resnet18@layer3+ft``; ``densenet121+kimianet`` -> ``...+kimianet-ft``."""
     enc = parse_encoder_id(encoder_id)
-    if enc.tag not in (None,):
-        raise ValueError(
-            f"{encoder_id}: fine-tuning starts from default pretrained weights (no +tag) in this study"
-        )
-    return str(EncoderId(enc.arch, enc.cut, FT_TAG))
+    return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}-{FT_TAG}" if enc.tag else FT_TAG))
 
 
 def _frozen_folds(mil_dir: Path, records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
@@ -66,8 +63,7 @@ def _frozen_folds(mil_dir: Path, records: Sequence[SlideRecord], mil: MILConfig)
 def finetune_study(
     records: Sequence[SlideRecord],
     *,
-    encoder_id: str,
-    weights: str | None,
+    encoder: Encoder,
     features_dir: Path,
     tiles_dir: Path,
     mil_dir: Path,
@@ -79,12 +75,12 @@ def finetune_study(
     lesion_masks: LesionMasks | None,
     overwrite: bool = False,
 ) -> FinetuneOutputs:
-    """Fine-tune ``encoder_id`` in every fold of its frozen MIL run, re-extract, re-run MIL."""
+    """Fine-tune ``encoder`` in every fold of its frozen MIL run, re-extract, re-run MIL."""
+    encoder_id = str(encoder.id)
     ft_id = finetuned_id(encoder_id)
     classes = sorted({r.label for r in records})
     store = BagStore(records, features_dir / encoder_id, classes=classes, tiles_dir=tiles_dir)
     folds = _frozen_folds(mil_dir / encoder_id, records, mil)
-    encoder = build_encoder(encoder_id, weights=weights)
     tiles = {r.slide_id: load_tiles(tiles_dir / f"{r.slide_id}.h5") for r in records}
     paths = {r.slide_id: r.path for r in records}
     fold_encoders, extraction = {}, {}

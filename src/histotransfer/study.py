@@ -88,10 +88,10 @@ def _finetune(
         return
     failed = {o.slide_id for o in outputs.stages[f"extract {encoder_id}"].failed}
     try:
+        frozen = build_encoder(encoder_id, weights=specs[encoder_id].weights)
         result = finetune_study(
             [r for r in records if r.slide_id not in failed],
-            encoder_id=encoder_id,
-            weights=specs[encoder_id].weights,
+            encoder=frozen,
             features_dir=outputs.features_dir,
             tiles_dir=outputs.tiles_dir,
             mil_dir=outputs.mil_dir,
@@ -114,7 +114,6 @@ def _finetune(
     if fold not in result.fold_encoders:
         outputs.errors[f"{encoder_id} (cka)"] = f"cka.fold {fold} is not a fold of this study"
         return
-    frozen = build_encoder(encoder_id, weights=specs[encoder_id].weights)
     tuned = build_encoder(result.finetuned_id, weights=result.fold_encoders[fold])
     tiles = sample_tiles(records, outputs.tiles_dir, n_tiles=config.cka.tiles, seed=config.cka.seed)
     cka = compare(frozen, tuned, tiles, batch_size=config.cka.batch_size, device=str(settings.device))
