@@ -208,17 +208,13 @@ def train_mil(
         _save_fold(out, fold_model)
         fold_preds = predict(fold_model.model, store, fold.test, fold.index)
         preds += fold_preds
-        y = np.array([p.label for p in fold_preds])
-        probs = np.stack([p.probs for p in fold_preds])
-        metrics = with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=mil.seed)
+        _, _, metrics = _evaluate(fold_preds, evaluation, seed=mil.seed)
         per_fold.append(
             {"fold": fold.index, "n_test": len(fold.test), "best_epoch": fold_model.best_epoch, **metrics}
         )
     preds.sort(key=lambda p: p.slide_id)
     _write_predictions(out / "predictions.csv", preds, classes)
-    y = np.array([p.label for p in preds])
-    probs = np.stack([p.probs for p in preds])
-    pooled = with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=mil.seed)
+    y, probs, pooled = _evaluate(preds, evaluation, seed=mil.seed)
     localisation = _attention_outputs(
         records, preds, store_for, out, tiles_dir, lesion_masks, evaluation, classes
     )
@@ -233,14 +229,19 @@ def train_mil(
         "classes": classes,
         "n_slides": len(preds),
         "folds": per_fold,
-        "fold_summary": fold_summary(
-            [{m: f[m] for m in ("auc", "accuracy", "balanced_accuracy", "f1")} for f in per_fold]
-        ),
+        "fold_summary": fold_summary(per_fold),
         "pooled": pooled,
         "localisation": localisation,
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     return MILResult(encoder_id, out, metrics, reused=False)
+
+
+def _evaluate(preds: Sequence[SlidePrediction], evaluation: EvaluationConfig, *, seed: int):
+    """Labels (n,), probabilities (n, classes) and metrics with CIs of a set of predictions."""
+    y = np.array([p.label for p in preds])
+    probs = np.stack([p.probs for p in preds])
+    return y, probs, with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=seed)
 
 
 def _attention_outputs(
@@ -249,8 +250,9 @@ def _attention_outputs(
     """Attention files for every slide; heatmaps for some; localisation AUROC on positive slides."""
     by_id = {r.slide_id: r for r in records}
     scores: dict[str, float] = {}
-    positives = [p for p in preds if p.label == len(classes) - 1]
-    ranked = sorted(positives, key=lambda p: -p.probs[-1]) + [p for p in preds if p not in positives]
+    positive = len(classes) - 1
+    # heatmaps: positive slides, most confident first, then the others in slide order (sort is stable)
+    ranked = sorted(preds, key=lambda p: (p.label != positive, -p.probs[-1] if p.label == positive else 0))
     draw = {p.slide_id for p in ranked[: evaluation.heatmaps]}
     for pred in preds:
         coords = store_for(pred.fold).coords(pred.slide_id)
@@ -266,7 +268,7 @@ def _attention_outputs(
                 patch_size_level0=patch_lv0,
                 out=out / "heatmaps" / f"{pred.slide_id}.png",
             )
-        if lesion_masks is not None and pred in positives:
+        if lesion_masks is not None and pred.label == positive:
             lesion = lesion_masks.tile_labels(
                 pred.slide_id, coords, patch_lv0, evaluation.lesion_tile_fraction
             )
