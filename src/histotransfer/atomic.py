@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,3 +38,29 @@ def write_text_atomic(final: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; swap it in for ``final`` when the block succeeds.
+
+    Readers see the old folder or the complete new one, never a mix: the old one is renamed aside,
+    the staged one renamed into place, then the old one deleted. On an exception the staging folder is
+    removed and ``final`` is untouched. Leftovers of a killed process are removed first.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    token = uuid.uuid4().hex[:8]
+    staging = final.with_name(f".{final.name}.{token}.partial")
+    staging.mkdir()
+    try:
+        yield staging
+        old = final.with_name(f".{final.name}.{token}.old.partial")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

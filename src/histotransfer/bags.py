@@ -10,11 +10,8 @@ import h5py
 import numpy as np
 import torch
 
+from histotransfer.errors import FeaturesError
 from histotransfer.manifest import SlideRecord
-
-
-class FeaturesError(ValueError):
-    """Feature files are missing or inconsistent; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from histotransfer import __version__
-from histotransfer.assets import AssetError
-from histotransfer.bags import FeaturesError
-from histotransfer.config import ConfigError, StudyConfig, load_config
-from histotransfer.manifest import ManifestError, read_manifest
+from histotransfer.config import StudyConfig, load_config
+from histotransfer.errors import (
+    AssetError,
+    BundleError,
+    ConfigError,
+    ExportError,
+    FeaturesError,
+    ManifestError,
+    SplitError,
+    TrainingError,
+    WeightsError,
+)
+from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
-from histotransfer.splits import SplitError
-from histotransfer.training import TrainingError
-from histotransfer.weights import WeightsError
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -153,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = EXIT_SLIDES_FAILED
     for path in outputs.cka:
         print(f"  cka: {path}")
+    if outputs.bundle is not None:
+        print(f"  onnx bundle: {outputs.bundle} (histotransfer predict SLIDES --bundle {outputs.bundle} ...)")
     print(f"  report: {outputs.report} (and summary.md beside it)")
     return status
 
@@ -272,9 +280,61 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
         return EXIT_BAD_INPUT
     cka = sorted((args.study / "cka").glob("*.json"))
-    path = write_report(results, report_dir=args.study / "report", tiles_dir=args.study / "tiles", cka=cka)
+    bundle = args.bundle or args.study / "onnx" / "best"
+    path = write_report(
+        results,
+        report_dir=args.study / "report",
+        tiles_dir=args.study / "tiles",
+        cka=cka,
+        bundle=bundle if (bundle / "bundle.json").is_file() else None,
+    )
     print(f"report: {path}")
     return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from histotransfer.export import export_study_model
+
+    result = export_study_model(
+        args.mil,
+        out=args.out,
+        weights=args.weights,
+        fold=args.fold,
+        tiles_dir=args.tiles,
+        fp16=args.fp16,
+        overwrite=args.overwrite,
+        expect_encoder=args.encoder,
+    )
+    spec = result.spec
+    reused = " (reused)" if result.reused else ""
+    print(f"bundle {result.path}{reused}: {spec.encoder.id}, MIL head of fold {spec.aggregator.fold}")
+    for name, parity in spec.parity.items():
+        print(f"  {name} parity vs torch: max rel {parity.max_rel:.2e} (tolerance {parity.tolerance:g})")
+    print(
+        f"  tiles {spec.tiling.patch_size_px} px at {spec.tiling.target_mpp:g} um/px; classes {spec.classes}"
+    )
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy (tests/test_export.py checks)
+    from histotransfer.bundle import load_bundle
+    from histotransfer.predict import predict_cohort, slides_to_classify
+
+    bundle = load_bundle(args.bundle, threads=args.threads)
+    records = slides_to_classify(args.slides, mpp=args.mpp)
+    spec = bundle.spec
+    print(f"bundle {bundle.path}: {spec.encoder.id}, classes {spec.classes}, on {bundle.providers[0]}")
+    result = predict_cohort(
+        records,
+        bundle,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        readers=args.readers,
+        heatmaps=not args.no_heatmaps,
+        overwrite=args.overwrite,
+    )
+    return _report(result, "predictions", args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,8 +441,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.set_defaults(func=cmd_cka)
 
+    p = sub.add_parser(
+        "export", help="export a MIL result (one fold's head and its encoder) as an ONNX bundle"
+    )
+    p.add_argument("--mil", type=Path, required=True, help="the MIL result folder: STUDY/mil/ENCODER_ID")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. STUDY/onnx/NAME")
+    p.add_argument("--encoder", help="the encoder id (checked against the MIL result; default: its id)")
+    p.add_argument("--weights", help="the encoder's weights as given to extract (fine-tuned: found per fold)")
+    p.add_argument("--fold", type=int, help="default: the fold with the lowest validation loss")
+    p.add_argument("--tiles", type=Path, help="the study's tiles folder (default: STUDY/tiles)")
+    p.add_argument("--fp16", action="store_true", help="float16 encoder for GPUs")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="classify slides with an ONNX bundle (ONNX Runtime only, no torch)")
+    p.add_argument("slides", help="a slide file, a gs:// URI or a manifest CSV (label column optional)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder from `histotransfer export`")
+    p.add_argument(
+        "--out", type=Path, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
+    )
+    p.add_argument("--mpp", type=float, help="um/px of a single slide that records no resolution")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--readers", type=int, help="tile reader threads (default: one per core, max 8)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--no-heatmaps", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
     p.add_argument("study", type=Path, help="the study's output_dir")
+    p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: STUDY/onnx/best if any)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("encoders", help="list architectures, cut points and default weights")
@@ -402,9 +490,21 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # the ONNX exporter logs every optimisation pass at INFO
+        for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, AssetError, WeightsError, FeaturesError, SplitError) as exc:
+    except (
+        ConfigError,
+        ManifestError,
+        AssetError,
+        WeightsError,
+        FeaturesError,
+        SplitError,
+        BundleError,
+        ExportError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as exc:

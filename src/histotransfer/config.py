@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from histotransfer.errors import ConfigError
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -150,6 +152,15 @@ class CKAConfig(_Section):
     seed: int = 0
 
 
+class ExportConfig(_Section):
+    """The deployable model `run` exports: the best encoder of the study with one fold's MIL head."""
+
+    enabled: bool = True
+    name: str = Field("best", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", description="writes onnx/NAME/")
+    fold: int | None = Field(None, ge=0, description="None: the fold with the lowest validation loss")
+    fp16: bool = Field(False, description="float16 encoder for GPUs (parity tolerance 1e-2)")
+
+
 class EvaluationConfig(_Section):
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples for confidence intervals")
     ci: float = Field(0.95, gt=0.5, lt=1.0)
@@ -164,10 +175,11 @@ class StudyConfig(_Section):
     manifest: Path | None = Field(None, description="cohort manifest; None: use the sample cohort")
     sample_data: SampleDataConfig = SampleDataConfig()
     tiling: TilingConfig = TilingConfig()
-    extraction: ExtractionConfig = ExtractionConfig()
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)  # lazy: ids import torch
     mil: MILConfig = MILConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     cka: CKAConfig = CKAConfig()
+    export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
@@ -175,10 +187,6 @@ class StudyConfig(_Section):
         if self.manifest is None and not self.sample_data.enabled:
             raise ValueError("set `manifest` to your cohort's CSV, or enable `sample_data`")
         return self
-
-
-class ConfigError(ValueError):
-    """A config file is unreadable or invalid; the message names the key and the problem."""
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

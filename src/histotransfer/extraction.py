@@ -20,20 +20,21 @@ import h5py
 import numpy as np
 import openslide
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
+from histotransfer.bundle import session as ort_session
 from histotransfer.config import ExtractionConfig
 from histotransfer.encoders import Encoder
+from histotransfer.errors import ExportError
 from histotransfer.manifest import SlideRecord
-from histotransfer.onnx_export import export_encoder, ort_session, run_session
+from histotransfer.onnx_export import TOLERANCE, encoder_parity, export_encoder, run_session
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.slides import SlideError, local_slide_path, open_slide, read_rgb
-from histotransfer.tiling import TileSet, load_tiles, tiles_config_hash
+from histotransfer.slides import SlideError, local_slide_path, open_slide
+from histotransfer.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,19 +57,7 @@ class TileReader(Dataset):
         return self._slide
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        t = self.tiles
-        size, (x, y) = t.read_size_px, t.coords[index]
-        try:
-            rgb = read_rgb(self._handle(), (x, y), t.read_level, (size, size))  # (s, s, 3)
-        except openslide.OpenSlideError as exc:
-            raise SlideError(
-                f"{self.slide_path}: cannot read the tile at ({x}, {y}) level {t.read_level}: {exc}"
-            ) from exc
-        if size != t.patch_size_px:
-            resized = Image.fromarray(rgb).resize(
-                (t.patch_size_px, t.patch_size_px), Image.Resampling.BILINEAR
-            )
-            rgb = np.array(resized)  # a writable copy: torch wraps it without copying again
+        rgb = read_tile(self._handle(), self.tiles, index)  # (p, p, 3) uint8
         return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, p, p) uint8
 
 
@@ -162,7 +151,7 @@ class TorchRunner:
 class OrtRunner:
     """Batches through ONNX Runtime: the encoder is exported once per tile size, cached by weights."""
 
-    parity_rtol = 1e-4
+    parity_rtol = TOLERANCE["fp32"]
 
     def __init__(self, encoder: Encoder, settings: EngineSettings):
         self.encoder = encoder
@@ -179,23 +168,16 @@ class OrtRunner:
             if not path.is_file():
                 export_encoder(enc, path, tile_px=tile_px)
             session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
-            self._check_parity(session, tile_px, path)
+            self._check_parity(tile_px, path)
             self._sessions[tile_px] = session
         return self._sessions[tile_px]
 
-    def _check_parity(self, session, tile_px: int, path: Path) -> None:
-        probe = torch.randint(
-            0, 256, (2, 3, tile_px, tile_px), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-        )
-        with torch.inference_mode():
-            expected = self.encoder.module.cpu()(probe).numpy()
-        got = run_session(session, probe.numpy())
-        error = float(np.abs(got - expected).max() / (np.abs(expected).max() + 1e-12))
-        if not error <= self.parity_rtol:
-            raise RuntimeError(
-                f"ONNX export of {self.encoder.id} disagrees with torch (relative error {error:.2e} > "
-                f"{self.parity_rtol:g}; {path}); use backend torch for this encoder"
-            )
+    def _check_parity(self, tile_px: int, path: Path) -> None:
+        probe = np.random.default_rng(0).integers(0, 256, (2, 3, tile_px, tile_px), dtype=np.uint8)
+        try:
+            encoder_parity(self.encoder, path, [probe], tolerance=self.parity_rtol)
+        except ExportError as exc:
+            raise ExportError(f"{exc}; use backend torch for this encoder") from exc
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
         tiles = np.ascontiguousarray(batch.numpy())

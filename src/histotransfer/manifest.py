@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histotransfer.atomic import atomic_path
+from histotransfer.errors import ManifestError
 from histotransfer.storage import StorageError, is_gcs_uri, parse_gcs_uri
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
 SPLITS = ("train", "val", "test")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-
-
-class ManifestError(ValueError):
-    """The manifest is unusable; the message lists every problem with its line number."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ def check_slide_id(slide_id: str) -> str | None:
 
 
 def _parse_row(
-    row: dict[str, str], line: int, base: Path, seen: dict[str, int]
+    row: dict[str, str], line: int, base: Path, seen: dict[str, int], *, labels: bool = True
 ) -> tuple[SlideRecord | None, list[str]]:
     problems: list[str] = []
     slide_id = (row.get("slide_id") or "").strip()
@@ -59,7 +56,7 @@ def _parse_row(
     else:
         seen[slide_id] = line
     label = (row.get("label") or "").strip()
-    if not label:
+    if labels and not label:
         problems.append("label is empty")
     raw_path = (row.get("path") or "").strip()
     path = raw_path
@@ -94,26 +91,30 @@ def _parse_row(
     return SlideRecord(slide_id, path, label, patient_id, mpp, split, line), []
 
 
-def read_manifest(path: str | Path) -> list[SlideRecord]:
-    """Parse and validate a manifest; raise ManifestError listing every problem by line."""
+def read_manifest(path: str | Path, *, labels: bool = True) -> list[SlideRecord]:
+    """Parse and validate a manifest; raise ManifestError listing every problem by line.
+
+    ``labels=False`` (slides to classify): the ``label`` column is optional and may be empty.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found")
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        required = REQUIRED_COLUMNS if labels else tuple(c for c in REQUIRED_COLUMNS if c != "label")
+        missing = [c for c in required if c not in columns]
         if missing:
             raise ManifestError(
                 f"manifest {path} lacks required column(s) {', '.join(missing)}; "
-                f"found {', '.join(columns) or 'no header'}; required: {', '.join(REQUIRED_COLUMNS)}"
+                f"found {', '.join(columns) or 'no header'}; required: {', '.join(required)}"
             )
         reader.fieldnames = columns
         records: list[SlideRecord] = []
         errors: list[str] = []
         seen: dict[str, int] = {}
         for line_no, row in enumerate(reader, start=2):
-            record, problems = _parse_row(row, line_no, path.parent, seen)
+            record, problems = _parse_row(row, line_no, path.parent, seen, labels=labels)
             errors += [f"{path} line {line_no}: {p}" for p in problems]
             if record:
                 records.append(record)

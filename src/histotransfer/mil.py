@@ -71,3 +71,24 @@ class AttentionMIL(nn.Module):
             self.patch_classifier(h) if self.patch_classifier is not None else None
         )  # (n_tiles, n_classes)
         return MILOutput(self.classifier(pooled), attention, patch)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> AttentionMIL:
+        """The head a saved ``state_dict`` came from: sizes from its shapes, variants from its layers."""
+        try:
+            h1, in_dim = state["embed.0.weight"].shape
+            h2 = state["embed.3.weight"].shape[0]
+            attention_dim = state["attention_w.weight"].shape[1]
+            n_classes = state["classifier.weight"].shape[0]
+        except (KeyError, AttributeError, ValueError) as exc:
+            raise ValueError(f"not an attention-MIL state_dict (missing or odd {exc})") from exc
+        model = cls(
+            in_dim,
+            n_classes,
+            hidden_dims=(h1, h2),
+            attention_dim=attention_dim,
+            attention="gated" if "attention_u.0.weight" in state else "paper",
+            patch_head="patch_classifier.weight" in state,
+        )
+        model.load_state_dict(state)  # strict: any other key is an error
+        return model.eval()

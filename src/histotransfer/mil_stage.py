@@ -81,6 +81,19 @@ class MILResult:
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
+    def rank_key(self) -> tuple[float, float, float]:
+        """Sort key, best first: pooled AUC, then balanced accuracy, then attention localisation."""
+
+        def value(x: float | None) -> float:
+            return -(x if x is not None else -1.0)
+
+        pooled = self.metrics["pooled"]
+        return (
+            value(pooled["auc"]["value"]),
+            value(pooled["balanced_accuracy"]["value"]),
+            value(self.metrics["localisation"]["mean_auroc"]),
+        )
+
 
 def _stage_config(
     records, stores: Sequence[BagStore], mil: MILConfig, evaluation: EvaluationConfig

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.bundle import read_spec
 from histotransfer.encoders import RANDOM, EncoderId, list_cut_points, parse_encoder_id
 from histotransfer.mil_stage import MILResult, plot_roc, roc_points
 
@@ -71,12 +72,6 @@ def _rows(results: Sequence[MILResult]) -> list[dict[str, str]]:
             }
         )
     return rows
-
-
-def _sort_key(r: MILResult) -> tuple[float, float]:
-    auc = r.metrics["pooled"]["auc"]["value"]
-    loc = r.metrics["localisation"]["mean_auroc"]
-    return (-(auc if auc is not None else -1), -(loc if loc is not None else -1))
 
 
 def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
@@ -230,6 +225,26 @@ def _cka_section(report_dir: Path, files: Sequence[Path]) -> tuple[list[str], li
     return parts, md
 
 
+def _bundle_section(report_dir: Path, bundle: Path) -> tuple[list[str], list[str]]:
+    """HTML parts and markdown lines describing the exported ONNX bundle, with a link to it."""
+    spec = read_spec(bundle)
+    parity = ", ".join(f"{k} {v.max_rel:.1e}" for k, v in spec.parity.items())
+    facts = (
+        f"{spec.encoder.id} ({spec.encoder.precision}) with the MIL head of fold {spec.aggregator.fold}; "
+        f"tiles of {spec.tiling.patch_size_px} px at {spec.tiling.target_mpp:g} um/px; "
+        f"classes {', '.join(spec.classes)}; ONNX vs torch relative error: {parity}"
+    )
+    command = f"histotransfer predict SLIDE_OR_MANIFEST --bundle {bundle} --out predictions/"
+    link = _link(report_dir, bundle / "bundle.json")
+    parts = [
+        "<h2>Deployable model (ONNX)</h2>",
+        f'<p><a href="{link}">{html.escape(str(bundle))}</a>: {html.escape(facts)}.</p>',
+        f"<p>Classify new slides with ONNX Runtime alone: <code>{html.escape(command)}</code></p>",
+    ]
+    md = ["", "## Deployable model (ONNX)", "", f"[{bundle}]({link}): {facts}.", "", f"`{command}`"]
+    return parts, md
+
+
 def write_report(
     results: Sequence[MILResult],
     *,
@@ -237,10 +252,11 @@ def write_report(
     tiles_dir: Path,
     title: str = "HistoTransfer study",
     cka: Sequence[Path] = (),
+    bundle: Path | None = None,
 ) -> Path:
     """Write index.html and summary.md under ``report_dir``; returns the HTML path."""
     report_dir = Path(report_dir)
-    results = sorted(results, key=_sort_key)
+    results = sorted(results, key=MILResult.rank_key)
     rows = _rows(results)
     figures = report_dir / "figures"
     has_truncation = truncation_curve(results, figures / "truncation.png")
@@ -281,6 +297,11 @@ def write_report(
         cka_parts, cka_md = _cka_section(report_dir, cka)
         parts += cka_parts
         md += cka_md
+        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+    if bundle is not None:
+        bundle_parts, bundle_md = _bundle_section(report_dir, Path(bundle))
+        parts += bundle_parts
+        md += bundle_md
         write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
     if has_truncation:
         parts += ["<h2>Truncation</h2>", '<img src="figures/truncation.png" alt="truncation curve">']

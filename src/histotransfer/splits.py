@@ -11,11 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from histotransfer.errors import SplitError
 from histotransfer.manifest import SlideRecord
-
-
-class SplitError(ValueError):
-    """The cohort cannot be split as asked; the message says why and what to change."""
 
 
 @dataclass(frozen=True)

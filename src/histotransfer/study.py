@@ -10,6 +10,8 @@ from histotransfer.bags import FeaturesError
 from histotransfer.cka_stage import compare, sample_tiles, write_cka
 from histotransfer.config import StudyConfig
 from histotransfer.encoders import build_encoder
+from histotransfer.errors import ExportError
+from histotransfer.export import best_result, export_study_model
 from histotransfer.extraction import extract_cohort, settings_from
 from histotransfer.finetune_stage import finetune_study
 from histotransfer.manifest import read_manifest
@@ -36,6 +38,7 @@ class StudyOutputs:
     mil: list[MILResult] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # encoder id -> why its MIL stage failed
     cka: list[Path] = field(default_factory=list)  # cka/{a}__{b}.json files
+    bundle: Path | None = None  # onnx/{name}/: the best model, for `histotransfer predict`
 
 
 def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
@@ -69,10 +72,37 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         _train(config, outputs, extracted, with_tiles, str(encoder.id), overwrite=overwrite)
     for encoder_id in config.finetune.encoders:
         _finetune(config, outputs, with_tiles, encoder_id, settings, overwrite=overwrite)
+    if config.export.enabled and outputs.mil:
+        _export(config, outputs, overwrite=overwrite)
     outputs.report = write_report(
-        outputs.mil, report_dir=out / "report", tiles_dir=outputs.tiles_dir, cka=outputs.cka
+        outputs.mil,
+        report_dir=out / "report",
+        tiles_dir=outputs.tiles_dir,
+        cka=outputs.cka,
+        bundle=outputs.bundle,
     )
     return outputs
+
+
+def _export(config: StudyConfig, outputs: StudyOutputs, *, overwrite: bool) -> None:
+    """Export the best model of the study as an ONNX bundle; a failure is recorded, not raised."""
+    best = best_result(outputs.mil)
+    weights = {e.id: e.weights for e in config.extraction.encoders}.get(best.encoder_id)
+    try:
+        result = export_study_model(
+            best.out_dir,
+            out=config.output_dir / "onnx" / config.export.name,
+            weights=weights,
+            fold=config.export.fold,
+            tiles_dir=outputs.tiles_dir,
+            fp16=config.export.fp16,
+            overwrite=overwrite,
+        )
+    except (ExportError, WeightsError) as exc:
+        log.error("exporting %s failed: %s", best.encoder_id, exc)
+        outputs.errors[f"{best.encoder_id} (export)"] = f"{type(exc).__name__}: {exc}"
+        return
+    outputs.bundle = result.path
 
 
 def _finetune(

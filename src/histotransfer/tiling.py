@@ -28,6 +28,7 @@ from histotransfer.slides import (
     local_slide_path,
     open_slide,
     read_level_reduced,
+    read_rgb,
     slide_info,
 )
 from histotransfer.tissue import detect_tissue
@@ -222,6 +223,24 @@ def load_tiles(path: Path) -> TileSet:
             slide_mpp=float(coords.attrs["slide_mpp"]),
             config_hash=str(f.attrs["config_hash"]),
         )
+
+
+def read_tile(slide: openslide.OpenSlide, tiles: TileSet, index: int) -> np.ndarray:
+    """Tile ``index`` as uint8 (patch, patch, 3): read at the tiles file's level, resized to the tile size.
+
+    Raises SlideError naming the slide and the tile when OpenSlide cannot read it.
+    """
+    size, (x, y) = tiles.read_size_px, tiles.coords[index]
+    try:
+        rgb = read_rgb(slide, (x, y), tiles.read_level, (size, size))  # (s, s, 3)
+    except openslide.OpenSlideError as exc:
+        raise SlideError(
+            f"{tiles.slide_path}: cannot read the tile at ({x}, {y}) level {tiles.read_level}: {exc}"
+        ) from exc
+    if size != tiles.patch_size_px:
+        p = tiles.patch_size_px
+        rgb = np.array(Image.fromarray(rgb).resize((p, p), Image.Resampling.BILINEAR))  # writable copy
+    return rgb
 
 
 def tiles_config_hash(path: Path) -> str | None:

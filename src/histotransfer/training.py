@@ -13,12 +13,9 @@ from torch import nn
 
 from histotransfer.bags import BagStore
 from histotransfer.config import MILConfig
+from histotransfer.errors import TrainingError
 from histotransfer.mil import AttentionMIL
 from histotransfer.splits import Fold
-
-
-class TrainingError(RuntimeError):
-    """Training diverged or cannot start; the message says where and what to change."""
 
 
 @dataclass

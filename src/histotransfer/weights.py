@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from histotransfer.errors import WeightsError
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "resnet.")
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _OLD_DENSENET = re.compile(
@@ -30,10 +32,6 @@ _OLD_DENSENET = re.compile(
 )
 _LUKEMELAS_MARKERS = ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight")
 _STATE_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-class WeightsError(RuntimeError):
-    """Weights cannot be had or do not fit the network; the message says which and what to do."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,215 @@
+"""The ONNX bundle: what `histotransfer export` writes and `histotransfer predict` runs. Torch-free.
+
+``onnx/{name}/``
+  ``encoder.onnx``     uint8 tiles ``tiles`` (n, 3, p, p) -> ``features`` (n, dim); normalisation inside
+  ``aggregator.onnx``  ``features`` (n, dim) float32 -> ``probabilities`` (n_classes,), ``attention`` (n,)
+  ``bundle.json``      how the tiles are made, the classes, provenance, the files' sha256 and the
+                       parity error measured against torch at export (written last)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from histotransfer.config import TilingConfig
+from histotransfer.errors import BundleError
+from histotransfer.provenance import sha256_file
+
+BUNDLE_FORMAT = "histotransfer-onnx-bundle"
+BUNDLE_VERSION = 1
+ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", "bundle.json"
+ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "features"
+AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS = "features", ("probabilities", "attention")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncoderInfo(_Strict):
+    id: str
+    dim: int = Field(ge=1)
+    weights_source: str
+    weights_sha256: str
+    mean: tuple[float, float, float]  # applied inside encoder.onnx, recorded for other readers
+    std: tuple[float, float, float]
+    precision: Literal["fp32", "fp16"]
+
+
+class AggregatorInfo(_Strict):
+    mil_dir: str  # the MIL result the head came from
+    fold: int
+    val_loss: float | None
+    attention: Literal["paper", "gated"]
+
+
+class Parity(_Strict):
+    """Torch vs ONNX Runtime on the same inputs: max |a - b| and that over max |torch|."""
+
+    max_abs: float
+    max_rel: float
+    tolerance: float  # on max_rel
+    inputs: str
+
+
+class BundleSpec(_Strict):
+    format: Literal["histotransfer-onnx-bundle"] = BUNDLE_FORMAT
+    format_version: int
+    name: str
+    histotransfer_version: str
+    created: str
+    opset: int
+    classes: list[str] = Field(min_length=2)
+    tiling: TilingConfig
+    encoder: EncoderInfo
+    aggregator: AggregatorInfo
+    parity: dict[str, Parity]  # "encoder", "aggregator"
+    files: dict[str, str]  # file name -> sha256
+    source_hash: str  # of the weights, head, tiling and settings it was made from (export's resume check)
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle with its two ONNX Runtime sessions."""
+
+    path: Path
+    spec: BundleSpec
+    encoder: Any  # onnxruntime.InferenceSession
+    aggregator: Any
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.encoder.get_providers())
+
+
+def read_spec(path: str | Path) -> BundleSpec:
+    """``bundle.json`` of the bundle folder ``path``, validated; BundleError names the file and key."""
+    folder = Path(path)
+    file = folder / BUNDLE_FILE
+    if not folder.is_dir():
+        raise BundleError(f"no bundle folder {folder}: export one with `histotransfer export`")
+    if not file.is_file():
+        raise BundleError(
+            f"{file} is missing: {folder} is not a finished bundle (an export that stopped early "
+            "never writes it); export again"
+        )
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{file} is not readable JSON ({exc}); export the bundle again") from exc
+    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{file} is not a histotransfer bundle (key `format` is not {BUNDLE_FORMAT!r})")
+    if raw.get("format_version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{file} has format_version {raw.get('format_version')!r}; this histotransfer reads version "
+            f"{BUNDLE_VERSION}: export the bundle again with this version"
+        )
+    try:
+        return BundleSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"`{'.'.join(str(p) for p in e['loc'])}`: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise BundleError(f"{file}: {problems}") from exc
+
+
+def verify_files(folder: Path, spec: BundleSpec) -> None:
+    """Both ONNX files exist and hash to what bundle.json recorded (no torn or swapped files)."""
+    for name in (ENCODER_FILE, AGGREGATOR_FILE):
+        file = folder / name
+        expected = spec.files.get(name)
+        if expected is None:
+            raise BundleError(f"{folder / BUNDLE_FILE}: `files` has no sha256 for {name}")
+        if not file.is_file():
+            raise BundleError(f"{file} is missing from the bundle; export it again")
+        if (actual := sha256_file(file)) != expected:
+            raise BundleError(
+                f"{file} does not match {BUNDLE_FILE} (sha256 {actual[:12]}..., recorded "
+                f"{expected[:12]}...): the file is corrupt or comes from another export; export again"
+            )
+
+
+def session(path: Path, *, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session: CUDA when the installed runtime offers it (onnxruntime-gpu), else CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    available = ort.get_available_providers()
+    chosen = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+
+
+def _check_io(name: Path, sess, inputs: dict[str, tuple[str, list]], outputs: dict[str, list]) -> None:
+    """Input/output names, element types and fixed dimensions are the ones the bundle promises."""
+    got_in = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
+    got_out = {o.name: o.shape for o in sess.get_outputs()}
+    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
+        raise BundleError(
+            f"{name}: has inputs {sorted(got_in)} and outputs {sorted(got_out)}; expected "
+            f"{sorted(inputs)} and {sorted(outputs)}: not a file of this bundle format"
+        )
+
+    def fixed(shape: list) -> list:
+        return [d if isinstance(d, int) else None for d in shape]
+
+    for key, (dtype, shape) in inputs.items():
+        if got_in[key][0] != dtype or fixed(got_in[key][1]) != shape:
+            raise BundleError(
+                f"{name}: input `{key}` is {got_in[key][0]} {got_in[key][1]}, bundle.json implies "
+                f"{dtype} {shape}: the files do not belong together; export again"
+            )
+    for key, shape in outputs.items():
+        if fixed(got_out[key]) != shape:
+            raise BundleError(
+                f"{name}: output `{key}` has shape {got_out[key]}, bundle.json implies {shape}: "
+                "the files do not belong together; export again"
+            )
+
+
+def load_bundle(
+    path: str | Path, *, threads: int | None = None, providers: list[str] | None = None
+) -> Bundle:
+    """Read, verify and open a bundle; every inconsistency is a BundleError naming the file."""
+    folder = Path(path)
+    spec = read_spec(folder)
+    verify_files(folder, spec)
+    sessions = {}
+    for name in (ENCODER_FILE, AGGREGATOR_FILE):
+        try:
+            sessions[name] = session(folder / name, threads=threads, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own, unexported error types
+            raise BundleError(f"{folder / name}: ONNX Runtime cannot load it ({exc})") from exc
+    p, dim = spec.tiling.patch_size_px, spec.encoder.dim
+    _check_io(
+        folder / ENCODER_FILE,
+        sessions[ENCODER_FILE],
+        {ENCODER_INPUT: ("tensor(uint8)", [None, 3, p, p])},
+        {ENCODER_OUTPUT: [None, dim]},
+    )
+    _check_io(
+        folder / AGGREGATOR_FILE,
+        sessions[AGGREGATOR_FILE],
+        {AGGREGATOR_INPUT: ("tensor(float)", [None, dim])},
+        {"probabilities": [len(spec.classes)], "attention": [None]},
+    )
+    return Bundle(folder, spec, sessions[ENCODER_FILE], sessions[AGGREGATOR_FILE])
+
+
+def describe(spec: BundleSpec) -> dict[str, Any]:
+    """The facts a report or a log line shows about a bundle."""
+    return {
+        "name": spec.name,
+        "encoder": spec.encoder.id,
+        "precision": spec.encoder.precision,
+        "fold": spec.aggregator.fold,
+        "classes": spec.classes,
+        "tiles": f"{spec.tiling.patch_size_px} px at {spec.tiling.target_mpp:g} um/px",
+        "parity": {k: v.max_rel for k, v in spec.parity.items()},
+    }

@@ -1,0 +1,43 @@
+"""The error types the CLI turns into exit codes, in one torch-free module.
+
+Each is raised by the module named in its docstring and re-exported there; keeping them here lets the
+CLI catch them without importing torch, so `histotransfer predict` runs in a torch-free image.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """(config) A config file is unreadable or invalid; the message names the key and the problem."""
+
+
+class ManifestError(ValueError):
+    """(manifest) The manifest is unusable; the message lists every problem with its line number."""
+
+
+class AssetError(RuntimeError):
+    """(assets) A pinned registry asset could not be fetched or failed verification."""
+
+
+class WeightsError(RuntimeError):
+    """(weights) Weights cannot be had or do not fit the network; the message says which and what to do."""
+
+
+class FeaturesError(ValueError):
+    """(bags) Feature files are missing or inconsistent; the message names the file and the fix."""
+
+
+class SplitError(ValueError):
+    """(splits) The cohort cannot be split as asked; the message says why and what to change."""
+
+
+class TrainingError(RuntimeError):
+    """(training) Training diverged or cannot start; the message says where and what to change."""
+
+
+class ExportError(RuntimeError):
+    """(export) A model cannot be exported, or its ONNX export disagrees with torch."""
+
+
+class BundleError(ValueError):
+    """(bundle) An ONNX bundle is missing, corrupt or inconsistent; the message names the file."""

@@ -1,0 +1,285 @@
+"""Exporting a study's model as an ONNX bundle (see histotransfer.bundle for the format).
+
+A cross-validated study has one MIL head per fold (and, for fine-tuned encoders, one encoder per
+fold). The bundle takes one fold: by default the fold whose head reached the lowest validation loss,
+with that fold's encoder when the encoder is fine-tuned. Its tiling settings are the ones the study's
+tiles were made with, read from the tiles files, so new slides are tiled exactly like the training ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from histotransfer import __version__
+from histotransfer.atomic import atomic_dir
+from histotransfer.bundle import (
+    AGGREGATOR_FILE,
+    BUNDLE_FILE,
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    ENCODER_FILE,
+    AggregatorInfo,
+    BundleSpec,
+    EncoderInfo,
+    read_spec,
+)
+from histotransfer.config import TilingConfig
+from histotransfer.encoders import Encoder, EncoderId, build_encoder, parse_encoder_id
+from histotransfer.errors import BundleError, ExportError
+from histotransfer.finetune_stage import FT_TAG
+from histotransfer.mil import AttentionMIL
+from histotransfer.mil_stage import MILResult
+from histotransfer.onnx_export import (
+    OPSET,
+    TOLERANCE,
+    aggregator_parity,
+    encoder_parity,
+    export_aggregator,
+    export_encoder,
+)
+from histotransfer.provenance import CONFIG_ATTR, config_hash, sha256_file
+from histotransfer.slides import local_slide_path, open_slide
+from histotransfer.tiling import load_tiles, read_tile
+
+log = logging.getLogger(__name__)
+PARITY_BAG_SIZES = (1, 10_000)  # the extremes a deployed head meets; a real bag is added when tiles exist
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    spec: BundleSpec
+    reused: bool
+
+
+def best_result(results: list[MILResult]) -> MILResult:
+    """The study's best model, ranked as the report ranks it (its first row)."""
+    if not results:
+        raise ExportError("no MIL results to export from")
+    return min(results, key=MILResult.rank_key)
+
+
+def choose_fold(mil_dir: Path) -> tuple[int, float | None]:
+    """(fold, its validation loss) of the fold whose best epoch has the lowest validation loss."""
+    candidates = []
+    for history_file in sorted(Path(mil_dir).glob("fold*/history.json")):
+        history = json.loads(history_file.read_text())
+        best = history["history"][history["best_epoch"] - 1]["val_loss"]
+        candidates.append((best, history["fold"]))
+    if not candidates:
+        raise ExportError(f"{mil_dir} has no fold*/history.json: run `histotransfer train` first")
+    loss, fold = min(candidates)
+    return fold, loss
+
+
+def fold_val_loss(mil_dir: Path, fold: int) -> float | None:
+    history_file = Path(mil_dir) / f"fold{fold}" / "history.json"
+    if not history_file.is_file():
+        raise ExportError(f"{history_file} not found: fold {fold} is not a fold of {mil_dir}")
+    history = json.loads(history_file.read_text())
+    return history["history"][history["best_epoch"] - 1]["val_loss"]
+
+
+def study_root(mil_dir: Path) -> Path:
+    """The study folder of a MIL result folder ``{study}/mil/{encoder_id}``."""
+    return Path(mil_dir).resolve().parent.parent
+
+
+def finetuned_weights(mil_dir: Path, encoder_id: str, fold: int) -> Path | None:
+    """Fold ``fold``'s fine-tuned encoder file for a fine-tuned id (``X+ft``, ``X+tag-ft``), else None."""
+    enc = parse_encoder_id(encoder_id)
+    if enc.tag is None or not (enc.tag == FT_TAG or enc.tag.endswith(f"-{FT_TAG}")):
+        return None
+    base_tag = enc.tag.removesuffix(FT_TAG).removesuffix("-") or None
+    base = str(EncoderId(enc.arch, enc.cut, base_tag))
+    return study_root(mil_dir) / "finetune" / base / f"fold{fold}" / "encoder.pt"
+
+
+def study_tiling(tiles_dir: Path) -> TilingConfig:
+    """The tiling settings the study's tiles files record (all files must agree)."""
+    seen: dict[str, TilingConfig] = {}
+    for path in sorted(Path(tiles_dir).glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            recorded = json.loads(str(f.attrs[CONFIG_ATTR]))["tiling"]
+        seen[json.dumps(recorded, sort_keys=True)] = TilingConfig.model_validate(recorded)
+    if not seen:
+        raise ExportError(f"no tiles files in {tiles_dir}: the bundle needs the study's tiling settings")
+    if len(seen) > 1:
+        raise ExportError(f"the tiles files in {tiles_dir} were made with {len(seen)} different settings")
+    return next(iter(seen.values()))
+
+
+def probe_tiles(tiles_dir: Path, n: int = 8) -> np.ndarray | None:
+    """Up to ``n`` real tiles (n, 3, p, p) uint8 of the first readable slide of the study, or None."""
+    for path in sorted(Path(tiles_dir).glob("*.h5")):
+        tiles = load_tiles(path)
+        try:
+            with open_slide(local_slide_path(tiles.slide_path)) as slide:
+                picks = np.linspace(0, len(tiles.coords) - 1, min(n, len(tiles.coords))).astype(int)
+                return np.stack([read_tile(slide, tiles, int(i)) for i in picks]).transpose(0, 3, 1, 2)
+        except Exception as exc:  # a moved or unreadable slide: parity then uses the random probes
+            log.info("no real probe tiles from %s: %s", path, exc)
+    return None
+
+
+def load_head(mil_dir: Path, fold: int) -> AttentionMIL:
+    path = Path(mil_dir) / f"fold{fold}" / "model.pt"
+    if not path.is_file():
+        raise ExportError(f"{path} not found: fold {fold} has no MIL head")
+    try:
+        return AttentionMIL.from_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    except (ValueError, RuntimeError) as exc:
+        raise ExportError(f"{path}: not a usable attention-MIL head ({exc})") from exc
+
+
+def export_study_model(
+    mil_dir: Path,
+    *,
+    out: Path,
+    encoder: Encoder | None = None,
+    weights: str | Path | None = None,
+    fold: int | None = None,
+    tiles_dir: Path | None = None,
+    fp16: bool = False,
+    opset: int = OPSET,
+    overwrite: bool = False,
+    expect_encoder: str | None = None,
+) -> ExportResult:
+    """Export the MIL result in ``mil_dir`` (one fold's head and its encoder) as a bundle at ``out``.
+
+    ``encoder``: the built frozen encoder (else built from the result's id and ``weights``); fine-tuned
+    ids take fold ``fold``'s encoder from the study's finetune folder. A bundle already at ``out`` made
+    from the same sources and settings is reused.
+    """
+    mil_dir, out = Path(mil_dir), Path(out)
+    if not (mil_dir / "metrics.json").is_file():
+        raise ExportError(
+            f"{mil_dir} has no metrics.json: not a finished MIL result (see `histotransfer train`)"
+        )
+    result = MILResult.load(mil_dir)
+    encoder_id = result.encoder_id
+    if expect_encoder is not None and str(parse_encoder_id(expect_encoder)) != encoder_id:
+        raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for {expect_encoder}")
+    if fold is None:
+        fold, val_loss = choose_fold(mil_dir)
+    else:
+        val_loss = fold_val_loss(mil_dir, fold)
+    head_file = mil_dir / f"fold{fold}" / "model.pt"
+    tiles_dir = Path(tiles_dir) if tiles_dir else study_root(mil_dir) / "tiles"
+    tiling = study_tiling(tiles_dir)
+    tuned = finetuned_weights(mil_dir, encoder_id, fold)
+    if encoder is None or tuned is not None:
+        source = weights if weights is not None else tuned
+        if tuned is not None and not Path(tuned).is_file() and weights is None:
+            raise ExportError(f"{tuned} not found: the fine-tuned encoder of fold {fold} is missing")
+        encoder = build_encoder(encoder_id, weights=source)
+    if str(encoder.id) != encoder_id:
+        raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for encoder {encoder.id}")
+    if encoder.dim != result.metrics["feature_dim"]:
+        raise ExportError(
+            f"encoder {encoder.id} gives {encoder.dim}-d features, the MIL head in {mil_dir} takes "
+            f"{result.metrics['feature_dim']}-d: these weights are not the ones the study used"
+        )
+    precision = "fp16" if fp16 else "fp32"
+    sources = {
+        "encoder": encoder.weights_sha256,
+        "head": sha256_file(head_file),
+        "tiling": tiling.model_dump(mode="json"),
+        "precision": precision,
+        "opset": opset,
+        "classes": result.metrics["classes"],
+        "version": __version__,
+    }
+    expected = config_hash(sources)
+    if not overwrite and _current(out, expected):
+        return ExportResult(out, read_spec(out), reused=True)
+    head = load_head(mil_dir, fold)
+    spec = _write_bundle(
+        out,
+        encoder=encoder,
+        head=head,
+        classes=result.metrics["classes"],
+        tiling=tiling,
+        aggregator=AggregatorInfo(
+            mil_dir=str(mil_dir), fold=fold, val_loss=val_loss, attention="gated" if head.gated else "paper"
+        ),
+        probes=probe_tiles(tiles_dir),
+        precision=precision,
+        opset=opset,
+        source_hash=expected,
+    )
+    return ExportResult(out, spec, reused=False)
+
+
+def _current(out: Path, expected: str) -> bool:
+    try:
+        return read_spec(out).source_hash == expected
+    except BundleError:
+        return False
+
+
+def _write_bundle(
+    out: Path,
+    *,
+    encoder: Encoder,
+    head: AttentionMIL,
+    classes: list[str],
+    tiling: TilingConfig,
+    aggregator: AggregatorInfo,
+    probes: np.ndarray | None,
+    precision: str,
+    opset: int,
+    source_hash: str,
+) -> BundleSpec:
+    """Export both graphs, measure parity, write bundle.json last; all or nothing at ``out``."""
+    p = tiling.patch_size_px
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 3, p, p), dtype=np.uint8) for n in (1, 5)]
+    if probes is not None:
+        batches.append(np.ascontiguousarray(probes))
+    with torch.inference_mode():
+        real = encoder.module.cpu().eval()(torch.from_numpy(batches[-1])).numpy()  # (b, dim)
+    scale = float(np.abs(real).mean()) or 1.0
+    bags = [
+        np.abs(rng.standard_normal((n, encoder.dim))).astype(np.float32) * scale for n in PARITY_BAG_SIZES
+    ]
+    bags.append(real.astype(np.float32))
+    with atomic_dir(out) as stage:
+        export_encoder(encoder, stage / ENCODER_FILE, tile_px=p, opset=opset, fp16=precision == "fp16")
+        enc_parity = encoder_parity(encoder, stage / ENCODER_FILE, batches, tolerance=TOLERANCE[precision])
+        export_aggregator(head, stage / AGGREGATOR_FILE, in_dim=encoder.dim, opset=opset)
+        agg_parity = aggregator_parity(head, stage / AGGREGATOR_FILE, bags, tolerance=TOLERANCE["fp32"])
+        spec = BundleSpec(
+            format=BUNDLE_FORMAT,
+            format_version=BUNDLE_VERSION,
+            name=out.name,
+            histotransfer_version=__version__,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            opset=opset,
+            classes=classes,
+            tiling=tiling,
+            encoder=EncoderInfo(
+                id=str(encoder.id),
+                dim=encoder.dim,
+                weights_source=encoder.weights_source,
+                weights_sha256=encoder.weights_sha256,
+                mean=tuple(encoder.mean),
+                std=tuple(encoder.std),
+                precision=precision,
+            ),
+            aggregator=aggregator,
+            parity={"encoder": enc_parity, "aggregator": agg_parity},
+            files={name: sha256_file(stage / name) for name in (ENCODER_FILE, AGGREGATOR_FILE)},
+            source_hash=source_hash,
+        )
+        (stage / BUNDLE_FILE).write_text(spec.model_dump_json(indent=1), encoding="utf-8")
+    log.info("bundle %s: %s with the MIL head of fold %d", out, encoder.id, aggregator.fold)
+    return spec

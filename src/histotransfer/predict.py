@@ -1,0 +1,172 @@
+"""Classifying new slides with an ONNX bundle and ONNX Runtime alone: no torch is imported here.
+
+Per slide: tile with the bundle's settings, read the tiles on reader threads (each with its own
+OpenSlide handle) one batch ahead of the encoder, encode, aggregate, then write under ``out_dir``:
+``slides/{slide_id}.h5`` (probabilities, attention aligned with coords), ``heatmaps/{slide_id}.png``,
+``tiles/`` (h5 + QC picture) and ``predictions.csv`` (one row per slide, failures with their reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from histotransfer.atomic import atomic_path
+from histotransfer.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
+from histotransfer.errors import ManifestError
+from histotransfer.heatmaps import attention_heatmap
+from histotransfer.manifest import SlideRecord, check_slide_id, read_manifest
+from histotransfer.provenance import config_hash, provenance_attrs
+from histotransfer.runner import StageResult, run_per_slide
+from histotransfer.slides import local_slide_path, open_slide
+from histotransfer.storage import is_gcs_uri
+from histotransfer.tiling import TileSet, load_tiles, read_tile, tile_slide
+
+
+def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRecord]:
+    """Records for a manifest (``.csv``; labels optional) or for one slide file or ``gs://`` URI."""
+    if target.lower().endswith(".csv"):
+        return read_manifest(target, labels=False)
+    name = target.rstrip("/").rsplit("/", 1)[-1]
+    slide_id = name.rsplit(".", 1)[0] if "." in name else name
+    if why := check_slide_id(slide_id):
+        raise ManifestError(f"{target}: {why}; list the slide in a manifest CSV with a safe slide_id")
+    if is_gcs_uri(target):
+        path = target
+    else:
+        local = Path(target).expanduser().resolve()
+        if not local.is_file():
+            raise ManifestError(
+                f"slide file {target} not found (give a slide, a gs:// URI or a manifest .csv)"
+            )
+        path = str(local)
+    return [SlideRecord(slide_id, path, label="", patient_id=slide_id, mpp=mpp)]
+
+
+def tile_batches(slide_path: Path, tiles: TileSet, *, batch_size: int, readers: int) -> Iterator[np.ndarray]:
+    """uint8 batches (b, 3, p, p) in tile order; the next batch is read while the caller works."""
+    local = threading.local()
+    handles = []
+    lock = threading.Lock()
+
+    def read(index: int) -> np.ndarray:
+        if not hasattr(local, "slide"):
+            local.slide = open_slide(slide_path)
+            with lock:
+                handles.append(local.slide)
+        return read_tile(local.slide, tiles, index)
+
+    n = len(tiles.coords)
+    starts = range(0, n, batch_size)
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader") as pool:
+        try:
+
+            def submit(start: int):
+                return [pool.submit(read, i) for i in range(start, min(n, start + batch_size))]
+
+            pending = submit(0) if n else []
+            for start in starts:
+                current, pending = pending, submit(start + batch_size) if start + batch_size < n else []
+                yield np.stack([f.result() for f in current]).transpose(0, 3, 1, 2)  # (b, 3, p, p)
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            for handle in handles:
+                handle.close()
+
+
+def classify_tiles(
+    bundle: Bundle, slide_path: Path, tiles: TileSet, *, batch_size: int, readers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n_classes,), attention (n_tiles,)) of one tiled slide."""
+    n = len(tiles.coords)
+    features = np.empty((n, bundle.spec.encoder.dim), dtype=np.float32)
+    start = 0
+    bar = tqdm(total=n, desc=tiles.slide_id, unit="tile", leave=False, dynamic_ncols=True)
+    with bar:
+        for batch in tile_batches(slide_path, tiles, batch_size=batch_size, readers=readers):
+            features[start : start + len(batch)] = bundle.encoder.run(None, {ENCODER_INPUT: batch})[0]
+            start += len(batch)
+            bar.update(len(batch))
+    if not np.isfinite(features).all():
+        raise ValueError(f"{tiles.slide_id}: the encoder gave non-finite features")
+    probs, attention = bundle.aggregator.run(list(AGGREGATOR_OUTPUTS), {AGGREGATOR_INPUT: features})
+    return probs, attention
+
+
+def _stats(classes: Sequence[str], probs: np.ndarray, n_tiles: int) -> dict[str, Any]:
+    return {
+        "prediction": classes[int(np.argmax(probs))],
+        **{f"prob_{c}": f"{float(v):.6f}" for c, v in zip(classes, probs, strict=True)},
+        "n_tiles": n_tiles,
+    }
+
+
+def read_slide_prediction(path: Path) -> dict[str, Any]:
+    """The summary row of a finished ``slides/{slide_id}.h5``."""
+    with h5py.File(path, "r") as f:
+        classes = json.loads(str(f.attrs["classes"]))
+        return _stats(classes, f["probabilities"][:], len(f["attention"]))
+
+
+def predict_cohort(
+    records: Sequence[SlideRecord],
+    bundle: Bundle,
+    *,
+    out_dir: Path,
+    batch_size: int = 64,
+    readers: int | None = None,
+    heatmaps: bool = True,
+    overwrite: bool = False,
+) -> StageResult:
+    """Classify every slide; failures are recorded in ``predictions.csv``, never raised."""
+    out_dir = Path(out_dir)
+    spec = bundle.spec
+    readers = readers or min(8, os.cpu_count() or 1)
+    bundle_id = config_hash({"files": spec.files, "tiling": spec.tiling.model_dump(mode="json")})
+
+    def stage_config(record: SlideRecord) -> dict[str, Any]:
+        return {"stage": "predict", "bundle": bundle_id, "slide": record.path, "mpp": record.mpp}
+
+    def work(record: SlideRecord) -> dict[str, Any]:
+        tile_slide(record, out_dir=out_dir / "tiles", tiling=spec.tiling)
+        tiles = load_tiles(out_dir / "tiles" / f"{record.slide_id}.h5")
+        local = local_slide_path(record.path)
+        probs, attention = classify_tiles(bundle, local, tiles, batch_size=batch_size, readers=readers)
+        with atomic_path(out_dir / "slides" / f"{record.slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(provenance_attrs(stage_config(record)))
+            f.attrs.update(slide_id=record.slide_id, bundle=str(bundle.path), encoder_id=spec.encoder.id)
+            f.attrs["classes"] = json.dumps(spec.classes)
+            f.create_dataset("probabilities", data=probs.astype(np.float32))  # (n_classes,)
+            f.create_dataset("attention", data=attention.astype(np.float32))  # (n_tiles,)
+            f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2), as in the tiles file
+        if heatmaps:
+            attention_heatmap(
+                record.path,
+                tiles.coords,
+                attention,
+                patch_size_level0=tiles.patch_size_level0,
+                out=out_dir / "heatmaps" / f"{record.slide_id}.png",
+            )
+        return _stats(spec.classes, probs, len(tiles.coords))
+
+    return run_per_slide(
+        records,
+        stage="predict",
+        output_for=lambda r: out_dir / "slides" / f"{r.slide_id}.h5",
+        config_hash_for=lambda r: config_hash(stage_config(r)),
+        work=work,
+        stats_of=read_slide_prediction,
+        summary_path=out_dir / "predictions.csv",
+        overwrite=overwrite,
+    )
