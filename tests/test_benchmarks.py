@@ -50,3 +50,17 @@ def test_bench_cka_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "minibatch (unbiased HSIC)" in proc.stdout
     assert "full, Gram (n x n)" in proc.stdout
+
+
+@pytest.mark.integration
+def test_bench_onnx_smoke():
+    args = ["--pieces", "1", "--encoder", "resnet18@layer1+random", "--batch-size", "4", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_onnx.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ORT/torch" in proc.stdout
+    assert "end-to-end / model-only" in proc.stdout

@@ -202,7 +202,7 @@ def export_study_model(
     if not overwrite and _current(out, expected):
         return ExportResult(out, read_spec(out), reused=True)
     head = load_head(mil_dir, fold)
-    spec = _write_bundle(
+    spec = write_bundle(
         out,
         encoder=encoder,
         head=head,
@@ -226,7 +226,7 @@ def _current(out: Path, expected: str) -> bool:
         return False
 
 
-def _write_bundle(
+def write_bundle(
     out: Path,
     *,
     encoder: Encoder,
