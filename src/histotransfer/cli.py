@@ -337,6 +337,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return _report(result, "predictions", args.out)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    # The pipelines live beside the library in the repository (components/, pipelines/), not in it:
+    # the library never imports kfp. Run this from the repository root.
+    root = Path.cwd()
+    if (root / "pipelines" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from pipelines.cli import main as pipeline_main
+    except ImportError as exc:
+        print(
+            f"error: `histotransfer pipeline` runs from a checkout of the repository root with the "
+            f"pipelines extra installed (pip install -e '.[pipelines]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    return pipeline_main(args.pipeline_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histotransfer", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"histotransfer {__version__}")
@@ -472,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", type=Path, help="the study's output_dir")
     p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: STUDY/onnx/best if any)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "pipeline", help="Kubeflow Pipelines: compile, run-local, submit (see `histotransfer pipeline -h`)"
+    )
+    p.add_argument("pipeline_args", nargs=argparse.REMAINDER, help="compile | run-local | submit ...")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("encoders", help="list architectures, cut points and default weights")
     p.set_defaults(func=cmd_encoders)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -185,7 +186,9 @@ def _pairs_markdown(pairs) -> str:
 
 def _link(report_dir: Path, target: Path) -> str:
     """A relative, URL-quoted link from the report to an artifact of the same study."""
-    return quote(str(Path("..") / target.resolve().relative_to(report_dir.parent.resolve())))
+    # abspath, not resolve: a study view links its entries elsewhere, the links must stay inside it
+    study = Path(os.path.abspath(report_dir.parent))
+    return quote(str(Path("..") / Path(os.path.abspath(target)).relative_to(study)))
 
 
 def _figure(src: str, caption: str, css: str = "") -> str:
@@ -234,14 +237,16 @@ def _bundle_section(report_dir: Path, bundle: Path) -> tuple[list[str], list[str
         f"tiles of {spec.tiling.patch_size_px} px at {spec.tiling.target_mpp:g} um/px; "
         f"classes {', '.join(spec.classes)}; ONNX vs torch relative error: {parity}"
     )
-    command = f"histotransfer predict SLIDE_OR_MANIFEST --bundle {bundle} --out predictions/"
+    shown = os.path.relpath(os.path.abspath(bundle), os.path.abspath(report_dir.parent))  # in the study
+    command = f"histotransfer predict SLIDE_OR_MANIFEST --bundle {shown} --out predictions/"
     link = _link(report_dir, bundle / "bundle.json")
     parts = [
         "<h2>Deployable model (ONNX)</h2>",
-        f'<p><a href="{link}">{html.escape(str(bundle))}</a>: {html.escape(facts)}.</p>',
-        f"<p>Classify new slides with ONNX Runtime alone: <code>{html.escape(command)}</code></p>",
+        f'<p><a href="{link}">{html.escape(shown)}</a>: {html.escape(facts)}.</p>',
+        "<p>Classify new slides with ONNX Runtime alone (from the study folder): "
+        f"<code>{html.escape(command)}</code></p>",
     ]
-    md = ["", "## Deployable model (ONNX)", "", f"[{bundle}]({link}): {facts}.", "", f"`{command}`"]
+    md = ["", "## Deployable model (ONNX)", "", f"[{shown}]({link}): {facts}.", "", f"`{command}`"]
     return parts, md
 
 
@@ -327,3 +332,23 @@ def write_report(
     page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
     write_text_atomic(report_dir / "index.html", page)
     return report_dir / "index.html"
+
+
+def inline_images(html_path: Path) -> str:
+    """The page at ``html_path`` with every local ``<img src>`` embedded as a data URI: one file that
+    shows its pictures anywhere (the KFP UI renders a single HTML file)."""
+    import base64
+    import re
+    from urllib.parse import unquote
+
+    folder = Path(html_path).parent
+
+    def embed(match: re.Match) -> str:
+        src = match.group(1)
+        file = (folder / unquote(src)).resolve()
+        if src.startswith(("data:", "http:", "https:")) or not file.is_file():
+            return match.group(0)
+        data = base64.b64encode(file.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    return re.sub(r'src="([^"]+\.png)"', embed, Path(html_path).read_text(encoding="utf-8"))

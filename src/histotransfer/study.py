@@ -13,7 +13,7 @@ from histotransfer.encoders import build_encoder
 from histotransfer.errors import ExportError
 from histotransfer.export import best_result, export_study_model
 from histotransfer.extraction import extract_cohort, settings_from
-from histotransfer.finetune_stage import finetune_study
+from histotransfer.finetune_stage import finetune_study, finetuned_id
 from histotransfer.manifest import read_manifest
 from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
 from histotransfer.report import write_report
@@ -70,8 +70,7 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         )
         outputs.stages[f"extract {spec.id}"] = extracted
         _train(config, outputs, extracted, with_tiles, str(encoder.id), overwrite=overwrite)
-    for encoder_id in config.finetune.encoders:
-        _finetune(config, outputs, with_tiles, encoder_id, settings, overwrite=overwrite)
+    finetune_and_compare(config, outputs, with_tiles, overwrite=overwrite)
     if config.export.enabled and outputs.mil:
         _export(config, outputs, overwrite=overwrite)
     outputs.report = write_report(
@@ -105,18 +104,65 @@ def _export(config: StudyConfig, outputs: StudyOutputs, *, overwrite: bool) -> N
     outputs.bundle = result.path
 
 
+def finetune_and_compare(
+    config: StudyConfig, outputs: StudyOutputs, records, *, overwrite: bool = False, cka: bool = True
+) -> None:
+    """Fine-tune every ``finetune.encoders`` id, run MIL on its features and (``cka``) compare it with
+    the frozen encoder by CKA.
+
+    Frozen MIL results not yet in ``outputs.mil`` are loaded from ``outputs.mil_dir`` (a stage that
+    runs on its own, as a pipeline step, starts with none).
+    """
+    settings = settings_from(config.extraction)
+    for encoder_id in config.finetune.encoders:
+        done = outputs.mil_dir / encoder_id / "metrics.json"
+        if not any(r.encoder_id == encoder_id for r in outputs.mil) and done.is_file():
+            outputs.mil.append(MILResult.load(done.parent))
+        frozen = _finetune(config, outputs, records, encoder_id, settings, overwrite=overwrite)
+        if cka and frozen is not None:
+            compare_finetuned(config, outputs, records, encoder_id, frozen=frozen)
+
+
+def compare_finetuned(
+    config: StudyConfig, outputs: StudyOutputs, records, encoder_id: str, *, frozen=None
+) -> Path | None:
+    """CKA of the frozen encoder vs fold ``cka.fold``'s fine-tuned one: ``cka/{a}__{b}.json``."""
+    fold = config.cka.fold
+    weights = outputs.mil_dir.parent / "finetune" / encoder_id / f"fold{fold}" / "encoder.pt"
+    if not weights.is_file():
+        outputs.errors[f"{encoder_id} (cka)"] = f"no fine-tuned encoder for cka.fold {fold} ({weights})"
+        return None
+    if frozen is None:
+        spec = {e.id: e for e in config.extraction.encoders}.get(encoder_id)
+        frozen = build_encoder(encoder_id, weights=spec.weights if spec else None)
+    tuned_id = finetuned_id(encoder_id)
+    tuned = build_encoder(tuned_id, weights=weights)
+    tiles = sample_tiles(records, outputs.tiles_dir, n_tiles=config.cka.tiles, seed=config.cka.seed)
+    device = str(settings_from(config.extraction).device)
+    result = compare(frozen, tuned, tiles, batch_size=config.cka.batch_size, device=device)
+    path = write_cka(outputs.mil_dir.parent / "cka", encoder_id, f"{tuned_id}-fold{fold}", result)[0]
+    outputs.cka.append(path)
+    return path
+
+
 def _finetune(
     config: StudyConfig, outputs: StudyOutputs, records, encoder_id: str, settings, *, overwrite: bool
-) -> None:
-    """Fine-tune one encoder in every fold and re-run MIL on its features; failures are recorded."""
+):
+    """Fine-tune one encoder in every fold and re-run MIL on its features; failures are recorded.
+    Returns the frozen encoder it started from (None on failure)."""
     specs = {e.id: e for e in config.extraction.encoders}
     if encoder_id not in specs:
         outputs.errors[f"{encoder_id} (fine-tuning)"] = "not among extraction.encoders: add it there first"
-        return
+        return None
     if encoder_id in outputs.errors or not any(r.encoder_id == encoder_id for r in outputs.mil):
         outputs.errors[f"{encoder_id} (fine-tuning)"] = "its frozen-feature MIL did not finish"
-        return
-    failed = {o.slide_id for o in outputs.stages[f"extract {encoder_id}"].failed}
+        return None
+    stage = outputs.stages.get(f"extract {encoder_id}")
+    if stage is not None:
+        failed = {o.slide_id for o in stage.failed}
+    else:  # features made by another process: the slides that have them
+        have = outputs.features_dir / encoder_id
+        failed = {r.slide_id for r in records if not (have / f"{r.slide_id}.h5").is_file()}
     try:
         frozen = build_encoder(encoder_id, weights=specs[encoder_id].weights)
         result = finetune_study(
@@ -136,20 +182,14 @@ def _finetune(
     except (FeaturesError, SplitError, TrainingError, WeightsError) as exc:
         log.error("fine-tuning %s failed: %s", encoder_id, exc)
         outputs.errors[f"{encoder_id} (fine-tuning)"] = f"{type(exc).__name__}: {exc}"
-        return
+        return None
     for fold, stage in result.extraction.items():
         outputs.stages[f"extract {result.finetuned_id} fold{fold}"] = stage
     outputs.mil.append(result.mil)
-    fold = config.cka.fold
-    if fold not in result.fold_encoders:
-        outputs.errors[f"{encoder_id} (cka)"] = f"cka.fold {fold} is not a fold of this study"
-        return
-    tuned = build_encoder(result.finetuned_id, weights=result.fold_encoders[fold])
-    tiles = sample_tiles(records, outputs.tiles_dir, n_tiles=config.cka.tiles, seed=config.cka.seed)
-    cka = compare(frozen, tuned, tiles, batch_size=config.cka.batch_size, device=str(settings.device))
-    outputs.cka.append(
-        write_cka(outputs.mil_dir.parent / "cka", encoder_id, f"{result.finetuned_id}-fold{fold}", cka)[0]
-    )
+    if config.cka.fold not in result.fold_encoders:
+        outputs.errors[f"{encoder_id} (cka)"] = f"cka.fold {config.cka.fold} is not a fold of this study"
+        return None
+    return frozen
 
 
 def _train(

@@ -1,0 +1,151 @@
+"""`histotransfer pipeline compile | run-local | submit` (run from the repository root).
+
+compile     write pipelines/study.yaml and pipelines/inference.yaml (the committed, versioned YAML)
+run-local   the whole study pipeline in this environment with kfp.local's SubprocessRunner
+submit      compile and start a run on a Kubeflow Pipelines endpoint with kfp.Client
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.options import PARAMS, REPO, PipelineOptions, default_parameters
+
+PIPELINES = ("study", "inference")
+
+
+def build(name: str, options: PipelineOptions):
+    from pipelines import inference, study
+
+    return {"study": study.build, "inference": inference.build}[name](options)
+
+
+def compile_pipeline(name: str, path: Path, options: PipelineOptions | None = None) -> Path:
+    from kfp import compiler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build(name, options or PipelineOptions()), str(path))
+    return path
+
+
+def options_from(args: argparse.Namespace) -> PipelineOptions:
+    selector = tuple(args.gpu_node_selector.split("=", 1)) if args.gpu_node_selector else None
+    if selector is not None and len(selector) != 2:
+        raise SystemExit("--gpu-node-selector expects KEY=VALUE")
+    return PipelineOptions(
+        gpu=not args.no_gpu,
+        gpu_node_selector=selector,
+        gpu_toleration=args.gpu_toleration or None,
+        gcs_secret=args.gcs_secret,
+    )
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``k=v`` pairs; values are YAML (so ``mil={epochs: 5}`` and ``shards=8`` both work)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--param expects NAME=VALUE, got {pair!r}")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str, Any]:
+    """Run arguments: the config file's sections (study), then --param overrides; validated."""
+    from histotransfer.orchestration import SECTIONS, study_config
+
+    args: dict[str, Any] = default_parameters(config) if (config and pipeline == "study") else {}
+    for key, value in parse_params(params).items():
+        if isinstance(value, dict) and isinstance(args.get(key), dict):
+            value = {**args[key], **value}  # a section given in part keeps the file's other keys
+        args[key] = value
+    if pipeline == "study":
+        study_config(**{k: v for k, v in args.items() if k in SECTIONS})  # fails early, naming the key
+    return args
+
+
+def run_local(config: Path, pipeline_root: Path, shards: int) -> Path:
+    from kfp import local
+
+    from pipelines import study
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    task = study.build()(**{**arguments(config, [], "study"), "shards": shards})
+    return Path(task.output.path)
+
+
+def submit(args: argparse.Namespace) -> str:
+    import warnings
+
+    import kfp
+
+    run_arguments = arguments(args.config, args.param or [], args.pipeline)  # before any request
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(args.pipeline, Path(tmp) / f"{args.pipeline}.yaml", options_from(args))
+        with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": we target v2
+            warnings.simplefilter("ignore", FutureWarning)
+            client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=args.token)
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=run_arguments,
+            run_name=args.run_name,
+            experiment_name=args.experiment,
+            enable_caching=None if args.caching == "default" else args.caching == "on",
+        )
+    return result.run_id
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-gpu", action="store_true", help="no GPU requests (CPU-only clusters)")
+    p.add_argument("--gpu-node-selector", default="nvidia.com/gpu.present=true", help="KEY=VALUE or ''")
+    p.add_argument("--gpu-toleration", default="nvidia.com/gpu", help="taint key GPU steps tolerate, or ''")
+    p.add_argument("--gcs-secret", help="Kubernetes secret holding key.json (default: workload identity)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="histotransfer pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="compile the pipelines to YAML")
+    p.add_argument("--out-dir", type=Path, default=REPO / "pipelines")
+    add_options(p)
+    p = sub.add_parser("run-local", help="run the study pipeline here (kfp.local SubprocessRunner)")
+    p.add_argument("--config", type=Path, default=PARAMS, help="params.yaml schema (default: the demo)")
+    p.add_argument("--pipeline-root", type=Path, default=Path("runs/kfp-local"))
+    p.add_argument("--shards", type=int, default=2)
+    p = sub.add_parser("submit", help="compile and start a run on a KFP endpoint")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    p.add_argument("--pipeline", choices=PIPELINES, default="study")
+    p.add_argument("--config", type=Path, help="study parameters from this params.yaml-schema file")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="pipeline parameter (YAML value)")
+    p.add_argument("--experiment", default="histotransfer")
+    p.add_argument("--run-name")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    p.add_argument("--token", help="bearer token (default: kfp's own credential lookup)")
+    p.add_argument("--caching", choices=["default", "on", "off"], default="default")
+    add_options(p)
+    args = parser.parse_args(argv)
+    if args.command == "compile":
+        options = options_from(args)
+        for name in PIPELINES:
+            print(f"compiled {compile_pipeline(name, args.out_dir / f'{name}.yaml', options)}")
+    elif args.command == "run-local":
+        report = run_local(args.config, args.pipeline_root.resolve(), args.shards)
+        print(f"pipeline finished; artifacts under {args.pipeline_root.resolve()}")
+        print(f"  report (single page): {report}")
+        print(f"  report folder: {report.parent / 'report_dir' / 'report' / 'index.html'}")
+    else:
+        run_id = submit(args)
+        print(json.dumps({"run_id": run_id, "host": args.host, "experiment": args.experiment}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Compile-time options of the pipelines: where GPU steps run and how steps reach GCS.
+
+Resources and Kubernetes settings are fixed when a pipeline is compiled (kfp.local ignores them);
+`histotransfer pipeline compile/submit` take them as flags, and the committed YAML uses the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kfp import dsl, kubernetes
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+GCS_KEY_DIR = "/var/secrets/google"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    gpu: bool = True  # GPU steps (extract, finetune, cka, predict) request one nvidia.com/gpu
+    gpu_node_selector: tuple[str, str] | None = ("nvidia.com/gpu.present", "true")  # GPU operator's label
+    gpu_toleration: str | None = "nvidia.com/gpu"  # tolerate the usual taint of GPU node pools
+    gcs_secret: str | None = None  # a Kubernetes secret with key.json; None: workload identity
+    cpu: str = "4"  # CPU request of every step
+    memory: str = "16G"  # memory request of every step
+
+    def step(self, task: dsl.PipelineTask, *, gpu: bool = False, cache: bool = True) -> dsl.PipelineTask:
+        """Apply resources, caching and GCS credentials to a task; ``gpu`` adds the accelerator."""
+        task.set_cpu_request(self.cpu).set_memory_request(self.memory).set_caching_options(cache)
+        if gpu and self.gpu:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+            if self.gpu_node_selector:
+                kubernetes.add_node_selector(task, *self.gpu_node_selector)
+            if self.gpu_toleration:
+                kubernetes.add_toleration(
+                    task, key=self.gpu_toleration, operator="Exists", effect="NoSchedule"
+                )
+        if self.gcs_secret:
+            kubernetes.use_secret_as_volume(task, secret_name=self.gcs_secret, mount_path=GCS_KEY_DIR)
+            task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json")
+        return task
+
+
+def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
+    """Pipeline parameters from a config file (validated by the same schema as `histotransfer run`)."""
+    from histotransfer.config import StudyConfig, load_config
+    from histotransfer.errors import ConfigError
+    from histotransfer.orchestration import SECTIONS
+
+    config = load_config(config_path)
+    # KFP parameters cannot hold null: drop None values, which works where None is the schema default
+    dumped = config.model_dump(mode="json", exclude_none=True)
+    params: dict[str, Any] = {name: dumped[name] for name in SECTIONS}
+    rebuilt = StudyConfig.model_validate({**params, "output_dir": config.output_dir})
+    for name in SECTIONS:
+        if getattr(rebuilt, name) != getattr(config, name):
+            raise ConfigError(
+                f"{config_path}: section `{name}` sets a key to null where the default is not null; "
+                "pipeline parameters cannot carry null: give the value explicitly"
+            )
+    params["manifest"] = "" if config.manifest is None else str(config.manifest)
+    return params
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
