@@ -4,8 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 DEMO_DIR ?= runs/demo
+# The images (containers/Dockerfile); components/image.py names the same tag, tests check they agree.
+REGISTRY ?= ghcr.io/histotransfer
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_CPU := $(REGISTRY)/histotransfer:$(VERSION)
+IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
 
-.PHONY: setup test test-fast demo lint format bench clean
+.PHONY: setup test test-fast demo lint format bench clean image image-gpu push pipeline-compile pipeline-local
 
 setup: $(STAMP)
 
@@ -36,6 +41,22 @@ bench: setup
 	$(BIN)/python benchmarks/bench_extract.py --encoder efficientnet_lite0 --encoder resnet18+random
 	$(BIN)/python benchmarks/bench_onnx.py
 	$(BIN)/python benchmarks/bench_cka.py
+
+image:
+	docker build -f containers/Dockerfile --target cpu -t $(IMAGE_CPU) .
+
+image-gpu:
+	docker build -f containers/Dockerfile --target gpu -t $(IMAGE_GPU) .
+
+push: image image-gpu
+	docker push $(IMAGE_CPU)
+	docker push $(IMAGE_GPU)
+
+pipeline-compile: setup
+	$(BIN)/histotransfer pipeline compile
+
+pipeline-local: setup
+	$(BIN)/histotransfer pipeline run-local --config params.yaml --pipeline-root runs/kfp-local
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
