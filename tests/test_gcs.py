@@ -1,5 +1,6 @@
 """A gs:// cohort against a real GCS emulator (gcp-storage-emulator, in-process on 127.0.0.1)."""
 
+import logging
 import socket
 
 import h5py
@@ -33,6 +34,8 @@ def gcs(monkeypatch, tmp_path):
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "histotransfer-test")
     monkeypatch.setenv("HISTOTRANSFER_CACHE", str(tmp_path / "cache"))
     yield gcs_client().bucket(BUCKET)
+    for handler in logging.root.handlers[:]:  # main() logs to a capture stream that is gone by now
+        logging.root.removeHandler(handler)
     server.stop()
 
 
@@ -93,3 +96,71 @@ def test_missing_object_fails_that_slide_only(gcs, sample_cohort, tmp_path):
 def test_malformed_uris(uri):
     with pytest.raises(StorageError):
         parse_gcs_uri(uri)
+
+
+def _objects(bucket, prefix: str) -> dict[str, bytes]:
+    return {b.name[len(prefix) + 1 :]: b.download_as_bytes() for b in bucket.list_blobs(prefix=prefix)}
+
+
+def test_cli_writes_outputs_to_gcs_byte_for_byte(gcs, sample_cohort, tmp_path, capsys):
+    from histotransfer.cli import main
+    from histotransfer.storage import COMPLETE_MARKER, is_complete, staging_dir
+
+    uri = f"gs://{BUCKET}/studies/tiles"
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"uploaded {uri}:" in out
+    local = staging_dir(uri)
+    files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert len([f for f in files if f.endswith(".h5")]) == 4
+    remote = _objects(gcs, "studies/tiles")
+    assert remote.pop(COMPLETE_MARKER)
+    assert remote == files  # every byte of every file
+    assert is_complete(uri)
+    # a rerun uploads nothing new
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 0
+    out = capsys.readouterr().out  # only summary.csv changed (statuses are now "skipped")
+    assert "1 object(s) written, 8 already there" in out
+
+
+def test_config_refuses_gs_output_dir_in_the_file(tmp_path):
+    from histotransfer.config import ConfigError, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: gs://bucket/study\n")
+    with pytest.raises(ConfigError, match="--output-dir"):
+        load_config(config)
+
+
+def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_completes(
+    gcs, sample_cohort, tmp_path, monkeypatch, capsys
+):
+    from histotransfer.cli import main
+    from histotransfer.storage import COMPLETE_MARKER, is_complete, staging_dir
+    from tests.fault_proxy import FaultProxy
+
+    emulator = int(gcs.client._connection.API_BASE_URL.rsplit(":", 1)[1])
+    proxy = FaultProxy(emulator)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    monkeypatch.setenv("HISTOTRANSFER_GCS_RETRY_S", "2")  # give up quickly
+    uri = f"gs://{BUCKET}/faulty/tiles"
+    proxy.fail_after = 3  # the 4th upload is cut mid-request, and the storage stays unreachable
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 1
+    err = capsys.readouterr().err
+    assert f"upload to {uri} failed after retries" in err
+    assert "rerun to resume" in err
+    local = staging_dir(uri)
+    proxy.heal()  # the storage is reachable again: look at what the failed run left
+    remote = _objects(gcs, "faulty/tiles")
+    assert 0 < len(remote) < len(list(local.rglob("*.h5"))) * 2 + 1
+    assert COMPLETE_MARKER not in remote
+    for name, data in remote.items():  # what arrived is whole
+        assert (local / name).read_bytes() == data
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(remote)} already there" in out
+    assert is_complete(uri)
+    final = _objects(gcs, "faulty/tiles")
+    final.pop(COMPLETE_MARKER)
+    assert final == {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    proxy.close()

@@ -27,6 +27,7 @@ from histotransfer.errors import (
 )
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
+from histotransfer.storage import StorageError, is_gcs_uri, staging_dir, upload_tree
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -97,13 +98,12 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from histotransfer.encoders import build_encoder
+    from histotransfer.encoders import build_encoder, parse_encoder_id
     from histotransfer.extraction import extract_cohort, settings_from
 
     config = _config(
         args,
         {
-            "extraction.encoders": [{"id": args.encoder, "weights": args.weights}],
             "extraction.device": args.device,
             "extraction.batch_size": args.batch_size,
             "extraction.num_workers": args.num_workers,
@@ -111,10 +111,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
             "extraction.backend": args.backend,
         },
     )
+    try:
+        encoder_id = str(parse_encoder_id(args.encoder))
+    except ValueError as exc:
+        raise ConfigError(f"--encoder: {exc}") from exc
+    # --weights wins; else the weights the config gives this encoder (e.g. params.yaml under DVC)
+    weights = args.weights or {e.id: e.weights for e in config.extraction.encoders}.get(encoder_id)
     records = read_manifest(args.manifest)
     settings = settings_from(config.extraction)
-    spec = config.extraction.encoders[0]
-    encoder = build_encoder(spec.id, weights=spec.weights)
+    encoder = build_encoder(encoder_id, weights=weights)
     print(f"encoder {encoder.id}: {encoder.dim}-d, weights {encoder.weights_source}; {settings}")
     result = extract_cohort(
         records,
@@ -141,7 +146,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from histotransfer.study import run_study
 
-    config = _config(args, {"output_dir": args.output_dir})
+    config = _config(args, {"output_dir": args.output_dir})  # a gs:// root arrives as its staging folder
     start = time.perf_counter()
     outputs = run_study(config, overwrite=args.overwrite)
     print(f"study finished in {time.perf_counter() - start:.1f} s under {config.output_dir}")
@@ -279,7 +284,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    cka = sorted((args.study / "cka").glob("*.json"))
+    cka = sorted((args.study / "cka").rglob("*.json"))
     bundle = args.bundle or args.study / "onnx" / "best"
     path = write_report(
         results,
@@ -289,19 +294,36 @@ def cmd_report(args: argparse.Namespace) -> int:
         bundle=bundle if (bundle / "bundle.json").is_file() else None,
     )
     print(f"report: {path}")
+    if args.metrics or args.plots:
+        from histotransfer.report import write_tracking
+
+        write_tracking(results, metrics=args.metrics, plots=args.plots)
+        print(f"tracking files: {args.metrics or ''} {args.plots or ''}".rstrip())
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from histotransfer.export import export_study_model
+    from histotransfer.export import best_result, export_study_model
+    from histotransfer.mil_stage import MILResult
 
+    config = _config(args, {})
+    if (args.mil is None) == (args.study is None):
+        raise ConfigError("give either --mil STUDY/mil/ENCODER_ID or --study STUDY (exports its best model)")
+    mil_dir = args.mil
+    if args.study is not None:
+        results = [MILResult.load(p.parent) for p in sorted((args.study / "mil").glob("*/metrics.json"))]
+        if not results:
+            raise ExportError(f"no MIL results under {args.study / 'mil'}: run the study first")
+        mil_dir = best_result(results).out_dir
+    encoder_id = MILResult.load(mil_dir).encoder_id if (mil_dir / "metrics.json").is_file() else None
+    weights = args.weights or {e.id: e.weights for e in config.extraction.encoders}.get(encoder_id)
     result = export_study_model(
-        args.mil,
+        mil_dir,
         out=args.out,
-        weights=args.weights,
-        fold=args.fold,
+        weights=weights,
+        fold=args.fold if args.fold is not None else config.export.fold,
         tiles_dir=args.tiles,
-        fp16=args.fp16,
+        fp16=args.fp16 or config.export.fp16,
         overwrite=args.overwrite,
         expect_encoder=args.encoder,
     )
@@ -355,6 +377,41 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return pipeline_main(args.pipeline_args)
 
 
+# Commands whose output root may be gs://: they write to a local staging folder, then upload it.
+OUTPUT_ARGS = {
+    "sample-data": "out",
+    "tile": "out",
+    "extract": "out",
+    "train": "out",
+    "cka": "out",
+    "export": "out",
+    "predict": "out",
+    "run": "output_dir",
+}
+
+
+def _output(value: str) -> Path | str:
+    """An output root: a local Path, or a gs:// URI kept as text (Path would fold its '//')."""
+    return value if is_gcs_uri(value) else Path(value)
+
+
+def _run_with_remote_output(args: argparse.Namespace) -> int:
+    """Run the command into the URI's staging folder (resumable), then upload it (see upload_tree)."""
+    attr = OUTPUT_ARGS.get(args.command)
+    remote = getattr(args, attr, None) if attr else None
+    if not isinstance(remote, str):
+        return args.func(args)
+    local = staging_dir(remote)
+    print(f"output {remote}: written to {local} first, uploaded when the command has finished")
+    setattr(args, attr, local)
+    status = args.func(args)
+    if status == EXIT_BAD_INPUT:
+        return status
+    stats = upload_tree(local, remote)
+    print(f"uploaded {remote}: {stats['uploaded']} object(s) written, {stats['skipped']} already there")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histotransfer", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"histotransfer {__version__}")
@@ -366,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
 
     p = sub.add_parser("sample-data", help="build the sample cohort from real H&E pixels")
-    p.add_argument("out", type=Path, help="output folder (slides/, masks/, manifest.csv)")
+    p.add_argument("out", type=_output, help="output folder (slides/, masks/, manifest.csv) or gs://")
     p.add_argument("--n-slides", type=int)
     p.add_argument("--positive-fraction", type=float)
     p.add_argument("--lesion-fraction", type=float, help="lesion area as a fraction of tissue")
@@ -378,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tile", help="tile the slides of a manifest")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="tiles folder")
+    p.add_argument("--out", type=_output, required=True, help="tiles folder (or gs://BUCKET/FOLDER)")
     p.add_argument("--target-mpp", type=float)
     p.add_argument("--patch-size", type=int, help="tile side in pixels at the target mpp")
     p.add_argument("--overlap", type=float)
@@ -392,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=Path, required=True, help="tiles folder (from `histotransfer tile`)")
     p.add_argument("--encoder", required=True, help="ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`")
     p.add_argument("--weights", help="checkpoint file, hf-hub:ORG/NAME or timm (default: per encoder id)")
-    p.add_argument("--out", type=Path, required=True, help="features root; writes OUT/ENCODER_ID/*.h5")
+    p.add_argument("--out", type=_output, required=True, help="features root; writes OUT/ENCODER_ID/*.h5")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int)
@@ -407,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="cross-validate attention-MIL on one encoder's features")
     p.add_argument("manifest", type=Path)
     p.add_argument("--features", type=Path, required=True, help="the encoder's folder: FEATURES/ENCODER_ID")
-    p.add_argument("--out", type=Path, required=True, help="MIL root; writes OUT/ENCODER_ID/")
+    p.add_argument("--out", type=_output, required=True, help="MIL root; writes OUT/ENCODER_ID/")
     p.add_argument(
         "--tiles", type=Path, help="tiles folder: checks alignment, enables heatmaps and localisation"
     )
@@ -451,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-b")
     p.add_argument("--name-a", help="name in the output file (default: the id)")
     p.add_argument("--name-b")
-    p.add_argument("--out", type=Path, required=True, help="cka folder; writes OUT/A__B.json and .png")
+    p.add_argument("--out", type=_output, required=True, help="cka folder; writes OUT/A__B.json and .png")
     p.add_argument("--n-tiles", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -462,21 +519,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="export a MIL result (one fold's head and its encoder) as an ONNX bundle"
     )
-    p.add_argument("--mil", type=Path, required=True, help="the MIL result folder: STUDY/mil/ENCODER_ID")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder, e.g. STUDY/onnx/NAME")
+    p.add_argument("--mil", type=Path, help="the MIL result folder: STUDY/mil/ENCODER_ID")
+    p.add_argument(
+        "--study", type=Path, help="or a study folder: exports its best model (the report's first)"
+    )
+    p.add_argument("--out", type=_output, required=True, help="bundle folder, e.g. STUDY/onnx/NAME")
     p.add_argument("--encoder", help="the encoder id (checked against the MIL result; default: its id)")
     p.add_argument("--weights", help="the encoder's weights as given to extract (fine-tuned: found per fold)")
     p.add_argument("--fold", type=int, help="default: the fold with the lowest validation loss")
     p.add_argument("--tiles", type=Path, help="the study's tiles folder (default: STUDY/tiles)")
     p.add_argument("--fp16", action="store_true", help="float16 encoder for GPUs")
     p.add_argument("--overwrite", action="store_true")
+    add_config(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify slides with an ONNX bundle (ONNX Runtime only, no torch)")
     p.add_argument("slides", help="a slide file, a gs:// URI or a manifest CSV (label column optional)")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder from `histotransfer export`")
     p.add_argument(
-        "--out", type=Path, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
+        "--out", type=_output, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
     )
     p.add_argument("--mpp", type=float, help="um/px of a single slide that records no resolution")
     p.add_argument("--batch-size", type=int, default=64)
@@ -489,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
     p.add_argument("study", type=Path, help="the study's output_dir")
     p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: STUDY/onnx/best if any)")
+    p.add_argument("--metrics", type=Path, help="also write a flat metrics JSON here (dvc metrics)")
+    p.add_argument("--plots", type=Path, help="also write ROC and truncation CSVs here (dvc plots)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -501,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encoders)
 
     p = sub.add_parser("run", help="run the whole study (default config: the embedded demo)")
-    p.add_argument("--output-dir", type=Path)
+    p.add_argument("--output-dir", type=_output, help="local folder or gs://BUCKET/FOLDER")
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
     p.set_defaults(func=cmd_run)
@@ -518,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("onnx_ir", "onnxscript", "torch.onnx"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        return _run_with_remote_output(args)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SLIDES_FAILED
     except (
         ConfigError,
         ManifestError,

@@ -182,6 +182,16 @@ class StudyConfig(_Section):
     export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
 
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _local_output(cls, value: Any) -> Any:
+        if str(value).startswith("gs:"):
+            raise ValueError(
+                "a gs:// output root is given on the command line (`histotransfer run --output-dir "
+                "gs://BUCKET/FOLDER`): the study runs in a local staging folder and is uploaded"
+            )
+        return value
+
     @model_validator(mode="after")
     def _has_cohort(self) -> StudyConfig:
         if self.manifest is None and not self.sample_data.enabled:

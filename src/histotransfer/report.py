@@ -352,3 +352,42 @@ def inline_images(html_path: Path) -> str:
         return f'src="data:image/png;base64,{data}"'
 
     return re.sub(r'src="([^"]+\.png)"', embed, Path(html_path).read_text(encoding="utf-8"))
+
+
+def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots: Path | None) -> None:
+    """Files experiment trackers read (DVC's `metrics show` / `plots show`): a flat metrics JSON (per
+    encoder: pooled metrics, the AUC interval, localisation), per-encoder out-of-fold ROC points as CSV,
+    and the truncation curve's points as CSV."""
+    if metrics is not None:
+        table = {}
+        for r in sorted(results, key=MILResult.rank_key):
+            pooled = r.metrics["pooled"]
+            row = {name: pooled[name]["value"] for name in METRIC_NAMES if pooled[name]["value"] is not None}
+            if pooled["auc"]["ci_low"] is not None:
+                row |= {"auc_ci_low": pooled["auc"]["ci_low"], "auc_ci_high": pooled["auc"]["ci_high"]}
+            if (loc := r.metrics["localisation"]["mean_auroc"]) is not None:
+                row["localisation_auroc"] = loc
+            table[r.encoder_id] = row
+        write_text_atomic(metrics, json.dumps(table, indent=1))
+    if plots is None:
+        return
+    for r in results:
+        with (r.out_dir / "predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        classes = r.metrics["classes"]
+        y = np.array([classes.index(row["label"]) for row in rows])
+        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+        if (points := roc_points(y, probs)) is not None:
+            lines = ["fpr,tpr", *(f"{a:.6f},{b:.6f}" for a, b in zip(*points, strict=True))]
+            write_text_atomic(Path(plots) / "roc" / f"{r.encoder_id}.csv", "\n".join(lines) + "\n")
+    lines = ["encoder,arch,cut,depth,auc,localisation_auroc"]
+    for r in results:
+        if (enc := _encoder(r.encoder_id)) is None:
+            continue
+        cuts = list_cut_points(enc.arch)
+        depth = cuts.index(enc.cut) if enc.cut else len(cuts)
+        auc = r.metrics["pooled"]["auc"]["value"]
+        loc = r.metrics["localisation"]["mean_auroc"]
+        values = ["" if v is None else f"{v:.6f}" for v in (auc, loc)]
+        lines.append(",".join([r.encoder_id, enc.arch, enc.cut or "full", str(depth), *values]))
+    write_text_atomic(Path(plots) / "truncation.csv", "\n".join(lines) + "\n")

@@ -90,3 +90,98 @@ def fetch_gcs(uri: str, *, client=None, cache_root: Path | None = None) -> Path:
     except gexc.GoogleAPIError as exc:
         raise StorageError(f"download of {uri} failed: {exc}") from exc
     return out
+
+
+# ---------------------------------------------------------------------------------------- outputs on GCS
+
+COMPLETE_MARKER = "_HISTOTRANSFER_COMPLETE.json"  # written last: an output tree without it is unfinished
+
+
+def parse_gcs_prefix(uri: str) -> tuple[str, str]:
+    """``gs://bucket/some/folder`` -> (bucket, ``some/folder``); the folder may be empty."""
+    if not is_gcs_uri(uri):
+        raise StorageError(f"not a gs:// URI: {uri!r}")
+    bucket, _, prefix = uri[len(GCS_PREFIX) :].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise StorageError(f"malformed GCS URI {uri!r}: expected gs://BUCKET[/FOLDER]")
+    return bucket, prefix.strip("/")
+
+
+def staging_dir(uri: str) -> Path:
+    """The local folder a command writes a gs:// output root into before uploading it; stable per URI,
+    so a rerun resumes from what is already there."""
+    import hashlib
+
+    bucket, prefix = parse_gcs_prefix(uri)
+    digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
+    return cache_dir() / "gcs-outputs" / digest
+
+
+def _retry():
+    """Retries with exponential backoff for transient errors (also for uploads, which google-cloud-
+    storage retries by default only when conditional); the deadline is HISTOTRANSFER_GCS_RETRY_S."""
+    import os
+
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_deadline(float(os.environ.get("HISTOTRANSFER_GCS_RETRY_S", "120")))
+
+
+def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
+    """Upload every file under ``local`` to ``uri`` (a gs:// folder), then the completion marker.
+
+    Each object is written by one request, so it appears only complete (never half-written); objects
+    that already hold the same bytes (md5) are skipped, so a rerun after a failure resumes. Transient
+    errors are retried with backoff; a failure that outlasts the retries is a StorageError naming the
+    object, and the marker is not written.
+    """
+    import hashlib
+    import json
+
+    from google.api_core import exceptions as gexc
+    from requests import exceptions as rexc
+
+    local = Path(local)
+    bucket_name, prefix = parse_gcs_prefix(uri)
+    client = client or gcs_client()
+    bucket = client.bucket(bucket_name)
+
+    def key(rel: str) -> str:
+        return f"{prefix}/{rel}" if prefix else rel
+
+    retry = _retry()
+    files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    uploaded = skipped = 0
+    listing = {}
+    try:
+        existing = {
+            b.name: b.md5_hash for b in client.list_blobs(bucket_name, prefix=prefix or None, retry=retry)
+        }
+        for path in files:
+            rel = path.relative_to(local).as_posix()
+            md5 = base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+            listing[rel] = md5
+            if existing.get(key(rel)) == md5:
+                skipped += 1
+                continue
+            blob = bucket.blob(key(rel))
+            blob.upload_from_filename(str(path), checksum="md5", retry=retry)
+            uploaded += 1
+        marker = {"files": listing, "count": len(listing)}
+        bucket.blob(key(COMPLETE_MARKER)).upload_from_string(
+            json.dumps(marker, indent=1), content_type="application/json", retry=retry
+        )
+    except (gexc.GoogleAPIError, rexc.RequestException, ConnectionError) as exc:
+        raise StorageError(
+            f"upload to {uri} failed after retries ({type(exc).__name__}: {exc}); {uploaded} object(s) "
+            f"uploaded, none half-written, no {COMPLETE_MARKER} written: rerun to resume"
+        ) from exc
+    return {"uploaded": uploaded, "skipped": skipped}
+
+
+def is_complete(uri: str, *, client=None) -> bool:
+    """True when a gs:// output folder carries the completion marker."""
+    bucket_name, prefix = parse_gcs_prefix(uri)
+    client = client or gcs_client()
+    name = f"{prefix}/{COMPLETE_MARKER}" if prefix else COMPLETE_MARKER
+    return client.bucket(bucket_name).get_blob(name) is not None
