@@ -10,7 +10,8 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_CPU := $(REGISTRY)/histotransfer:$(VERSION)
 IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
 
-.PHONY: setup test test-fast demo lint format bench clean image image-gpu push pipeline-compile pipeline-local
+.PHONY: setup test test-fast demo lint format bench clean image image-gpu push pipeline-compile pipeline-local \
+	dvc-repro dvc-remote
 
 setup: $(STAMP)
 
@@ -57,6 +58,16 @@ pipeline-compile: setup
 
 pipeline-local: setup
 	$(BIN)/histotransfer pipeline run-local --config params.yaml --pipeline-root runs/kfp-local
+
+dvc-repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# A local DVC remote for the demo (outside the repository; recorded in .dvc/config.local, not committed).
+DVC_REMOTE ?= $(HOME)/.cache/histotransfer/dvc-remote
+dvc-remote: setup
+	mkdir -p $(DVC_REMOTE)
+	$(BIN)/dvc remote add --local --default --force demo $(DVC_REMOTE)
+	@echo "remote 'demo' -> $(DVC_REMOTE): dvc push / dvc pull"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

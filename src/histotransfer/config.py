@@ -135,12 +135,17 @@ class FinetuneConfig(_Section):
     max_loss: float = Field(1e3, gt=0)
     seed: int = 0
 
-    @field_validator("encoders")
+    @field_validator("encoders", mode="before")
     @classmethod
-    def _known_encoders(cls, value: list[str]) -> list[str]:
+    def _known_encoders(cls, value: Any) -> Any:
+        """Ids as text or as ``{id: ...}`` (the form dvc.yaml's foreach needs: it names stages by
+        list values, and an id's ``@`` would break the name)."""
         from histotransfer.encoders import parse_encoder_id
 
-        return [str(parse_encoder_id(v)) for v in value]
+        if not isinstance(value, list):
+            return value
+        ids = [v.get("id") if isinstance(v, dict) and set(v) == {"id"} else v for v in value]
+        return [str(parse_encoder_id(v)) if isinstance(v, str) else v for v in ids]
 
 
 class CKAConfig(_Section):
