@@ -164,3 +164,25 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     final.pop(COMPLETE_MARKER)
     assert final == {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
     proxy.close()
+
+
+def test_cli_reads_a_gs_manifest_of_gs_slides(gcs, sample_cohort, tmp_path, capsys):
+    from histotransfer.cli import main
+
+    rows = []
+    for record in read_manifest(sample_cohort)[:2]:
+        gcs.blob(f"in/{record.slide_id}.svs").upload_from_filename(record.path)
+        rows.append(
+            {"slide_id": record.slide_id, "path": f"gs://{BUCKET}/in/{record.slide_id}.svs", "label": "x"}
+        )
+    gcs.blob("in/manifest.csv").upload_from_filename(str(write_csv(tmp_path / "m.csv", rows)))
+    out = tmp_path / "tiles"
+    assert main(["tile", f"gs://{BUCKET}/in/manifest.csv", "--out", str(out)]) == 0
+    assert "2 of 2 slide(s) ready" in capsys.readouterr().out
+    tile_cohort(read_manifest(sample_cohort)[:2], out_dir=tmp_path / "local", tiling=TilingConfig())
+    for row in rows:
+        with (
+            h5py.File(out / f"{row['slide_id']}.h5") as a,
+            h5py.File(tmp_path / "local" / f"{row['slide_id']}.h5") as b,
+        ):
+            np.testing.assert_array_equal(a["coords"][:], b["coords"][:])

@@ -27,7 +27,7 @@ from histotransfer.errors import (
 )
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
-from histotransfer.storage import StorageError, is_gcs_uri, staging_dir, upload_tree
+from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri, staging_dir, upload_tree
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -397,6 +397,8 @@ def _output(value: str) -> Path | str:
 
 def _run_with_remote_output(args: argparse.Namespace) -> int:
     """Run the command into the URI's staging folder (resumable), then upload it (see upload_tree)."""
+    if isinstance(getattr(args, "manifest", None), str):  # a gs:// manifest: its verified local copy
+        args.manifest = fetch_gcs(args.manifest)
     attr = OUTPUT_ARGS.get(args.command)
     remote = getattr(args, attr, None) if attr else None
     if not isinstance(remote, str):
@@ -434,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample_data)
 
     p = sub.add_parser("tile", help="tile the slides of a manifest")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument("--out", type=_output, required=True, help="tiles folder (or gs://BUCKET/FOLDER)")
     p.add_argument("--target-mpp", type=float)
     p.add_argument("--patch-size", type=int, help="tile side in pixels at the target mpp")
@@ -445,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tile)
 
     p = sub.add_parser("extract", help="extract patch features of tiled slides with one encoder")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument("--tiles", type=Path, required=True, help="tiles folder (from `histotransfer tile`)")
     p.add_argument("--encoder", required=True, help="ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`")
     p.add_argument("--weights", help="checkpoint file, hf-hub:ORG/NAME or timm (default: per encoder id)")
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="cross-validate attention-MIL on one encoder's features")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument("--features", type=Path, required=True, help="the encoder's folder: FEATURES/ENCODER_ID")
     p.add_argument("--out", type=_output, required=True, help="MIL root; writes OUT/ENCODER_ID/")
     p.add_argument(
@@ -480,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune", help="attention top-k fine-tuning in every fold, then features and MIL again"
     )
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument(
         "--study", type=Path, required=True, help="folder with tiles/, features/ and mil/ of the frozen run"
     )
@@ -500,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("cka", help="layer-by-layer CKA of two encoders on the same tiles")
-    p.add_argument("manifest", type=Path)
+    p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument("--tiles", type=Path, required=True)
     p.add_argument("--a", required=True, help="encoder id")
     p.add_argument("--b", required=True, help="encoder id (e.g. resnet18+ft with --weights-b FILE)")

@@ -28,14 +28,14 @@ from histotransfer.manifest import SlideRecord, check_slide_id, read_manifest
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.slides import local_slide_path, open_slide
-from histotransfer.storage import is_gcs_uri
+from histotransfer.storage import fetch_gcs, is_gcs_uri
 from histotransfer.tiling import TileSet, load_tiles, read_tile, tile_slide
 
 
 def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRecord]:
     """Records for a manifest (``.csv``; labels optional) or for one slide file or ``gs://`` URI."""
     if target.lower().endswith(".csv"):
-        return read_manifest(target, labels=False)
+        return read_manifest(fetch_gcs(target) if is_gcs_uri(target) else target, labels=False)
     name = target.rstrip("/").rsplit("/", 1)[-1]
     slide_id = name.rsplit(".", 1)[0] if "." in name else name
     if why := check_slide_id(slide_id):
