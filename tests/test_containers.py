@@ -40,14 +40,20 @@ def test_hadolint_passes():
 
 def test_cpu_and_gpu_targets_run_histotransfer_as_non_root():
     all_stages = stages()
-    assert {"cpu", "gpu"} <= set(all_stages)
+    assert {"cpu", "gpu", "runtime"} <= set(all_stages)
+    runtime = {i["instruction"]: i["value"] for i in all_stages["runtime"]}
+    assert runtime["USER"] == "10001:10001"
+    assert runtime["ENTRYPOINT"] == '["/usr/local/bin/entrypoint.sh"]'
     for target in ("cpu", "gpu"):
-        instructions = {i["instruction"]: i["value"] for i in all_stages[target]}
-        assert instructions["USER"] == "10001:10001"
-        assert instructions["ENTRYPOINT"] == '["/usr/local/bin/entrypoint.sh"]'
-    gpu_build = " ".join(i["value"] for i in all_stages["build-gpu"])
-    assert "onnxruntime-gpu==" in gpu_build
-    assert "onnxruntime-gpu" not in " ".join(i["value"] for i in all_stages["build-cpu"])
+        instructions = [(i["instruction"], i["value"]) for i in all_stages[target]]
+        assert instructions[0] == ("FROM", f"runtime AS {target}")  # inherits user and entrypoint
+        assert not any(name in ("USER", "RUN") for name, _ in instructions)  # nothing runs as root after
+
+    def runs(stage: str) -> str:
+        return " ".join(i["value"] for i in all_stages[stage] if i["instruction"] == "RUN")
+
+    assert "onnxruntime-gpu==" in runs("build-gpu")
+    assert "onnxruntime-gpu" not in runs("build-cpu")
 
 
 def test_base_image_and_versions_are_pinned_and_agree():

@@ -261,18 +261,12 @@ def finetune(
     """Fine-tuning of every ``finetune.encoders`` id in every fold, then MIL on its features (what
     `histotransfer run` does after the frozen study)."""
     from histotransfer.finetune_stage import finetuned_id
-    from histotransfer.study import StudyOutputs, finetune_and_compare
+    from histotransfer.study import finetune_and_compare
 
     config = study_config(extraction=extraction, mil=mil, finetune=finetune, cka=cka, evaluation=evaluation)
     with study_view(inputs, output) as root:
-        records = read_manifest(_manifest(root))
-        outputs = StudyOutputs(
-            manifest=_manifest(root),
-            tiles_dir=root / "tiles",
-            features_dir=root / "features",
-            mil_dir=root / "mil",
-        )
-        finetune_and_compare(config, outputs, _tiled_records(root) if records else [], cka=False)
+        outputs = _study_outputs(root)
+        finetune_and_compare(config, outputs, _tiled_records(root), cka=False)
         tuned = {finetuned_id(e) for e in config.finetune.encoders}
         metrics = {
             r.encoder_id: classification_summary(r.out_dir)["metrics"]
@@ -293,16 +287,11 @@ def cka(
     cka: dict | None = None,
 ) -> list[str]:
     """Frozen vs fold ``cka.fold``'s fine-tuned encoder, layer by layer, for every fine-tuned encoder."""
-    from histotransfer.study import StudyOutputs, compare_finetuned
+    from histotransfer.study import compare_finetuned
 
     config = study_config(extraction=extraction, finetune=finetune, cka=cka)
     with study_view(inputs, output) as root:
-        outputs = StudyOutputs(
-            manifest=_manifest(root),
-            tiles_dir=root / "tiles",
-            features_dir=root / "features",
-            mil_dir=root / "mil",
-        )
+        outputs = _study_outputs(root)
         for encoder_id in config.finetune.encoders:
             compare_finetuned(config, outputs, _tiled_records(root), encoder_id)
         (root / "cka").mkdir(exist_ok=True)  # an empty section when nothing was fine-tuned
@@ -420,6 +409,17 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
         "confusion_matrix": matrix,
         "roc": roc,
     }
+
+
+def _study_outputs(root: Path):
+    from histotransfer.study import StudyOutputs
+
+    return StudyOutputs(
+        manifest=_manifest(root),
+        tiles_dir=root / "tiles",
+        features_dir=root / "features",
+        mil_dir=root / "mil",
+    )
 
 
 def _stage_stats(result) -> dict[str, Any]:

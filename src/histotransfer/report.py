@@ -114,15 +114,20 @@ def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
     return True
 
 
+def _oof_roc(r: MILResult) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fpr, tpr) of a MIL result's out-of-fold predictions, or None when there is no curve."""
+    with (r.out_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    classes = r.metrics["classes"]
+    y = np.array([classes.index(row["label"]) for row in rows])
+    probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+    return roc_points(y, probs)
+
+
 def _roc_all(results: Sequence[MILResult], path: Path) -> bool:
     curves = {}
     for r in results:
-        with (r.out_dir / "predictions.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        classes = r.metrics["classes"]
-        y = np.array([classes.index(row["label"]) for row in rows])
-        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
-        if (points := roc_points(y, probs)) is not None:
+        if (points := _oof_roc(r)) is not None:
             curves[r.encoder_id] = (*points, r.metrics["pooled"]["auc"]["value"])
     if curves:
         plot_roc(path, curves, "out-of-fold ROC, all encoders")
@@ -372,12 +377,7 @@ def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots:
     if plots is None:
         return
     for r in results:
-        with (r.out_dir / "predictions.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        classes = r.metrics["classes"]
-        y = np.array([classes.index(row["label"]) for row in rows])
-        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
-        if (points := roc_points(y, probs)) is not None:
+        if (points := _oof_roc(r)) is not None:
             lines = ["fpr,tpr", *(f"{a:.6f},{b:.6f}" for a, b in zip(*points, strict=True))]
             write_text_atomic(Path(plots) / "roc" / f"{r.encoder_id}.csv", "\n".join(lines) + "\n")
     lines = ["encoder,arch,cut,depth,auc,localisation_auroc"]
