@@ -72,14 +72,13 @@ def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str
     return args
 
 
-def run_local(config: Path, pipeline_root: Path, shards: int) -> Path:
+def run_local(pipeline: str, config: Path | None, params: list[str], pipeline_root: Path) -> Path | None:
+    """Run a pipeline with kfp.local in this environment; the study returns its report page."""
     from kfp import local
 
-    from pipelines import study
-
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    task = study.build()(**{**arguments(config, [], "study"), "shards": shards})
-    return Path(task.output.path)
+    task = build(pipeline, PipelineOptions())(**arguments(config, params, pipeline))
+    return Path(task.output.path) if pipeline == "study" else None
 
 
 def submit(args: argparse.Namespace) -> str:
@@ -116,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compile", help="compile the pipelines to YAML")
     p.add_argument("--out-dir", type=Path, default=REPO / "pipelines")
     add_options(p)
-    p = sub.add_parser("run-local", help="run the study pipeline here (kfp.local SubprocessRunner)")
+    p = sub.add_parser("run-local", help="run a pipeline here (kfp.local SubprocessRunner)")
+    p.add_argument("--pipeline", choices=PIPELINES, default="study")
     p.add_argument("--config", type=Path, default=PARAMS, help="params.yaml schema (default: the demo)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="pipeline parameter (YAML value)")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs/kfp-local"))
-    p.add_argument("--shards", type=int, default=2)
     p = sub.add_parser("submit", help="compile and start a run on a KFP endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--pipeline", choices=PIPELINES, default="study")
@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in PIPELINES:
             print(f"compiled {compile_pipeline(name, args.out_dir / f'{name}.yaml', options)}")
     elif args.command == "run-local":
-        report = run_local(args.config, args.pipeline_root.resolve(), args.shards)
-        print(f"pipeline finished; artifacts under {args.pipeline_root.resolve()}")
-        print(f"  report (single page): {report}")
-        print(f"  report folder: {report.parent / 'report_dir' / 'report' / 'index.html'}")
+        root = args.pipeline_root.resolve()
+        report = run_local(args.pipeline, args.config, args.param or [], root)
+        print(f"pipeline {args.pipeline} finished; artifacts under {root}")
+        if report is not None:
+            print(f"  report (single page): {report}")
+            print(f"  report folder: {report.parent / 'report_dir' / 'report' / 'index.html'}")
     else:
         run_id = submit(args)
         print(json.dumps({"run_id": run_id, "host": args.host, "experiment": args.experiment}))

@@ -166,11 +166,11 @@ def test_run_local_runs_the_whole_study_pipeline(tmp_path):
     root = tmp_path / "kfp"
     proc = subprocess.run(
         [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--config", str(config),
-         "--pipeline-root", str(root), "--shards", "2"],
+         "--pipeline-root", str(root), "--param", "shards=2"],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"artifacts under {root}" in proc.stdout
+    assert f"pipeline study finished; artifacts under {root}" in proc.stdout
     run = next(root.iterdir())
     tiles = run / "merge-shards" / "merged" / "tiles"
     assert len(list(tiles.glob("*.h5"))) == 6  # two shards merged
@@ -191,3 +191,17 @@ def test_run_local_runs_the_whole_study_pipeline(tmp_path):
     )
     assert "auc" in metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert "confusionMatrix" in metrics["artifacts"]["classification"]["artifacts"][0]["metadata"]
+
+
+@pytest.mark.integration
+def test_inference_pipeline_runs_locally_on_a_bundle(small_study, tmp_path, capsys):
+    bundle = small_study.root / "onnx" / "best"
+    manifest = small_study.root / "cohort" / "manifest.csv"
+    args = ["run-local", "--pipeline", "inference", "--pipeline-root", str(tmp_path / "kfp")]
+    assert pipeline_main([*args, "--param", f"bundle_uri={bundle}", "--param", f"slides={manifest}"]) == 0
+    assert "pipeline inference finished" in capsys.readouterr().out
+    step = next((tmp_path / "kfp").iterdir()) / "predict-step"
+    rows = (step / "predictions" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 7
+    assert all(",done," in r for r in rows[1:])
+    assert (step / "summary").read_text().startswith("# Predictions")
