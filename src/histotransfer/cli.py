@@ -374,7 +374,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    return pipeline_main(args.pipeline_args)
+    rest = args.pipeline_args[1:] if args.pipeline_args[:1] == ["--"] else args.pipeline_args
+    return pipeline_main(rest)
 
 
 # Commands whose output root may be gs://: they write to a local staging folder, then upload it.
@@ -574,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pipeline"]:  # its own parser (and -h) lives in pipelines/cli.py
+        argv = ["pipeline", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
