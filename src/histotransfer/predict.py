@@ -66,16 +66,16 @@ def tile_batches(slide_path: Path, tiles: TileSet, *, batch_size: int, readers: 
         return read_tile(local.slide, tiles, index)
 
     n = len(tiles.coords)
-    starts = range(0, n, batch_size)
     with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader") as pool:
+
+        def submit(start: int) -> list:
+            return [pool.submit(read, i) for i in range(start, min(n, start + batch_size))]
+
+        pending: list = []
         try:
-
-            def submit(start: int):
-                return [pool.submit(read, i) for i in range(start, min(n, start + batch_size))]
-
-            pending = submit(0) if n else []
-            for start in starts:
-                current, pending = pending, submit(start + batch_size) if start + batch_size < n else []
+            pending = submit(0)
+            for start in range(0, n, batch_size):
+                current, pending = pending, submit(start + batch_size)  # read ahead one batch
                 yield np.stack([f.result() for f in current]).transpose(0, 3, 1, 2)  # (b, 3, p, p)
         finally:
             for future in pending:
