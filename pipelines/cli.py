@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from histotransfer.config import parse_assignments
 from pipelines.options import PARAMS, REPO, PipelineOptions, default_parameters
 
 PIPELINES = ("study", "inference")
@@ -47,23 +46,12 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
     )
 
 
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """``k=v`` pairs; values are YAML (so ``mil={epochs: 5}`` and ``shards=8`` both work)."""
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--param expects NAME=VALUE, got {pair!r}")
-        params[key] = yaml.safe_load(value)
-    return params
-
-
 def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str, Any]:
     """Run arguments: the config file's sections (study), then --param overrides; validated."""
     from histotransfer.orchestration import SECTIONS, study_config
 
     args: dict[str, Any] = default_parameters(config) if (config and pipeline == "study") else {}
-    for key, value in parse_params(params).items():
+    for key, value in parse_assignments(params, option="--param").items():  # mil={epochs: 5}, shards=8
         if isinstance(value, dict) and isinstance(args.get(key), dict):
             value = {**args[key], **value}  # a section given in part keeps the file's other keys
         args[key] = value

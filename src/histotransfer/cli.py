@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from histotransfer import __version__
-from histotransfer.config import StudyConfig, load_config
+from histotransfer.config import StudyConfig, load_config, parse_assignments
 from histotransfer.errors import (
     AssetError,
     BundleError,
@@ -32,20 +32,8 @@ from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri, staging_d
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _parse_set(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. tiling.target_mpp=1.0), got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 def _config(args: argparse.Namespace, flag_overrides: dict[str, Any]) -> StudyConfig:
-    overrides = _parse_set(getattr(args, "set", None) or [])
+    overrides = parse_assignments(getattr(args, "set", None) or [])
     overrides |= {k: v for k, v in flag_overrides.items() if v is not None}
     return load_config(args.config, overrides)
 
@@ -116,7 +104,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--encoder: {exc}") from exc
     # --weights wins; else the weights the config gives this encoder (e.g. params.yaml under DVC)
-    weights = args.weights or {e.id: e.weights for e in config.extraction.encoders}.get(encoder_id)
+    weights = args.weights or config.extraction.weights_for(encoder_id)
     records = read_manifest(args.manifest)
     settings = settings_from(config.extraction)
     encoder = build_encoder(encoder_id, weights=weights)
@@ -316,7 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ExportError(f"no MIL results under {args.study / 'mil'}: run the study first")
         mil_dir = best_result(results).out_dir
     encoder_id = MILResult.load(mil_dir).encoder_id if (mil_dir / "metrics.json").is_file() else None
-    weights = args.weights or {e.id: e.weights for e in config.extraction.encoders}.get(encoder_id)
+    weights = args.weights or config.extraction.weights_for(encoder_id)
     result = export_study_model(
         mil_dir,
         out=args.out,

@@ -88,6 +88,10 @@ class ExtractionConfig(_Section):
         "auto", description="auto: torch on GPU, ONNX Runtime on CPU (faster there)"
     )
 
+    def weights_for(self, encoder_id: str | None) -> str | None:
+        """The weights this section gives ``encoder_id`` (None: not listed, or its default weights)."""
+        return next((e.weights for e in self.encoders if e.id == encoder_id), None)
+
     @field_validator("encoders")
     @classmethod
     def _unique(cls, value: list[EncoderConfig]) -> list[EncoderConfig]:
@@ -233,7 +237,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot override {dotted}: {part} is not a section")
         node[leaf] = value
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str) -> StudyConfig:
+    """``data`` (sections as dicts) validated; a ConfigError lists each bad key of ``source``."""
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from exc
+
+
+def parse_assignments(pairs: list[str], *, option: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs of a command-line ``option``; values are YAML (``5``, ``{epochs: 5}``)."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE (e.g. tiling.target_mpp=1.0), got {pair!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed

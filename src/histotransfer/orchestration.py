@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from histotransfer.config import StudyConfig
+from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import ConfigError
 from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
 
@@ -34,14 +34,7 @@ def study_config(**sections: dict[str, Any] | None) -> StudyConfig:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-    from pydantic import ValidationError
-
-    from histotransfer.config import _format_errors
-
-    try:
-        return StudyConfig.model_validate({k: v for k, v in sections.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(_format_errors("pipeline parameters", exc)) from exc
+    return validate_config({k: v for k, v in sections.items() if v is not None}, "pipeline parameters")
 
 
 def link_tree(sources: Sequence[str | Path], root: Path) -> None:
@@ -309,11 +302,10 @@ def export(inputs: Sequence[str | Path], output: str | Path, *, export: dict | N
     with study_view(inputs, output) as root:
         results = [MILResult.load(p.parent) for p in sorted((root / "mil").glob("*/metrics.json"))]
         best = best_result(results)
-        weights = {e.id: e.weights for e in config.extraction.encoders}.get(best.encoder_id)
         result = export_study_model(
             best.out_dir,
             out=root / "onnx" / config.export.name,
-            weights=weights,
+            weights=config.extraction.weights_for(best.encoder_id),
             fold=config.export.fold,
             tiles_dir=root / "tiles",
             fp16=config.export.fp16,

@@ -86,12 +86,11 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
 def _export(config: StudyConfig, outputs: StudyOutputs, *, overwrite: bool) -> None:
     """Export the best model of the study as an ONNX bundle; a failure is recorded, not raised."""
     best = best_result(outputs.mil)
-    weights = {e.id: e.weights for e in config.extraction.encoders}.get(best.encoder_id)
     try:
         result = export_study_model(
             best.out_dir,
             out=config.output_dir / "onnx" / config.export.name,
-            weights=weights,
+            weights=config.extraction.weights_for(best.encoder_id),
             fold=config.export.fold,
             tiles_dir=outputs.tiles_dir,
             fp16=config.export.fp16,
@@ -133,8 +132,7 @@ def compare_finetuned(
         outputs.errors[f"{encoder_id} (cka)"] = f"no fine-tuned encoder for cka.fold {fold} ({weights})"
         return None
     if frozen is None:
-        spec = {e.id: e for e in config.extraction.encoders}.get(encoder_id)
-        frozen = build_encoder(encoder_id, weights=spec.weights if spec else None)
+        frozen = build_encoder(encoder_id, weights=config.extraction.weights_for(encoder_id))
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=weights)
     tiles = sample_tiles(records, outputs.tiles_dir, n_tiles=config.cka.tiles, seed=config.cka.seed)
