@@ -265,7 +265,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from histotransfer.mil_stage import MILResult
     from histotransfer.report import write_report
 
-    results = [MILResult.load(p.parent) for p in sorted((args.study / "mil").glob("*/metrics.json"))]
+    results = MILResult.load_all(args.study / "mil")
     if not results:
         print(
             f"error: no MIL results under {args.study / 'mil'} (run `histotransfer run` or `train`)",
@@ -299,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("give either --mil STUDY/mil/ENCODER_ID or --study STUDY (exports its best model)")
     mil_dir = args.mil
     if args.study is not None:
-        results = [MILResult.load(p.parent) for p in sorted((args.study / "mil").glob("*/metrics.json"))]
+        results = MILResult.load_all(args.study / "mil")
         if not results:
             raise ExportError(f"no MIL results under {args.study / 'mil'}: run the study first")
         mil_dir = best_result(results).out_dir

@@ -81,6 +81,11 @@ class MILResult:
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
+    @classmethod
+    def load_all(cls, mil_dir: Path) -> list[MILResult]:
+        """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
+        return [cls.load(p.parent) for p in sorted(Path(mil_dir).glob("*/metrics.json"))]
+
     def rank_key(self) -> tuple[float, float, float]:
         """Sort key, best first: pooled AUC, then balanced accuracy, then attention localisation."""
 

@@ -300,7 +300,7 @@ def export(inputs: Sequence[str | Path], output: str | Path, *, export: dict | N
 
     config = study_config(export=export, extraction=extraction)
     with study_view(inputs, output) as root:
-        results = [MILResult.load(p.parent) for p in sorted((root / "mil").glob("*/metrics.json"))]
+        results = MILResult.load_all(root / "mil")
         best = best_result(results)
         result = export_study_model(
             best.out_dir,
@@ -328,7 +328,7 @@ def report(inputs: Sequence[str | Path], output: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="histotransfer-report-") as tmp:
         root = Path(tmp)
         link_tree(inputs, root)
-        results = [MILResult.load(p.parent) for p in sorted((root / "mil").glob("*/metrics.json"))]
+        results = MILResult.load_all(root / "mil")
         bundles = sorted(p.parent for p in (root / "onnx").glob("*/bundle.json"))
         path = write_report(
             results,
