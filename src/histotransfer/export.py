@@ -32,9 +32,9 @@ from histotransfer.bundle import (
     read_spec,
 )
 from histotransfer.config import TilingConfig
-from histotransfer.encoders import Encoder, EncoderId, build_encoder, parse_encoder_id
+from histotransfer.encoders import Encoder, build_encoder, parse_encoder_id
 from histotransfer.errors import BundleError, ExportError
-from histotransfer.finetune_stage import FT_TAG
+from histotransfer.finetune_stage import fold_encoder_file, frozen_id
 from histotransfer.mil import AttentionMIL
 from histotransfer.mil_stage import MILResult
 from histotransfer.onnx_export import (
@@ -95,12 +95,8 @@ def study_root(mil_dir: Path) -> Path:
 
 def finetuned_weights(mil_dir: Path, encoder_id: str, fold: int) -> Path | None:
     """Fold ``fold``'s fine-tuned encoder file for a fine-tuned id (``X+ft``, ``X+tag-ft``), else None."""
-    enc = parse_encoder_id(encoder_id)
-    if enc.tag is None or not (enc.tag == FT_TAG or enc.tag.endswith(f"-{FT_TAG}")):
-        return None
-    base_tag = enc.tag.removesuffix(FT_TAG).removesuffix("-") or None
-    base = str(EncoderId(enc.arch, enc.cut, base_tag))
-    return study_root(mil_dir) / "finetune" / base / f"fold{fold}" / "encoder.pt"
+    base = frozen_id(encoder_id)
+    return None if base is None else fold_encoder_file(study_root(mil_dir) / "finetune", base, fold)
 
 
 def study_tiling(tiles_dir: Path) -> TilingConfig:

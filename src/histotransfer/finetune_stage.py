@@ -44,6 +44,19 @@ def finetuned_id(encoder_id: str) -> str:
     return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}-{FT_TAG}" if enc.tag else FT_TAG))
 
 
+def frozen_id(encoder_id: str) -> str | None:
+    """The inverse of finetuned_id: ``X+ft`` -> ``X``, ``X+tag-ft`` -> ``X+tag``; None for other ids."""
+    enc = parse_encoder_id(encoder_id)
+    if enc.tag is None or not (enc.tag == FT_TAG or enc.tag.endswith(f"-{FT_TAG}")):
+        return None
+    return str(EncoderId(enc.arch, enc.cut, enc.tag.removesuffix(FT_TAG).removesuffix("-") or None))
+
+
+def fold_encoder_file(finetune_dir: Path, encoder_id: str, fold: int) -> Path:
+    """Where fold ``fold``'s fine-tuned copy of the frozen ``encoder_id`` is saved."""
+    return Path(finetune_dir) / encoder_id / f"fold{fold}" / "encoder.pt"
+
+
 def _frozen_folds(mil_dir: Path, records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
     """The folds of the frozen-feature MIL run, checked against the folds these records make now."""
     folds = make_folds(records, n_folds=mil.folds, val_fraction=mil.val_fraction, seed=mil.seed)
@@ -85,7 +98,7 @@ def finetune_study(
     paths = {r.slide_id: r.path for r in records}
     fold_encoders, extraction = {}, {}
     for fold in tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True):
-        out = finetune_dir / encoder_id / f"fold{fold.index}"
+        out = fold_encoder_file(finetune_dir, encoder_id, fold.index).parent
         head_file = mil_dir / encoder_id / f"fold{fold.index}" / "model.pt"
         expected = config_hash(
             {

@@ -13,7 +13,7 @@ from histotransfer.encoders import build_encoder
 from histotransfer.errors import ExportError
 from histotransfer.export import best_result, export_study_model
 from histotransfer.extraction import extract_cohort, settings_from
-from histotransfer.finetune_stage import finetune_study, finetuned_id
+from histotransfer.finetune_stage import finetune_study, finetuned_id, fold_encoder_file
 from histotransfer.manifest import read_manifest
 from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
 from histotransfer.report import write_report
@@ -127,7 +127,7 @@ def compare_finetuned(
 ) -> Path | None:
     """CKA of the frozen encoder vs fold ``cka.fold``'s fine-tuned one: ``cka/{a}__{b}.json``."""
     fold = config.cka.fold
-    weights = outputs.mil_dir.parent / "finetune" / encoder_id / f"fold{fold}" / "encoder.pt"
+    weights = fold_encoder_file(outputs.mil_dir.parent / "finetune", encoder_id, fold)
     if not weights.is_file():
         outputs.errors[f"{encoder_id} (cka)"] = f"no fine-tuned encoder for cka.fold {fold} ({weights})"
         return None
