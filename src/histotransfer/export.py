@@ -69,18 +69,15 @@ def best_result(results: list[MILResult]) -> MILResult:
 
 def choose_fold(mil_dir: Path) -> tuple[int, float | None]:
     """(fold, its validation loss) of the fold whose best epoch has the lowest validation loss."""
-    candidates = []
-    for history_file in sorted(Path(mil_dir).glob("fold*/history.json")):
-        history = json.loads(history_file.read_text())
-        best = history["history"][history["best_epoch"] - 1]["val_loss"]
-        candidates.append((best, history["fold"]))
-    if not candidates:
+    folds = sorted(int(p.parent.name.removeprefix("fold")) for p in Path(mil_dir).glob("fold*/history.json"))
+    if not folds:
         raise ExportError(f"{mil_dir} has no fold*/history.json: run `histotransfer train` first")
-    loss, fold = min(candidates)
+    loss, fold = min((fold_val_loss(mil_dir, fold), fold) for fold in folds)
     return fold, loss
 
 
 def fold_val_loss(mil_dir: Path, fold: int) -> float | None:
+    """The validation loss of fold ``fold``'s chosen epoch, from its history.json."""
     history_file = Path(mil_dir) / f"fold{fold}" / "history.json"
     if not history_file.is_file():
         raise ExportError(f"{history_file} not found: fold {fold} is not a fold of {mil_dir}")

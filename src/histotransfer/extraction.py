@@ -168,14 +168,15 @@ class OrtRunner:
             if not path.is_file():
                 export_encoder(enc, path, tile_px=tile_px)
             session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
-            self._check_parity(tile_px, path)
+            self._check_parity(tile_px, path, session)
             self._sessions[tile_px] = session
         return self._sessions[tile_px]
 
-    def _check_parity(self, tile_px: int, path: Path) -> None:
+    def _check_parity(self, tile_px: int, path: Path, session) -> None:
+        """The session extraction will use, checked against torch (one session per file, not two)."""
         probe = np.random.default_rng(0).integers(0, 256, (2, 3, tile_px, tile_px), dtype=np.uint8)
         try:
-            encoder_parity(self.encoder, path, [probe], tolerance=self.parity_rtol)
+            encoder_parity(self.encoder, path, [probe], tolerance=self.parity_rtol, sess=session)
         except ExportError as exc:
             raise ExportError(f"{exc}; use backend torch for this encoder") from exc
 

@@ -104,12 +104,13 @@ def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], *, tolera
 
 
 def encoder_parity(
-    encoder: Encoder, path: Path, batches: Sequence[np.ndarray], *, tolerance: float
+    encoder: Encoder, path: Path, batches: Sequence[np.ndarray], *, tolerance: float, sess=None
 ) -> Parity:
     """Run uint8 batches (b, 3, p, p) through torch (fp32, CPU) and the exported file; ExportError when
-    they disagree beyond ``tolerance``."""
+    they disagree beyond ``tolerance``. ``sess``: the caller's session of ``path`` (default: a CPU one)."""
     module = encoder.module.cpu().eval()
-    sess = session(path, threads=torch.get_num_threads(), providers=["CPUExecutionProvider"])
+    if sess is None:
+        sess = session(path, threads=torch.get_num_threads(), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
         expected = [module(torch.from_numpy(b)).numpy() for b in batches]
     got = [sess.run(None, {ENCODER_INPUT: b})[0] for b in batches]
