@@ -6,7 +6,6 @@ Exit status: 0 success, 1 some slides failed (the rest finished), 2 unusable inp
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from histotransfer.errors import (
     TrainingError,
     WeightsError,
 )
+from histotransfer.logs import configure_logging
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
 from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri, staging_dir, upload_tree
@@ -567,13 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["pipeline"]:  # its own parser (and -h) lives in pipelines/cli.py
         argv = ["pipeline", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # the ONNX exporter logs every optimisation pass at INFO
-        for name in ("onnx_ir", "onnxscript", "torch.onnx"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     try:
         return _run_with_remote_output(args)
     except StorageError as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import ConfigError
+from histotransfer.logs import configure_logging
 from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -438,8 +439,6 @@ def _featured_records(root: Path, encoder: str) -> list[SlideRecord]:
 
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Run a stage with logging configured as the CLI does (components call this)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging()
     os.environ.setdefault("TQDM_MININTERVAL", "5")
     return fn(*args, **kwargs)
