@@ -81,6 +81,17 @@ class MILResult:
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
+    def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Out-of-fold (labels, probabilities (n, classes), predicted classes) from predictions.csv,
+        class indices in ``metrics["classes"]`` order."""
+        classes = self.metrics["classes"]
+        with (self.out_dir / "predictions.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        y = np.array([classes.index(row["label"]) for row in rows], dtype=int)
+        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]).reshape(len(rows), -1)
+        predicted = np.array([classes.index(row["prediction"]) for row in rows], dtype=int)
+        return y, probs, predicted
+
     @classmethod
     def load_all(cls, mil_dir: Path) -> list[MILResult]:
         """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
@@ -165,12 +176,17 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]
         fig.savefig(tmp, format="png")
 
 
-def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Binary ROC of the positive (second) class; None when a class is absent or there are >2."""
+def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(fpr, tpr, thresholds) of the positive (second) class; None when a class is absent or there are >2."""
     if probs.shape[1] != 2 or len(np.unique(y_true)) < 2:
         return None
-    fpr, tpr, _ = roc_curve(y_true, probs[:, 1])
-    return fpr, tpr
+    return roc_curve(y_true, probs[:, 1])
+
+
+def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fpr, tpr) of binary_roc."""
+    roc = binary_roc(y_true, probs)
+    return None if roc is None else (roc[0], roc[1])
 
 
 def _encoder_id(recorded: str, features_dir: Path) -> str:

@@ -372,22 +372,18 @@ def predict(bundle: str | Path, slides: str, output: str | Path) -> dict[str, An
 
 def classification_summary(mil_dir: Path) -> dict[str, Any]:
     """What a UI shows for a MIL result: scalar metrics, the pooled ROC, the confusion matrix."""
-    import json
-
     import numpy as np
-    from sklearn.metrics import confusion_matrix, roc_curve
+    from sklearn.metrics import confusion_matrix
 
-    metrics = json.loads((Path(mil_dir) / "metrics.json").read_text())
-    classes = metrics["classes"]
-    with (Path(mil_dir) / "predictions.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    y = [classes.index(r["label"]) for r in rows]
-    pred = [classes.index(r["prediction"]) for r in rows]
-    matrix = confusion_matrix(y, pred, labels=list(range(len(classes)))).tolist()
+    from histotransfer.mil_stage import MILResult, binary_roc
+
+    result = MILResult.load(mil_dir)
+    metrics, classes = result.metrics, result.metrics["classes"]
+    y, probs, predicted = result.oof_predictions()
+    matrix = confusion_matrix(y, predicted, labels=list(range(len(classes)))).tolist()
     roc = None
-    if len(classes) == 2 and len(set(y)) == 2:
-        scores = np.array([float(r[f"prob_{classes[1]}"]) for r in rows])
-        fpr, tpr, thresholds = roc_curve(y, scores)
+    if (curve := binary_roc(y, probs)) is not None:
+        fpr, tpr, thresholds = curve
         thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is +inf
         roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
     scalars = {

@@ -3,7 +3,6 @@ heatmaps and tiling QC, as ``report/index.html`` and ``report/summary.md``."""
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import os
@@ -116,11 +115,7 @@ def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
 
 def _oof_roc(r: MILResult) -> tuple[np.ndarray, np.ndarray] | None:
     """(fpr, tpr) of a MIL result's out-of-fold predictions, or None when there is no curve."""
-    with (r.out_dir / "predictions.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    classes = r.metrics["classes"]
-    y = np.array([classes.index(row["label"]) for row in rows])
-    probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+    y, probs, _ = r.oof_predictions()
     return roc_points(y, probs)
 
 
