@@ -56,10 +56,12 @@ def is_current(path: str | os.PathLike[str], expected_hash: str) -> bool:
     raise ValueError(f"no resume rule for artifact type {path.suffix!r}: {path}")
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256"):
+    """The ``hashlib`` digest of a file, read in chunks (never the whole file in memory)."""
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file."""
+    return file_digest(path, "sha256").hexdigest()

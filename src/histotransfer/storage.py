@@ -14,6 +14,7 @@ from pathlib import Path
 
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
+from histotransfer.provenance import file_digest
 
 GCS_PREFIX = "gs://"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -135,7 +136,6 @@ def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
     errors are retried with backoff; a failure that outlasts the retries is a StorageError naming the
     object, and the marker is not written.
     """
-    import hashlib
     import json
 
     from google.api_core import exceptions as gexc
@@ -159,7 +159,7 @@ def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
         }
         for path in files:
             rel = path.relative_to(local).as_posix()
-            md5 = base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+            md5 = base64.b64encode(file_digest(path, "md5").digest()).decode()  # GCS's md5_hash form
             listing[rel] = md5
             if existing.get(key(rel)) == md5:
                 skipped += 1
