@@ -95,6 +95,26 @@ def test_from_state_dict_rejects_other_checkpoints():
         AttentionMIL.from_state_dict({"fc.weight": torch.zeros(2, 2)})
 
 
+@pytest.mark.parametrize(
+    ("losses", "fold"),
+    [
+        ([(0.3, 0.10), (0.2, 0.50), (0.4, 0.01)], 1),  # validation losses decide when there are any
+        ([(None, 0.10), (None, 0.05), (None, 0.30)], 1),  # else the kept epoch's training loss
+        ([(None, 0.05), (None, 0.05)], 0),  # ties: the lower fold
+    ],
+)
+def test_choose_fold_by_validation_else_training_loss(tmp_path, losses, fold):
+    for k, (val, train) in enumerate(losses):
+        history = [{"epoch": 1, "train_loss": 9.0, "val_loss": None if val is None else 9.0}]
+        history.append({"epoch": 2, "train_loss": train, "val_loss": val})
+        (tmp_path / f"fold{k}").mkdir()
+        (tmp_path / f"fold{k}" / "history.json").write_text(json.dumps({"best_epoch": 2, "history": history}))
+    chosen, loss = choose_fold(tmp_path)
+    assert chosen == fold
+    assert (loss.val_loss, loss.train_loss) == losses[fold]
+
+
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
 def test_the_study_bundle_records_what_predict_needs(small_study):
     bundle = small_study.root / "onnx" / "best"
     spec = read_spec(bundle)
@@ -103,6 +123,8 @@ def test_the_study_bundle_records_what_predict_needs(small_study):
     assert spec.classes == ["normal", "tumor"]
     assert (spec.tiling.patch_size_px, spec.tiling.target_mpp) == (224, 0.5)
     assert spec.aggregator.fold == choose_fold(mil_dir)[0]
+    assert spec.aggregator.val_loss is None  # selection: last holds out no validation slides
+    assert spec.aggregator.train_loss == choose_fold(mil_dir)[1].train_loss
     assert spec.encoder.mean == pytest.approx((0.485, 0.456, 0.406))
     assert spec.opset == 18
     assert spec.parity["encoder"].max_rel <= 1e-4
@@ -111,6 +133,7 @@ def test_the_study_bundle_records_what_predict_needs(small_study):
     assert best_result([MILResult.load(mil_dir)]).encoder_id == SMALL_STUDY_ENCODER
 
 
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
 def test_predict_equals_the_torch_model_and_imports_no_torch(small_study, tmp_path):
     study = small_study.root
     out = tmp_path / "pred"
@@ -160,6 +183,7 @@ def test_predict_equals_the_torch_model_and_imports_no_torch(small_study, tmp_pa
     assert (out / "predictions.csv").read_text().count(",skipped,") == 6
 
 
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
 def test_predict_isolates_bad_slides(small_study, tmp_path, capsys):
     study = small_study.root
     good = study / "cohort" / "slides" / "sample-000.svs"
@@ -226,6 +250,7 @@ def test_mismatched_or_incomplete_bundle_is_a_clear_error(bundle_copy, tmp_path)
         load_bundle(tmp_path / "nothing")
 
 
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
 def test_failed_export_keeps_the_previous_bundle(small_study, tmp_path, monkeypatch):
     mil_dir = small_study.root / "mil" / SMALL_STUDY_ENCODER
     out = tmp_path / "onnx" / "mine"
@@ -245,6 +270,7 @@ def test_failed_export_keeps_the_previous_bundle(small_study, tmp_path, monkeypa
         export_study_model(mil_dir, out=out, fold=9)
 
 
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
 def test_export_command(small_study, tmp_path, capsys):
     mil_dir = small_study.root / "mil" / SMALL_STUDY_ENCODER
     out = tmp_path / "cli-bundle"

@@ -94,6 +94,23 @@ def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
     assert torch.equal(encoder.module.model.conv1.weight, before["conv1.weight"])  # the original is untouched
 
 
+def test_without_validation_bags_the_last_epoch_is_kept(small_bags):
+    encoder = build_encoder("resnet18@layer1+random")
+    torch.manual_seed(0)
+    cfg = FinetuneConfig(k=4, epochs=3, lr=1e-3, patience=1)
+    result = finetune(
+        encoder,
+        AttentionMIL(encoder.dim, 2),
+        small_bags,
+        [],
+        n_classes=2,
+        cfg=cfg,
+        device=torch.device("cpu"),
+    )
+    assert result.best_epoch == 3  # patience needs a validation loss: all epochs run
+    assert [h["val_loss"] for h in result.history] == [None, None, None]
+
+
 def test_freeze_blocks(small_bags):
     encoder = build_encoder("resnet18@layer2+random")
     cfg = FinetuneConfig(k=4, epochs=1, lr=1e-3, freeze_blocks=1, patience=None)

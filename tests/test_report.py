@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.encoders import parse_encoder_id
 from histotransfer.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
-from histotransfer.mil_stage import LesionMasks, train_mil
+from histotransfer.manifest import SlideRecord
+from histotransfer.mil_stage import LesionMasks, class_rocs, train_mil
 from histotransfer.report import family, write_report
 from tests.test_mil import synthetic_cohort
 
@@ -102,3 +104,81 @@ def test_report_has_table_truncation_curve_and_roc(tmp_path):
     summary = (page.parent / "summary.md").read_text()
     assert summary.count("| resnet18") == 3
     assert "attention localisation AUROC" in summary
+
+
+def three_class_cohort(folder, n_bags=24, seed=0):
+    """Bags of N(0, 1) instances; a 'solid' or 'papillary' bag holds 3 instances of its class vector."""
+    rng = np.random.default_rng(seed)
+    planted = {"solid": rng.normal(0, 1, 16) * 2.5, "papillary": rng.normal(0, 1, 16) * 2.5}
+    features_dir = folder / "features" / "resnet18+random"
+    features_dir.mkdir(parents=True)
+    records = []
+    for i in range(n_bags):
+        slide_id, label = f"bag-{i:03d}", ("normal", "solid", "papillary")[i % 3]
+        x = rng.normal(0, 1, (30, 16)).astype(np.float32)
+        if label != "normal":
+            x[:3] = planted[label] + rng.normal(0, 0.3, (3, 16))
+        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset("coords", data=np.stack([np.arange(30) * 224, np.zeros(30)], 1).astype(np.int64))
+            f.attrs["encoder_id"] = "resnet18+random"
+        records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=slide_id))
+    return records, features_dir
+
+
+def test_three_classes_get_one_vs_rest_metrics_and_curves(tmp_path):
+    records, features_dir = three_class_cohort(tmp_path)
+    result = train_mil(
+        records,
+        features_dir=features_dir,
+        out_dir=tmp_path / "study" / "mil",
+        mil=MILConfig(epochs=10, folds=3),
+        evaluation=EvaluationConfig(bootstrap=100, heatmaps=0),
+    )
+    assert result.metrics["classes"] == ["normal", "papillary", "solid"]
+    y, probs, _ = result.oof_predictions()
+    assert probs.shape == (24, 3)
+    expected = np.mean([roc_auc_score(y == k, probs[:, k]) for k in range(3)])
+    assert result.metrics["pooled"]["auc"]["value"] == pytest.approx(expected)  # macro one-vs-rest
+    assert result.metrics["pooled"]["auc"]["value"] > 0.9
+    assert set(class_rocs(y, probs, result.metrics["classes"])) == {"normal", "papillary", "solid"}
+    (tmp_path / "study" / "tiles").mkdir()
+    page = write_report(
+        [result], report_dir=tmp_path / "study" / "report", tiles_dir=tmp_path / "study" / "tiles"
+    )
+    text = page.read_text()
+    assert "3 classes: AUC is the mean one-vs-rest AUC, F1 the macro F1" in text
+    assert (page.parent / "figures" / "roc.png").stat().st_size > 1000  # the per-class curves
+    assert (result.out_dir / "roc.png").is_file()
+
+
+def test_seed_repeats_are_summarised_and_reported(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=16)
+    result = train_mil(
+        records,
+        features_dir=features_dir,
+        out_dir=tmp_path / "study" / "mil",
+        mil=MILConfig(epochs=4, folds=4, seeds=3, seed=5, restarts=1),
+        evaluation=EvaluationConfig(bootstrap=100, heatmaps=0),
+    )
+    seeds = result.metrics["seeds"]
+    assert seeds["n"] == 3
+    assert [row["seed"] for row in seeds["per_seed"]] == [5, 6, 7]
+    assert seeds["per_seed"][0]["auc"] == pytest.approx(result.metrics["pooled"]["auc"]["value"])
+    aucs = [row["auc"] for row in seeds["per_seed"]]
+    assert seeds["mean"]["auc"] == pytest.approx(np.mean(aucs))
+    assert seeds["sd"]["auc"] == pytest.approx(np.std(aucs, ddof=1))
+    (tmp_path / "study" / "tiles").mkdir()
+    page = write_report(
+        [result], report_dir=tmp_path / "study" / "report", tiles_dir=tmp_path / "study" / "tiles"
+    )
+    assert f"{seeds['mean']['auc']:.3f} ± {seeds['sd']['auc']:.3f} (n=3)" in page.read_text()
+    one = train_mil(
+        records,
+        features_dir=features_dir,
+        out_dir=tmp_path / "one" / "mil",
+        mil=MILConfig(epochs=4, folds=4, restarts=1),
+        evaluation=EvaluationConfig(bootstrap=100, heatmaps=0),
+    )
+    assert one.metrics["seeds"]["n"] == 1
+    assert one.metrics["seeds"]["sd"]["auc"] is None

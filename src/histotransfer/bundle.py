@@ -44,7 +44,8 @@ class EncoderInfo(_Strict):
 class AggregatorInfo(_Strict):
     mil_dir: str  # the MIL result the head came from
     fold: int
-    val_loss: float | None
+    val_loss: float | None  # of the kept epoch; None when the folds had no validation slides
+    train_loss: float | None = None  # of the kept epoch (older bundles lack it)
     attention: Literal["paper", "gated"]
 
 

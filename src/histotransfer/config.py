@@ -27,6 +27,13 @@ class TissueConfig(_Section):
     closing_radius_um: float = Field(16.0, ge=0)
     min_object_um2: float = Field(10_000.0, ge=0)
     min_hole_um2: float = Field(10_000.0, ge=0)
+    pen_hue_deg: tuple[float, float] | None = Field(
+        (60.0, 245.0), description="hues of marker ink (blue, green) dropped from the tissue; None: keep"
+    )
+
+    def detect_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of histotransfer.tissue.detect_tissue."""
+        return self.model_dump(exclude={"mask_mpp", "pen_hue_deg"})
 
 
 class TilingConfig(_Section):
@@ -34,21 +41,83 @@ class TilingConfig(_Section):
     patch_size_px: int = Field(224, ge=16, le=4096, description="tile side at target_mpp")
     overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of a tile shared by neighbours")
     min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    max_od_ratio: float | None = Field(
+        2.2,
+        gt=1.0,
+        description="drop tiles darker than this times the slide's median tile (folds); None: keep",
+    )
+    max_saturation_ratio: float | None = Field(
+        1.5,
+        gt=1.0,
+        description="drop tiles more saturated than this times the slide's median tile (folds); None: keep",
+    )
     mpp_tolerance: float = Field(0.1, ge=0.0, le=1.0, description="see docs/adr/0001")
     qc_max_side_px: int = Field(1200, ge=64)
     tissue: TissueConfig = TissueConfig()
 
 
 class SampleDataConfig(_Section):
-    """The embedded sample cohort, built from real H&E pixels (see histotransfer.sample_data)."""
+    """The embedded sample cohort, built from real H&E pixels (see histotransfer.sample_data and the
+    README's "The sample cohort"). The defaults make a cohort on which encoders can differ."""
 
     enabled: bool = True
-    n_slides: int = Field(16, ge=2)
-    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    lesion_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="of the tissue area")
-    mpp: float = Field(0.5, gt=0.1, le=2.0)
-    tissue_pieces: int = Field(2, ge=1, le=64)
-    seed: int = 0
+    n_slides: int = Field(24, ge=2)
+    positive_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="slides with a lesion")
+    lesion_types: list[Literal["solid", "papillary"]] = Field(  # sample_data.LESION_SOURCES
+        default_factory=lambda: ["solid"],
+        min_length=1,
+        description="one class per type besides normal: a single type is labelled `tumor`, several "
+        "`tumor-{type}`",
+    )
+    lesion_fraction: tuple[float, float] = Field(
+        (0.01, 0.1), description="lesion area / tissue area of a lesional slide: log-uniform in [low, high]"
+    )
+    tissue_pieces: int = Field(4, ge=1, le=64)
+    sites: int = Field(3, ge=1, le=32, description="scanning sites, each with its own stain, focus, JPEG")
+    site_mpp: list[float] = Field(
+        default_factory=lambda: [0.5, 0.25],
+        min_length=1,
+        description="level-0 um/px of the sites' scanners, assigned in turn (0.5: 20x, 0.25: 40x)",
+    )
+    variation: float = Field(
+        1.0, ge=0.0, le=2.0, description="strength of stain, focus and JPEG differences (0: none)"
+    )
+    artefacts: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="chance per slide of each artefact: pen mark, tissue fold, air bubble",
+    )
+    seed: int = Field(0, ge=0)
+
+    @field_validator("lesion_fraction", mode="before")
+    @classmethod
+    def _scalar_is_a_point(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and len(value) == 1:
+            value = value[0]
+        return (value, value) if isinstance(value, int | float) else value
+
+    @field_validator("lesion_fraction")
+    @classmethod
+    def _ordered_fractions(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high < 1:
+            raise ValueError(f"needs 0 < low <= high < 1, got [{low}, {high}]")
+        return value
+
+    @field_validator("site_mpp")
+    @classmethod
+    def _plausible_mpp(cls, value: list[float]) -> list[float]:
+        if any(not 0.1 < mpp <= 2.0 for mpp in value):
+            raise ValueError(f"each scanner's um/px must be in (0.1, 2.0], got {value}")
+        return value
+
+    @field_validator("lesion_types")
+    @classmethod
+    def _unique_types(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lesion types must be unique, got {value}")
+        return value
 
 
 class EncoderConfig(_Section):
@@ -112,12 +181,32 @@ class MILConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(20, ge=1)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the steps")
+    standardize: bool = Field(
+        True, description="z-score features by the fold's training tiles (folded into the saved head)"
+    )
+    restarts: int = Field(3, ge=1, description="initialisations per fold; the best by selection loss is kept")
+    selection: Literal["last", "val_loss"] = Field(
+        "last",
+        description="last: fit on all training patients, keep the last epoch (the paper); val_loss: hold "
+        "out val_fraction of them and keep the epoch with the lowest validation loss",
+    )
     folds: int = Field(5, ge=2, description="cross-validation folds (ignored when the manifest has `split`)")
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="of each fold's training patients")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=0.5, description="of each fold's training patients, with selection: val_loss"
+    )
+    seeds: int = Field(
+        1, ge=1, description="cross-validation repeats (seed, seed+1, ...); the report shows their spread"
+    )
     class_weighting: bool = True
     max_loss: float = Field(1e3, gt=0, description="a loss above this (or NaN) stops training")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     bag_cache_gb: float = Field(4.0, ge=0, description="features kept in memory between epochs")
+
+    @property
+    def holdout_fraction(self) -> float:
+        """The share of each fold's training patients held out for model selection (0: none)."""
+        return self.val_fraction if self.selection == "val_loss" else 0.0
 
 
 class FinetuneConfig(_Section):

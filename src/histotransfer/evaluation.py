@@ -121,3 +121,22 @@ def localisation_auroc(attention: np.ndarray, lesion: np.ndarray) -> float | Non
     if lesion.all() or not lesion.any():
         return None
     return float(roc_auc_score(lesion.astype(int), attention))
+
+
+def seed_summary(rows: Sequence[tuple[int, dict[str, float], float | None]]) -> dict[str, Any]:
+    """Repeated cross-validation: each seed's pooled point metrics and localisation, with the mean and
+    the standard deviation over seeds (None where undefined or, for sd, with a single seed)."""
+    per_seed = [
+        {"seed": seed, **{k: _defined(v) for k, v in metrics.items()}, "localisation": loc}
+        for seed, metrics, loc in rows
+    ]
+    summary: dict[str, Any] = {"n": len(rows), "per_seed": per_seed, "mean": {}, "sd": {}}
+    for name in (*METRICS, "localisation"):
+        vals = [row[name] for row in per_seed if row[name] is not None]
+        summary["mean"][name] = float(np.mean(vals)) if vals else None
+        summary["sd"][name] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return summary
+
+
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -1,9 +1,10 @@
 """Exporting a study's model as an ONNX bundle (see histotransfer.bundle for the format).
 
 A cross-validated study has one MIL head per fold (and, for fine-tuned encoders, one encoder per
-fold). The bundle takes one fold: by default the fold whose head reached the lowest validation loss,
-with that fold's encoder when the encoder is fine-tuned. Its tiling settings are the ones the study's
-tiles were made with, read from the tiles files, so new slides are tiled exactly like the training ones.
+fold). The bundle takes one fold: by default the fold whose head reached the lowest validation loss
+(the lowest training loss when the folds had no validation slides), with that fold's encoder when the
+encoder is fine-tuned. Its tiling settings are the ones the study's tiles were made with, read from the
+tiles files, so new slides are tiled exactly like the training ones.
 """
 
 from __future__ import annotations
@@ -67,22 +68,37 @@ def best_result(results: list[MILResult]) -> MILResult:
     return min(results, key=MILResult.rank_key)
 
 
-def choose_fold(mil_dir: Path) -> tuple[int, float | None]:
-    """(fold, its validation loss) of the fold whose best epoch has the lowest validation loss."""
+@dataclass(frozen=True)
+class FoldLoss:
+    """The losses of a fold's kept MIL head: on its validation slides (None without them) and on its
+    training slides in the kept epoch."""
+
+    val_loss: float | None
+    train_loss: float
+
+    def rank(self) -> float:
+        return self.val_loss if self.val_loss is not None else self.train_loss
+
+
+def choose_fold(mil_dir: Path) -> tuple[int, FoldLoss]:
+    """The fold whose kept head has the lowest validation loss (or, when the folds had no validation
+    slides, the lowest training loss), with its losses."""
     folds = sorted(int(p.parent.name.removeprefix("fold")) for p in Path(mil_dir).glob("fold*/history.json"))
     if not folds:
         raise ExportError(f"{mil_dir} has no fold*/history.json: run `histotransfer train` first")
-    loss, fold = min((fold_val_loss(mil_dir, fold), fold) for fold in folds)
-    return fold, loss
+    losses = {fold: fold_loss(mil_dir, fold) for fold in folds}
+    fold = min(folds, key=lambda k: (losses[k].rank(), k))
+    return fold, losses[fold]
 
 
-def fold_val_loss(mil_dir: Path, fold: int) -> float | None:
-    """The validation loss of fold ``fold``'s chosen epoch, from its history.json."""
+def fold_loss(mil_dir: Path, fold: int) -> FoldLoss:
+    """Fold ``fold``'s losses in its kept epoch, from its history.json."""
     history_file = Path(mil_dir) / f"fold{fold}" / "history.json"
     if not history_file.is_file():
         raise ExportError(f"{history_file} not found: fold {fold} is not a fold of {mil_dir}")
     history = json.loads(history_file.read_text())
-    return history["history"][history["best_epoch"] - 1]["val_loss"]
+    kept = history["history"][history["best_epoch"] - 1]
+    return FoldLoss(kept["val_loss"], kept["train_loss"])
 
 
 def study_root(mil_dir: Path) -> Path:
@@ -162,9 +178,9 @@ def export_study_model(
     if expect_encoder is not None and str(parse_encoder_id(expect_encoder)) != encoder_id:
         raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for {expect_encoder}")
     if fold is None:
-        fold, val_loss = choose_fold(mil_dir)
+        fold, losses = choose_fold(mil_dir)
     else:
-        val_loss = fold_val_loss(mil_dir, fold)
+        losses = fold_loss(mil_dir, fold)
     head_file = mil_dir / f"fold{fold}" / "model.pt"
     tiles_dir = Path(tiles_dir) if tiles_dir else study_root(mil_dir) / "tiles"
     tiling = study_tiling(tiles_dir)
@@ -202,7 +218,11 @@ def export_study_model(
         classes=result.metrics["classes"],
         tiling=tiling,
         aggregator=AggregatorInfo(
-            mil_dir=str(mil_dir), fold=fold, val_loss=val_loss, attention="gated" if head.gated else "paper"
+            mil_dir=str(mil_dir),
+            fold=fold,
+            val_loss=losses.val_loss,
+            train_loss=losses.train_loss,
+            attention="gated" if head.gated else "paper",
         ),
         probes=probe_tiles(tiles_dir),
         precision=precision,

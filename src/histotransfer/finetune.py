@@ -4,7 +4,8 @@ For fold k: the frozen-feature MIL model of fold k scores the tiles of the fold'
 validation slides; the k highest-attention tiles of each (or k random ones, the baseline) form small
 bags; encoder + attention head, the head initialised from the MIL head, train end to end on the
 training bags, read on the fly from the WSI, with BatchNorm kept in eval mode; the epoch with the
-lowest validation loss is kept. Test slides of the fold are never read. Outputs per fold under
+lowest validation loss is kept (the last one when the fold has no validation slides, as with MIL's
+default ``selection: last``). Test slides of the fold are never read. Outputs per fold under
 ``finetune/{encoder_id}/fold{k}/``: ``encoder.pt`` (a state_dict with timm names: it loads as the
 encoder ``{encoder_id}+ft``), ``head.pt``, ``selection.h5`` (coords and scores per slide),
 ``history.json``.
@@ -165,7 +166,8 @@ def finetune(
     device: torch.device,
     num_workers: int = 0,
 ) -> FinetuneResult:
-    """Train encoder + head on the training bags; keep the epoch with the lowest validation loss."""
+    """Train encoder + head on the training bags; keep the epoch with the lowest validation loss, or
+    the last epoch when there are no validation bags."""
     torch.manual_seed(cfg.seed)
     model = EncoderWithHead.start(encoder, head).to(device)
     for module in (
@@ -211,6 +213,10 @@ def finetune(
             if step % cfg.accumulate == 0 or step == len(train_data):
                 optimizer.step()
                 optimizer.zero_grad()
+        if not val_bags:  # no validation slides (MIL's selection: last): the last epoch is kept
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": None})
+            best = (math.inf, epoch, None)
+            continue
         val_loss = evaluate_loss(model, val_data, loss_fn, device, autocast, loader(val_data, False, 0))
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss})
         if val_loss < best[0]:
@@ -219,7 +225,8 @@ def finetune(
             stale += 1
             if cfg.patience and stale >= cfg.patience:
                 break
-    model.load_state_dict(best[2])
+    if best[2] is not None:
+        model.load_state_dict(best[2])
     model.eval()
     return FinetuneResult(model, best[1], history)
 

@@ -18,10 +18,10 @@ from histotransfer.encoders import Encoder, EncoderId, build_encoder, parse_enco
 from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.finetune import finetune, make_bags, save_finetuned, save_selection
 from histotransfer.manifest import SlideRecord
-from histotransfer.mil_stage import LesionMasks, MILResult, train_mil
+from histotransfer.mil_stage import LesionMasks, MILResult, study_folds, train_mil
 from histotransfer.provenance import config_hash, is_current, sha256_file
 from histotransfer.runner import StageResult
-from histotransfer.splits import Fold, make_folds
+from histotransfer.splits import Fold
 from histotransfer.tiling import load_tiles
 from histotransfer.training import build_model
 
@@ -59,7 +59,7 @@ def fold_encoder_file(finetune_dir: Path, encoder_id: str, fold: int) -> Path:
 
 def _frozen_folds(mil_dir: Path, records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
     """The folds of the frozen-feature MIL run, checked against the folds these records make now."""
-    folds = make_folds(records, n_folds=mil.folds, val_fraction=mil.val_fraction, seed=mil.seed)
+    folds = study_folds(records, mil)
     for fold in folds:
         saved = json.loads((mil_dir / f"fold{fold.index}" / "history.json").read_text())
         if (tuple(saved["train"]), tuple(saved["val"]), tuple(saved["test"])) != (

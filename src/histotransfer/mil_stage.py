@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,21 +21,27 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.encoders import parse_encoder_id
-from histotransfer.evaluation import fold_summary, localisation_auroc, with_confidence
+from histotransfer.evaluation import (
+    fold_summary,
+    localisation_auroc,
+    point_metrics,
+    seed_summary,
+    with_confidence,
+)
 from histotransfer.geometry import tissue_fractions
 from histotransfer.heatmaps import attention_heatmap
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, is_current
-from histotransfer.splits import make_folds
+from histotransfer.splits import Fold, make_folds
 from histotransfer.tiling import load_tiles
-from histotransfer.training import SlidePrediction, predict, train_fold
+from histotransfer.training import FoldModel, SlidePrediction, predict, train_fold
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,8 @@ def _save_fold(out: Path, fold_model) -> None:
     summary = {
         "fold": fold_model.fold.index,
         "best_epoch": fold_model.best_epoch,
+        "restart": fold_model.restart,
+        "restarts": fold_model.restarts,
         "train": list(fold_model.fold.train),
         "val": list(fold_model.fold.val),
         "test": list(fold_model.fold.test),
@@ -189,6 +197,19 @@ def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
     return None if roc is None else (roc[0], roc[1])
 
 
+def class_rocs(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """One-vs-rest (fpr, tpr, auc) per class present with others (a multi-class study's curves)."""
+    curves = {}
+    for k, name in enumerate(classes):
+        positive = y_true == k
+        if positive.any() and not positive.all():
+            fpr, tpr, _ = roc_curve(positive, probs[:, k])
+            curves[name] = (fpr, tpr, float(roc_auc_score(positive, probs[:, k])))
+    return curves
+
+
 def _encoder_id(recorded: str, features_dir: Path) -> str:
     """The id the features record (validated: it names the output folder), else the folder's name."""
     if not recorded:
@@ -233,29 +254,30 @@ def train_mil(
     expected = config_hash(_stage_config(records, list(stores.values()), mil, evaluation))
     if not overwrite and is_current(out / "metrics.json", expected):
         return MILResult(encoder_id, out, json.loads((out / "metrics.json").read_text()), reused=True)
-    folds = make_folds(records, n_folds=mil.folds, val_fraction=mil.val_fraction, seed=mil.seed)
-    preds: list[SlidePrediction] = []
+    lesions = lesion_labels(records, first, tiles_dir, lesion_masks, evaluation)
     per_fold = []
-    for fold in tqdm(folds, desc=f"mil {encoder_id}", unit="fold", dynamic_ncols=True):
-        store = store_for(fold.index)
-        fold_model = train_fold(store, fold, n_classes=len(classes), cfg=mil)
+
+    def keep_fold(fold_model: FoldModel, fold_preds: list[SlidePrediction]) -> None:
         _save_fold(out, fold_model)
-        fold_preds = predict(fold_model.model, store, fold.test, fold.index)
-        preds += fold_preds
         _, _, metrics = _evaluate(fold_preds, evaluation, seed=mil.seed)
+        fold = fold_model.fold
         per_fold.append(
             {"fold": fold.index, "n_test": len(fold.test), "best_epoch": fold_model.best_epoch, **metrics}
         )
-    preds.sort(key=lambda p: p.slide_id)
+
+    preds = cross_validate(
+        records, mil, n_classes=len(classes), store_for=store_for, on_fold=keep_fold, desc=f"mil {encoder_id}"
+    )
     _write_predictions(out / "predictions.csv", preds, classes)
     y, probs, pooled = _evaluate(preds, evaluation, seed=mil.seed)
-    localisation = _attention_outputs(
-        records, preds, store_for, out, tiles_dir, lesion_masks, evaluation, classes
-    )
+    _write_attention_outputs(records, preds, store_for, out, tiles_dir, evaluation, classes)
+    localisation = localisation_summary(preds, lesions)
     if (points := roc_points(y, probs)) is not None:
         plot_roc(
             out / "roc.png", {encoder_id: (*points, pooled["auc"]["value"])}, f"{encoder_id}: out-of-fold ROC"
         )
+    elif len(classes) > 2 and (curves := class_rocs(y, probs, classes)):
+        plot_roc(out / "roc.png", curves, f"{encoder_id}: out-of-fold ROC, one class vs the rest")
     metrics = {
         "config_hash": expected,
         "encoder_id": encoder_id,
@@ -266,9 +288,63 @@ def train_mil(
         "fold_summary": fold_summary(per_fold),
         "pooled": pooled,
         "localisation": localisation,
+        # per-fold encoders (fine-tuned) saw their fold's training slides: other folds would leak
+        "seeds": _repeat_seeds(
+            records,
+            first,
+            mil,
+            lesions,
+            primary=(preds, localisation),
+            repeats=mil.seeds if len(stores) == 1 else 1,
+        ),
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
     return MILResult(encoder_id, out, metrics, reused=False)
+
+
+def study_folds(records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
+    """The cross-validation folds of ``mil`` (its seed; a validation holdout only with val_loss
+    selection), or the manifest's split."""
+    return make_folds(records, n_folds=mil.folds, val_fraction=mil.holdout_fraction, seed=mil.seed)
+
+
+def cross_validate(
+    records: Sequence[SlideRecord],
+    mil: MILConfig,
+    *,
+    n_classes: int,
+    store_for: Callable[[int], BagStore],
+    on_fold: Callable[[FoldModel, list[SlidePrediction]], None] | None = None,
+    desc: str | None = None,
+) -> list[SlidePrediction]:
+    """Out-of-fold predictions of one cross-validation with ``mil`` (its folds, its seed), sorted by
+    slide. ``store_for(k)`` holds fold k's features; ``on_fold`` sees each fold's model and predictions."""
+    folds = study_folds(records, mil)
+    preds = []
+    for fold in tqdm(folds, desc=desc, unit="fold", dynamic_ncols=True, disable=desc is None):
+        store = store_for(fold.index)
+        fold_model = train_fold(store, fold, n_classes=n_classes, cfg=mil)
+        fold_preds = predict(fold_model.model, store, fold.test, fold.index)
+        if on_fold is not None:
+            on_fold(fold_model, fold_preds)
+        preds += fold_preds
+    return sorted(preds, key=lambda p: p.slide_id)
+
+
+def _repeat_seeds(
+    records, store: BagStore, mil: MILConfig, lesions, *, primary, repeats: int
+) -> dict[str, Any]:
+    """The primary cross-validation's point metrics and those of ``repeats - 1`` more with seeds
+    ``seed+1, seed+2, ...`` (new folds, new inits), summarised over seeds."""
+    preds, localisation = primary
+    y = np.array([p.label for p in preds])
+    rows = [(mil.seed, point_metrics(y, np.stack([p.probs for p in preds])), localisation["mean_auroc"])]
+    for extra in tqdm(range(1, repeats), desc="mil seeds", unit="seed", disable=repeats < 2):
+        cfg = mil.model_copy(update={"seed": mil.seed + extra})
+        repeat = cross_validate(records, cfg, n_classes=len(store.classes), store_for=lambda _: store)
+        probs = np.stack([p.probs for p in repeat])
+        rows.append((cfg.seed, point_metrics(y, probs), localisation_summary(repeat, lesions)["mean_auroc"]))
+    return seed_summary(rows)
 
 
 def _evaluate(preds: Sequence[SlidePrediction], evaluation: EvaluationConfig, *, seed: int):
@@ -278,35 +354,55 @@ def _evaluate(preds: Sequence[SlidePrediction], evaluation: EvaluationConfig, *,
     return y, probs, with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=seed)
 
 
-def _attention_outputs(
-    records, preds, store_for, out, tiles_dir, lesion_masks, evaluation, classes
-) -> dict[str, Any]:
-    """Attention files for every slide; heatmaps for some; localisation AUROC on positive slides."""
+def _write_attention_outputs(records, preds, store_for, out, tiles_dir, evaluation, classes) -> None:
+    """Attention files for every slide; heatmaps for the first ``evaluation.heatmaps`` of them: in a
+    binary study the positive slides, most confident first; otherwise the most confident slides."""
     by_id = {r.slide_id: r for r in records}
-    scores: dict[str, float] = {}
-    positive = len(classes) - 1
-    # heatmaps: positive slides, most confident first, then the others in slide order (sort is stable)
-    ranked = sorted(preds, key=lambda p: (p.label != positive, -p.probs[-1] if p.label == positive else 0))
-    draw = {p.slide_id for p in ranked[: evaluation.heatmaps]}
+    positive = len(classes) - 1 if len(classes) == 2 else None
+
+    def order(p: SlidePrediction) -> tuple[bool, float]:
+        if positive is not None:
+            return (p.label != positive, -p.probs[positive] if p.label == positive else 0.0)
+        return (False, -p.probs[p.label])
+
+    draw = {p.slide_id for p in sorted(preds, key=order)[: evaluation.heatmaps]}  # sort is stable
     for pred in preds:
         coords = store_for(pred.fold).coords(pred.slide_id)
         _write_attention(out / "attention" / f"{pred.slide_id}.h5", pred, coords)
-        if tiles_dir is None:
-            continue
-        patch_lv0 = load_tiles(Path(tiles_dir) / f"{pred.slide_id}.h5").patch_size_level0
-        if pred.slide_id in draw:
+        if tiles_dir is not None and pred.slide_id in draw:
             attention_heatmap(
                 by_id[pred.slide_id].path,
                 coords,
                 pred.attention,
-                patch_size_level0=patch_lv0,
+                patch_size_level0=load_tiles(Path(tiles_dir) / f"{pred.slide_id}.h5").patch_size_level0,
                 out=out / "heatmaps" / f"{pred.slide_id}.png",
             )
-        if lesion_masks is not None and pred.label == positive:
-            lesion = lesion_masks.tile_labels(
-                pred.slide_id, coords, patch_lv0, evaluation.lesion_tile_fraction
-            )
-            if lesion is not None and (score := localisation_auroc(pred.attention, lesion)) is not None:
+
+
+def lesion_labels(
+    records, store: BagStore, tiles_dir, lesion_masks: LesionMasks | None, evaluation: EvaluationConfig
+) -> dict[str, np.ndarray]:
+    """Per slide with a ground-truth lesion mask: which of its tiles (in bag order) are lesion."""
+    if lesion_masks is None or tiles_dir is None:
+        return {}
+    labels = {}
+    for record in records:
+        patch_lv0 = load_tiles(Path(tiles_dir) / f"{record.slide_id}.h5").patch_size_level0
+        lesion = lesion_masks.tile_labels(
+            record.slide_id, store.coords(record.slide_id), patch_lv0, evaluation.lesion_tile_fraction
+        )
+        if lesion is not None and lesion.any():
+            labels[record.slide_id] = lesion
+    return labels
+
+
+def localisation_summary(preds: Sequence[SlidePrediction], lesions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mean AUROC of tile attention against the lesion tiles, over the slides that have both kinds."""
+    scores = {}
+    for pred in preds:
+        if pred.slide_id in lesions:
+            score = localisation_auroc(pred.attention, lesions[pred.slide_id])
+            if score is not None:
                 scores[pred.slide_id] = score
     if not scores:
         return {"mean_auroc": None, "n_slides": 0, "per_slide": {}}

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.bundle import read_spec
 from histotransfer.encoders import RANDOM, EncoderId, list_cut_points, parse_encoder_id
-from histotransfer.mil_stage import MILResult, plot_roc, roc_points
+from histotransfer.mil_stage import MILResult, class_rocs, plot_roc, roc_points
 
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
 
@@ -52,26 +52,49 @@ def _encoder(encoder_id: str) -> EncoderId | None:
         return None
 
 
+def _mean_sd(mean: float | None, sd: float | None) -> str:
+    return "n/a" if mean is None else f"{mean:.3f} ± {sd or 0:.3f}"
+
+
+def _seed_cell(metrics: dict, name: str) -> str:
+    """Mean ± sd of a metric over the cross-validation seeds (one seed: no spread to show)."""
+    seeds = metrics.get("seeds")
+    if not seeds or seeds["n"] < 2:
+        return "1 seed"
+    return f"{_mean_sd(seeds['mean'][name], seeds['sd'][name])} (n={seeds['n']})"
+
+
 def _rows(results: Sequence[MILResult]) -> list[dict[str, str]]:
+    many_seeds = any((r.metrics.get("seeds") or {}).get("n", 1) > 1 for r in results)
     rows = []
     for r in results:
         m, enc = r.metrics, _encoder(r.encoder_id)
         fold_auc = m["fold_summary"]["auc"]
         loc = m["localisation"]["mean_auroc"]
-        rows.append(
-            {
-                "encoder": r.encoder_id,
-                "family": family(enc) if enc else "other",
-                "cut": (enc.cut or "full") if enc else "n/a",
-                "dim": str(m["feature_dim"]),
-                **{name: _fmt(m["pooled"][key]) for key, name in METRIC_NAMES.items()},
-                "fold AUC (mean ± sd)": "n/a"
-                if fold_auc["mean"] is None
-                else f"{fold_auc['mean']:.3f} ± {fold_auc['sd'] or 0:.3f}",
-                "attention localisation AUROC": "n/a" if loc is None else f"{loc:.3f}",
-            }
-        )
+        row = {
+            "encoder": r.encoder_id,
+            "family": family(enc) if enc else "other",
+            "cut": (enc.cut or "full") if enc else "n/a",
+            "dim": str(m["feature_dim"]),
+            **{name: _fmt(m["pooled"][key]) for key, name in METRIC_NAMES.items()},
+            "fold AUC (mean ± sd)": _mean_sd(fold_auc["mean"], fold_auc["sd"]),
+        }
+        if many_seeds:
+            row["AUC over seeds"] = _seed_cell(m, "auc")
+            row["localisation over seeds"] = _seed_cell(m, "localisation")
+        row["attention localisation AUROC"] = "n/a" if loc is None else f"{loc:.3f}"
+        rows.append(row)
     return rows
+
+
+def _classes_note(results: Sequence[MILResult]) -> str:
+    """How metrics read for the study's classes (binary: of the second class; more: one-vs-rest)."""
+    if not results:
+        return ""
+    classes = results[0].metrics["classes"]
+    if len(classes) == 2:
+        return f"; AUC and F1 of {classes[1]!r} vs {classes[0]!r}"
+    return f"; {len(classes)} classes: AUC is the mean one-vs-rest AUC, F1 the macro F1"
 
 
 def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
@@ -120,12 +143,19 @@ def _oof_roc(r: MILResult) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _roc_all(results: Sequence[MILResult], path: Path) -> bool:
+    """Binary studies: every encoder's out-of-fold ROC; more classes: the best encoder's one-vs-rest
+    curve per class."""
     curves = {}
     for r in results:
         if (points := _oof_roc(r)) is not None:
             curves[r.encoder_id] = (*points, r.metrics["pooled"]["auc"]["value"])
     if curves:
         plot_roc(path, curves, "out-of-fold ROC, all encoders")
+    elif results and len(results[0].metrics["classes"]) > 2:
+        y, probs, _ = results[0].oof_predictions()
+        curves = class_rocs(y, probs, results[0].metrics["classes"])
+        if curves:
+            plot_roc(path, curves, f"{results[0].encoder_id}: out-of-fold ROC, one class vs the rest")
     return bool(curves)
 
 
@@ -271,7 +301,7 @@ def write_report(
         f"# {title}",
         "",
         f"{len(results)} encoder(s); metrics pooled over out-of-fold predictions, 95% "
-        "bootstrap CIs in brackets.",
+        "bootstrap CIs in brackets" + _classes_note(results) + ".",
         "",
     ]
     md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -289,8 +319,10 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{len(results)} encoder(s), best first. Slide-level metrics are pooled over out-of-fold "
         "predictions (each slide predicted by the fold model that never saw it) with 95% bootstrap "
-        "confidence intervals; attention localisation is the mean AUROC of tile attention against the "
-        "ground-truth lesion mask over positive slides, where masks exist.</p>",
+        f"confidence intervals{html.escape(_classes_note(results))}; attention localisation is the mean "
+        "AUROC of tile attention against the ground-truth lesion mask over slides with a lesion, where "
+        "masks exist. With several cross-validation seeds (mil.seeds), the spread over seeds shows how "
+        "much of a difference between encoders is noise.</p>",
         table(),
     ]
     pairs = _finetune_pairs(results)
@@ -367,6 +399,9 @@ def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots:
                 row |= {"auc_ci_low": pooled["auc"]["ci_low"], "auc_ci_high": pooled["auc"]["ci_high"]}
             if (loc := r.metrics["localisation"]["mean_auroc"]) is not None:
                 row["localisation_auroc"] = loc
+            seeds = r.metrics.get("seeds") or {"n": 1}
+            if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
+                row |= {"auc_seed_mean": seeds["mean"]["auc"], "auc_seed_sd": seeds["sd"]["auc"]}
             table[r.encoder_id] = row
         write_text_atomic(metrics, json.dumps(table, indent=1))
     if plots is None:

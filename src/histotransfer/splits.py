@@ -1,6 +1,6 @@
-"""Cross-validation folds: stratified by label, grouped by patient, each with a validation part.
+"""Cross-validation folds: stratified by label, grouped by patient, optionally with a validation part.
 
-See docs/adr/0005-folds.md. A manifest with a `split` column defines one fold instead.
+See docs/adr/0005-folds-and-evaluation.md. A manifest with a `split` column defines one fold instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from histotransfer.manifest import SlideRecord
 class Fold:
     index: int
     train: tuple[str, ...]  # slide ids used to fit
-    val: tuple[str, ...]  # slide ids for model selection (early stopping), never the test ones
+    val: tuple[str, ...]  # slide ids for model selection (may be empty), never the test ones
     test: tuple[str, ...]  # slide ids evaluated only
 
 
@@ -42,7 +42,10 @@ def _ids(values) -> tuple[str, ...]:
 
 
 def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: float, seed: int) -> list[Fold]:
-    """Folds over slides; no patient appears in two parts of a fold, nor in two test sets."""
+    """Folds over slides; no patient appears in two parts of a fold, nor in two test sets.
+
+    ``val_fraction`` of each fold's training patients are held out for validation; 0 holds out none.
+    """
     if any(r.split for r in records):
         return [_manifest_fold(records)]
     ids = np.array([r.slide_id for r in records])
@@ -59,7 +62,10 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = []
     for k, (train_idx, test_idx) in enumerate(splitter.split(ids, labels, groups)):
-        fit, val = _holdout(ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k)
+        if val_fraction > 0:
+            fit, val = _holdout(ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k)
+        else:
+            fit, val = ids[train_idx], ids[:0]
         folds.append(Fold(k, _ids(fit), _ids(val), _ids(ids[test_idx])))
     return folds
 
@@ -77,6 +83,6 @@ def _manifest_fold(records: Sequence[SlideRecord]) -> Fold:
     leaking = sorted(p for p, splits in by_patient.items() if len(splits) > 1)
     if leaking:
         raise SplitError(f"patients in more than one split: {', '.join(leaking[:10])}")
-    if not parts["train"] or not parts["val"] or not parts["test"]:
-        raise SplitError("a manifest split needs train, val and test slides")
+    if not parts["train"] or not parts["test"]:
+        raise SplitError("a manifest split needs train and test slides (val slides are optional)")
     return Fold(0, parts["train"], parts["val"], parts["test"])
