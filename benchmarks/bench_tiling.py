@@ -59,7 +59,7 @@ def main() -> None:
     with openslide.OpenSlide(str(path)) as slide:
         width, height = slide.dimensions
         info = slide_info(slide, None, name=str(path))
-        mask, _ = compute_tissue_mask(slide, info, tiling)
+        mask = compute_tissue_mask(slide, info, tiling).tissue
         level, factor = mask_source(info, tiling.tissue.mask_mpp)
         low_sat = saturation(read_level_reduced(slide, level, factor))
     # The baseline thresholds at the same saturation level the tiler's Otsu step picks.

@@ -1,6 +1,13 @@
+import json
+import shutil
+
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from histotransfer.cli import EXIT_BAD_INPUT, main
+from histotransfer.manifest import read_manifest
+from histotransfer.mil_stage import MILResult
 from tests.conftest import write_csv
 
 
@@ -52,6 +59,62 @@ def test_extract_command(sample_cohort, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "encoder resnet18@layer1+random: 64-d, weights random (seed 0)" in out
     assert len(list((tmp_path / "features" / "resnet18@layer1+random").glob("*.h5"))) == 4
+
+
+@pytest.mark.integration
+def test_three_class_study_with_a_manifest_split_and_with_folds(tmp_path, capsys):
+    """Two lesion types plus normal tissue, real pixels: the split column makes one fold (val slides
+    are watched, never fitted), folds make a cross-validation; metrics are one-vs-rest and macro, the
+    report draws a curve per class."""
+    cohort = tmp_path / "cohort"
+    easy = ["--tissue-pieces", "1", "--mpp", "0.5", "--lesion-fraction", "0.25", "--artefacts", "0"]
+    args = ["sample-data", str(cohort), "--n-slides", "12", "--positive-fraction", "0.67"]
+    assert main([*args, "--lesion-types", "solid", "papillary", *easy]) == 0
+    rows = read_manifest(cohort / "manifest.csv")
+    by_class: dict[str, list] = {}
+    for row in rows:
+        by_class.setdefault(row.label, []).append(row)
+    assert sorted(by_class) == ["normal", "tumor-papillary", "tumor-solid"]
+    split = {
+        r.slide_id: ("train", "train", "val", "test")[i]
+        for group in by_class.values()
+        for i, r in enumerate(group)
+    }
+    manifest = write_csv(
+        tmp_path / "split.csv",
+        [
+            {"slide_id": r.slide_id, "path": r.path, "label": r.label, "split": split[r.slide_id]}
+            for r in rows
+        ],
+    )
+    encoder = "efficientnet_lite0@blocks.3"
+    assert main(["tile", str(manifest), "--out", str(tmp_path / "tiles")]) == 0
+    features = ["--tiles", str(tmp_path / "tiles"), "--out", str(tmp_path / "features")]
+    assert main(["extract", str(manifest), "--encoder", encoder, *features]) == 0
+    train = ["--features", str(tmp_path / "features" / encoder), "--tiles", str(tmp_path / "tiles")]
+    assert main(["train", str(manifest), *train, "--out", str(tmp_path / "split" / "mil")]) == 0
+    result = MILResult.load(tmp_path / "split" / "mil" / encoder)
+    assert result.metrics["classes"] == ["normal", "tumor-papillary", "tumor-solid"]
+    assert [f["n_test"] for f in result.metrics["folds"]] == [3]
+    history = json.loads((result.out_dir / "fold0" / "history.json").read_text())
+    assert sorted(history["test"]) == sorted(s for s, part in split.items() if part == "test")
+    assert all(h["val_loss"] is not None for h in history["history"])  # val slides are watched
+    assert history["best_epoch"] == len(history["history"])  # selection: last
+    cv = tmp_path / "cv"
+    assert (
+        main(["train", str(cohort / "manifest.csv"), *train, "--out", str(cv / "mil"), "--folds", "4"]) == 0
+    )
+    result = MILResult.load(cv / "mil" / encoder)
+    y, probs, _ = result.oof_predictions()
+    assert probs.shape == (12, 3)
+    expected = np.mean([roc_auc_score(y == k, probs[:, k]) for k in range(3)])
+    assert result.metrics["pooled"]["auc"]["value"] == pytest.approx(expected)
+    assert result.metrics["localisation"]["n_slides"] == 8  # both lesion types have masks
+    shutil.copytree(tmp_path / "tiles", cv / "tiles")
+    assert main(["report", str(cv)]) == 0
+    html = (cv / "report" / "index.html").read_text()
+    assert "3 classes: AUC is the mean one-vs-rest AUC" in html
+    assert (cv / "report" / "figures" / "roc.png").stat().st_size > 1000
 
 
 def test_unavailable_weights_exit_2_with_the_way_out(sample_cohort, tmp_path, capsys):

@@ -49,7 +49,8 @@ def test_params_yaml_is_valid_and_is_the_demo():
 
     params = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
     defaults = StudyConfig()
-    assert params.model_dump(exclude={"finetune"}) == defaults.model_dump(exclude={"finetune"})
+    assert params.model_dump(exclude={"finetune", "mil"}) == defaults.model_dump(exclude={"finetune", "mil"})
+    assert params.mil == defaults.mil.model_copy(update={"seeds": 3})  # the demo shows the seed spread
     assert params.finetune.encoders == ["efficientnet_lite0"]  # the demo fine-tunes one encoder ...
     assert (params.finetune.k, params.finetune.epochs) == (8, 3)  # ... at demo size
     assert (defaults.finetune.k, defaults.finetune.epochs, defaults.finetune.lr) == (64, 20, 1e-5)  # paper

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import EASY_COHORT
 from tests.test_gcs import BUCKET, _free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ DVC_OUTPUTS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", 
 def small_params() -> dict:
     """The committed params.yaml, shrunk: two truncated encoders, one fine-tuned, tiny folds."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample_data"].update(n_slides=6, tissue_pieces=1)
+    params["sample_data"].update(n_slides=6, **EASY_COHORT)
     params["extraction"]["encoders"] = [
         {"id": "efficientnet_lite0@blocks.1"},
         {"id": "efficientnet_lite0@blocks.3"},

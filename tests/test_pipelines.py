@@ -149,7 +149,7 @@ def test_submit_rejects_bad_parameters_before_contacting_the_server(tmp_path):
 
 
 TINY = """
-sample_data: {n_slides: 6, tissue_pieces: 1}
+sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
 extraction:
   encoders: [{id: efficientnet_lite0@blocks.1}]
 mil: {epochs: 2, folds: 3}

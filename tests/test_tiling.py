@@ -6,14 +6,17 @@ import h5py
 import numpy as np
 import openslide
 import pytest
+from PIL import Image
 
 from histotransfer.assets import fetch_asset
 from histotransfer.cli import main
-from histotransfer.config import TilingConfig
+from histotransfer.config import SampleDataConfig, TilingConfig
+from histotransfer.geometry import tile_geometry, tissue_fractions
 from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
+from histotransfer.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
 from histotransfer.svs import write_aperio_svs
-from histotransfer.tiling import tile_cohort
+from histotransfer.tiling import TissueMask, load_tiles, select_tiles, tile_cohort
 from tests.conftest import (
     GOLDEN_MPP,
     GOLDEN_SIZE,
@@ -73,6 +76,61 @@ def test_sample_cohort_tiles_are_tissue(sample_cohort, tmp_path):
             assert len(f["coords"]) > 20
             assert (f["tissue_fraction"][:] >= 0.5).all()
             assert f.attrs["config_hash"]
+
+
+@pytest.mark.parametrize(
+    ("od_ratio", "sat_ratio", "dropped"),
+    [(2.2, 1.5, {0, 2}), (1.5, 1.5, {0, 1, 2}), (2.2, None, {0}), (None, 1.5, {2}), (None, None, set())],
+    ids=["defaults", "strict", "od only", "saturation only", "off"],
+)
+def test_tiles_far_darker_or_more_saturated_than_the_slide_are_dropped(od_ratio, sat_ratio, dropped):
+    """A fold doubles the tissue it covers: tiles whose mean optical density or saturation is far
+    above the slide's median tissue tile go, whatever their tissue fraction."""
+    geometry = tile_geometry(
+        slide_mpp=0.5, level_downsamples=(1.0,), target_mpp=0.5, patch_size_px=64, overlap=0, tolerance=0.1
+    )
+    tissue = np.ones((40, 40), dtype=bool)
+    od = np.full((40, 40), 0.5, dtype=np.float32)
+    sat = np.full((40, 40), 80, dtype=np.uint8)
+    od[:8, :8] = 1.2  # row 0 of column 0: 2.4x the median optical density
+    od[8:16, :8] = 0.9  # row 1: 1.8x
+    sat[16:24, :8] = 140  # row 2: 1.75x the median saturation
+    mask = TissueMask(tissue, np.zeros_like(tissue), od, sat, (8.0, 8.0))
+    candidates = np.array([(x, y) for y in range(0, 320, 64) for x in range(0, 320, 64)])
+    config = TilingConfig(max_od_ratio=od_ratio, max_saturation_ratio=sat_ratio)
+    keep, fractions, qc = select_tiles(mask, candidates, geometry, config)
+    assert set(np.flatnonzero(qc).tolist()) == {5 * row for row in dropped}  # tile k of column 0: 5k
+    assert (keep == ~qc).all()
+    assert (fractions == 1.0).all()
+
+
+@pytest.mark.integration
+def test_qc_drops_artefact_tiles_and_keeps_clean_tissue(tmp_path):
+    """Slides of the sample cohort with a pen mark, a fold and a bubble each: against their ground-truth
+    artefact masks, QC keeps few tiles that are mostly artefact and drops almost no clean tile."""
+    config = SampleDataConfig(n_slides=3, tissue_pieces=2, site_mpp=[0.5], artefacts=1.0, seed=2)
+    records = read_manifest(build_sample_cohort(tmp_path / "cohort", config=config))
+    plain = TilingConfig(max_od_ratio=None, max_saturation_ratio=None, tissue={"pen_hue_deg": None})
+    tile_cohort(records, out_dir=tmp_path / "qc", tiling=TilingConfig())
+    tile_cohort(records, out_dir=tmp_path / "plain", tiling=plain)
+    counts = {"qc": np.zeros(2, int), "plain": np.zeros(2, int)}  # (artefact tiles, clean tiles)
+    for record in records:
+        truth = np.asarray(Image.open(tmp_path / "cohort" / "artefacts" / f"{record.slide_id}.png")) > 0
+        for run in counts:
+            tiles = load_tiles(tmp_path / run / f"{record.slide_id}.h5")
+            covered = tissue_fractions(
+                truth,
+                mask_downsample=(MASK_DOWNSAMPLE, MASK_DOWNSAMPLE),
+                coords_lv0=tiles.coords,
+                patch_size_lv0=tiles.patch_size_level0,
+            )
+            counts[run] += [(covered > 0.5).sum(), (covered == 0).sum()]
+    assert counts["plain"][0] >= 10  # the artefacts do land on tissue tiles
+    assert counts["qc"][0] <= 0.5 * counts["plain"][0]
+    assert counts["qc"][1] >= 0.98 * counts["plain"][1]
+    summary = _summary(tmp_path / "qc")
+    assert sum(float(row["ink_fraction"]) for row in summary.values()) > 0
+    assert sum(int(row["qc_dropped_tiles"]) for row in summary.values()) > 0
 
 
 def test_resume_skips_and_overwrite_redoes(sample_cohort, tmp_path):

@@ -49,6 +49,15 @@ ASSETS: dict[str, RegistryAsset] = {
         member="tiatoolbox/data/target_image.png",
         mpp=0.25,
     ),
+    # H&E papillary adenocarcinoma, 299 x 299 px JPEG: slideflow's stain-normalisation reference tile,
+    # one of its default 299 px / 302 um tiles, so about 1.0 um/px.
+    "papillary_tissue": RegistryAsset(
+        requirement="slideflow==3.0.2",
+        archive="slideflow-3.0.2-py3-none-any.whl",
+        sha256="15d494fdd4a528493e8600d22aada6258ce4f7f84f9dd499878a54483006fe0b",
+        member="slideflow/norm/norm_tile.jpg",
+        mpp=1.0,
+    ),
     # openslide-python's own deliberately broken fixtures: honest bad-input tests.
     "unreadable_svs": RegistryAsset(
         requirement="openslide-python==1.4.7",

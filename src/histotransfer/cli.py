@@ -57,9 +57,13 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
         {
             "sample_data.n_slides": args.n_slides,
             "sample_data.positive_fraction": args.positive_fraction,
+            "sample_data.lesion_types": args.lesion_types,
             "sample_data.lesion_fraction": args.lesion_fraction,
-            "sample_data.mpp": args.mpp,
             "sample_data.tissue_pieces": args.tissue_pieces,
+            "sample_data.sites": args.sites,
+            "sample_data.site_mpp": args.mpp,
+            "sample_data.variation": args.variation,
+            "sample_data.artefacts": args.artefacts,
             "sample_data.seed": args.seed,
         },
     )
@@ -175,7 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "mil.lr": args.lr,
             "mil.folds": args.folds,
             "mil.attention": args.attention,
+            "mil.selection": args.selection,
             "mil.seed": args.seed,
+            "mil.seeds": args.seeds,
         },
     )
     records = read_manifest(args.manifest)
@@ -196,6 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     loc = result.metrics["localisation"]
     if loc["mean_auroc"] is not None:
         print(f"  attention localisation AUROC {loc['mean_auroc']:.3f} over {loc['n_slides']} slide(s)")
+    seeds = result.metrics["seeds"]
+    if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
+        print(f"  AUC over {seeds['n']} seeds      {seeds['mean']['auc']:.3f} ± {seeds['sd']['auc']:.3f}")
     return EXIT_OK
 
 
@@ -416,10 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="build the sample cohort from real H&E pixels")
     p.add_argument("out", type=_output, help="output folder (slides/, masks/, manifest.csv) or gs://")
     p.add_argument("--n-slides", type=int)
-    p.add_argument("--positive-fraction", type=float)
-    p.add_argument("--lesion-fraction", type=float, help="lesion area as a fraction of tissue")
-    p.add_argument("--mpp", type=float, help="level-0 microns per pixel of the slides")
+    p.add_argument("--positive-fraction", type=float, help="share of slides with a lesion")
+    p.add_argument("--lesion-types", nargs="+", metavar="TYPE", help="solid and/or papillary")
+    p.add_argument(
+        "--lesion-fraction", type=float, nargs="+", metavar="F", help="lesion area / tissue: F, or LOW HIGH"
+    )
     p.add_argument("--tissue-pieces", type=int)
+    p.add_argument("--sites", type=int, help="scanning sites (stain, focus, JPEG quality differ)")
+    p.add_argument("--mpp", type=float, nargs="+", help="level-0 um/px of the sites' scanners, in turn")
+    p.add_argument("--variation", type=float, help="strength of the site differences (0: none)")
+    p.add_argument("--artefacts", type=float, help="chance per slide of a pen mark, a fold, a bubble")
     p.add_argument("--seed", type=int)
     add_config(p)
     p.set_defaults(func=cmd_sample_data)
@@ -463,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--folds", type=int)
     p.add_argument("--attention", choices=["paper", "gated"])
+    p.add_argument("--selection", choices=["last", "val_loss"], help="which epoch each fold keeps")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, help="repeat the cross-validation with this many seeds")
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
     p.set_defaults(func=cmd_train)

@@ -114,6 +114,31 @@ def grid_coords(*, width_lv0: int, height_lv0: int, patch_size_lv0: int, stride_
     return np.stack([xx.ravel(), yy.ravel()], axis=1)  # (n_tiles, 2)
 
 
+def footprint_means(
+    values: np.ndarray,
+    *,
+    downsample: tuple[float, float],
+    coords_lv0: np.ndarray,
+    patch_size_lv0: int,
+) -> np.ndarray:
+    """Mean of a low-resolution image (h, w) over each tile's footprint.
+
+    ``downsample`` is (level-0 px per image px) along x and y. Footprints are rounded to whole image
+    pixels (at least one). Uses a summed-area table: cost is independent of the tile size. Returns
+    float32 of shape (n_tiles,).
+    """
+    h, w = values.shape
+    sat = np.zeros((h + 1, w + 1), dtype=np.float64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(values.astype(np.float64), axis=0), axis=1)
+    dx, dy = downsample
+    x0 = np.clip(np.rint(coords_lv0[:, 0] / dx).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.rint(coords_lv0[:, 1] / dy).astype(np.int64), 0, h - 1)
+    x1 = np.clip(np.rint((coords_lv0[:, 0] + patch_size_lv0) / dx).astype(np.int64), x0 + 1, w)
+    y1 = np.clip(np.rint((coords_lv0[:, 1] + patch_size_lv0) / dy).astype(np.int64), y0 + 1, h)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
 def tissue_fractions(
     mask: np.ndarray,
     *,
@@ -121,19 +146,8 @@ def tissue_fractions(
     coords_lv0: np.ndarray,
     patch_size_lv0: int,
 ) -> np.ndarray:
-    """Fraction of each tile's footprint that is tissue, from a low-resolution boolean mask.
-
-    ``mask_downsample`` is (level-0 px per mask px) along x and y. Footprints are rounded to whole
-    mask pixels (at least one). Uses a summed-area table: cost is independent of the tile size.
-    Returns float32 of shape (n_tiles,).
-    """
-    h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), dtype=np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
-    dx, dy = mask_downsample
-    x0 = np.clip(np.rint(coords_lv0[:, 0] / dx).astype(np.int64), 0, w - 1)
-    y0 = np.clip(np.rint(coords_lv0[:, 1] / dy).astype(np.int64), 0, h - 1)
-    x1 = np.clip(np.rint((coords_lv0[:, 0] + patch_size_lv0) / dx).astype(np.int64), x0 + 1, w)
-    y1 = np.clip(np.rint((coords_lv0[:, 1] + patch_size_lv0) / dy).astype(np.int64), y0 + 1, h)
-    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+    """Fraction of each tile's footprint that is tissue, from a low-resolution boolean mask
+    (``footprint_means`` of the mask). Returns float32 of shape (n_tiles,)."""
+    return footprint_means(
+        mask, downsample=mask_downsample, coords_lv0=coords_lv0, patch_size_lv0=patch_size_lv0
+    )

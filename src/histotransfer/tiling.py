@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from histotransfer.atomic import atomic_path
 from histotransfer.config import TilingConfig
-from histotransfer.geometry import TileGeometry, grid_coords, tile_geometry, tissue_fractions
+from histotransfer.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
@@ -31,7 +31,7 @@ from histotransfer.slides import (
     read_rgb,
     slide_info,
 )
-from histotransfer.tissue import detect_tissue
+from histotransfer.tissue import detect_tissue, optical_density, pen_mask, saturation
 
 
 def mask_source(info: SlideInfo, mask_mpp: float) -> tuple[int, int]:
@@ -44,16 +44,62 @@ def mask_source(info: SlideInfo, mask_mpp: float) -> tuple[int, int]:
     return level, max(1, math.floor(mask_mpp / level_mpp))
 
 
-def compute_tissue_mask(
-    slide: openslide.OpenSlide, info: SlideInfo, tiling: TilingConfig
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Boolean tissue mask and its (x, y) downsample relative to level 0."""
-    level, factor = mask_source(info, tiling.tissue.mask_mpp)
+@dataclass(frozen=True)
+class TissueMask:
+    """What tiling decides from a low-resolution image of the slide, at ``downsample`` (x, y) of
+    level 0: the tissue tiles may cover, the marker ink dropped from it, optical density and
+    saturation."""
+
+    tissue: np.ndarray  # (h, w) bool, ink excluded
+    ink: np.ndarray  # (h, w) bool: marker ink on or beside the tissue
+    optical_density: np.ndarray  # (h, w) float32
+    saturation: np.ndarray  # (h, w) uint8
+    downsample: tuple[float, float]
+
+    @property
+    def ink_fraction(self) -> float:
+        """Ink pixels over tissue and ink pixels."""
+        total = np.count_nonzero(self.tissue | self.ink)
+        return float(np.count_nonzero(self.ink) / total) if total else 0.0
+
+
+def compute_tissue_mask(slide: openslide.OpenSlide, info: SlideInfo, tiling: TilingConfig) -> TissueMask:
+    """Tissue, ink, optical density and saturation on a low-resolution image (``tiling.tissue.mask_mpp``)."""
+    config = tiling.tissue
+    level, factor = mask_source(info, config.mask_mpp)
     low = read_level_reduced(slide, level, factor)  # (h, w, 3)
     image_mpp = info.mpp * info.level_downsamples[level] * factor
-    mask = detect_tissue(low, image_mpp=image_mpp, **tiling.tissue.model_dump(exclude={"mask_mpp"}))
+    ink = np.zeros(low.shape[:2], dtype=bool)
+    if config.pen_hue_deg is not None:
+        ink = pen_mask(low, hue_deg=config.pen_hue_deg, min_saturation=config.min_saturation)
+    tissue = detect_tissue(low, image_mpp=image_mpp, exclude=ink, **config.detect_kwargs())
+    ink &= ndimage.binary_dilation(tissue, iterations=2)  # ink on glass far from tissue: not QC's concern
     width, height = info.dimensions
-    return mask, (width / mask.shape[1], height / mask.shape[0])
+    downsample = (width / low.shape[1], height / low.shape[0])
+    return TissueMask(tissue, ink, optical_density(low), saturation(low), downsample)
+
+
+def select_tiles(
+    mask: TissueMask, candidates: np.ndarray, geometry: TileGeometry, tiling: TilingConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept, tissue fractions, dropped by QC) over the candidate tiles. A tile is kept when enough
+    of it is tissue and its mean optical density and saturation are not far above those of the
+    slide's median tissue tile (``max_od_ratio``, ``max_saturation_ratio``): a fold doubles the
+    tissue it covers, which makes it darker and more saturated."""
+    footprint = dict(
+        downsample=mask.downsample, coords_lv0=candidates, patch_size_lv0=geometry.patch_size_level0
+    )
+    fractions = footprint_means(mask.tissue, **footprint)
+    tissue = fractions >= tiling.min_tissue_fraction
+    dropped = np.zeros_like(tissue)
+    for image, ratio in (
+        (mask.optical_density, tiling.max_od_ratio),
+        (mask.saturation, tiling.max_saturation_ratio),
+    ):
+        if ratio is not None and tissue.any():
+            values = footprint_means(image, **footprint)
+            dropped |= tissue & (values > ratio * np.median(values[tissue]))
+    return tissue & ~dropped, fractions, dropped
 
 
 def slide_tile_geometry(info: SlideInfo, tiling: TilingConfig) -> TileGeometry:
@@ -79,32 +125,40 @@ def candidate_coords(info: SlideInfo, geometry: TileGeometry) -> np.ndarray:
     )
 
 
+def _outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The 2-px border of ``mask`` resized to ``size`` (width, height)."""
+    resized = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    return resized & ~ndimage.binary_erosion(resized, iterations=2)
+
+
 def draw_qc(
     slide: openslide.OpenSlide,
-    mask: np.ndarray,
+    mask: TissueMask,
     coords: np.ndarray,
+    dropped: np.ndarray,
     geometry: TileGeometry,
     *,
     max_side_px: int,
 ) -> Image.Image:
-    """Thumbnail with the tissue outline (green) and the kept tile grid (blue)."""
+    """Thumbnail with the tissue outline (green), marker ink (red outline), the kept tiles (blue) and
+    the tissue tiles QC dropped (red)."""
     thumb = slide.get_thumbnail((max_side_px, max_side_px)).convert("RGB")
     width, height = slide.dimensions
     scale_x, scale_y = thumb.width / width, thumb.height / height
-    mask_thumb = np.asarray(Image.fromarray(mask).resize(thumb.size, Image.Resampling.NEAREST))
-    outline = mask_thumb & ~ndimage.binary_erosion(mask_thumb, iterations=2)
     pixels = np.asarray(thumb).copy()
-    pixels[outline] = (0, 170, 0)
+    pixels[_outline(mask.tissue, thumb.size)] = (0, 170, 0)
+    pixels[_outline(mask.ink, thumb.size)] = (220, 30, 30)
     qc = Image.fromarray(pixels)
     draw = ImageDraw.Draw(qc)
     size = geometry.patch_size_level0
-    for x, y in coords:
-        box = (x * scale_x, y * scale_y, (x + size) * scale_x - 1, (y + size) * scale_y - 1)
-        draw.rectangle(box, outline=(30, 60, 220))
+    for tiles, colour in ((coords, (30, 60, 220)), (dropped, (220, 30, 30))):
+        for x, y in tiles:
+            box = (x * scale_x, y * scale_y, (x + size) * scale_x - 1, (y + size) * scale_y - 1)
+            draw.rectangle(box, outline=colour)
     return qc
 
 
-def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, tiling) -> None:
+def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, tiling, qc) -> None:
     width, height = info.dimensions
     read_w, read_h = info.level_dimensions[geometry.read_level]
     config = _tiling_config(record, tiling)
@@ -112,6 +166,7 @@ def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, ti
         f.attrs.update(provenance_attrs(config))
         f.attrs.update(slide_id=record.slide_id, slide_path=record.path, vendor=info.vendor)
         f.attrs.update(mpp_source=info.mpp_source, level0_width=width, level0_height=height)
+        f.attrs.update(qc)  # what QC dropped: ink (share of tissue + ink), tiles (folds)
         ds = f.create_dataset("coords", data=coords.astype(np.int64))  # (n_tiles, 2) x_lv0, y_lv0
         ds.attrs.update(
             # CLAM reads `patch_size` pixels at `patch_level`; we add explicit, unit-named attributes.
@@ -156,17 +211,11 @@ def _tile_open_slide(
 ) -> dict[str, Any]:
     info = slide_info(slide, record.mpp, name=str(local))
     geometry = slide_tile_geometry(info, tiling)
-    mask, mask_downsample = compute_tissue_mask(slide, info, tiling)  # reads pixels: fails early
+    mask = compute_tissue_mask(slide, info, tiling)  # reads pixels: fails early
     candidates = candidate_coords(info, geometry)
-    fractions = tissue_fractions(
-        mask,
-        mask_downsample=mask_downsample,
-        coords_lv0=candidates,
-        patch_size_lv0=geometry.patch_size_level0,
-    )
-    keep = fractions >= tiling.min_tissue_fraction
+    keep, fractions, dropped = select_tiles(mask, candidates, geometry, tiling)
     coords, fractions = candidates[keep], fractions[keep]
-    qc = draw_qc(slide, mask, coords, geometry, max_side_px=tiling.qc_max_side_px)
+    qc = draw_qc(slide, mask, coords, candidates[dropped], geometry, max_side_px=tiling.qc_max_side_px)
     with atomic_path(out_dir / f"{record.slide_id}.png") as tmp:
         qc.save(tmp, format="PNG")
     if len(coords) == 0:
@@ -183,8 +232,9 @@ def _tile_open_slide(
         info=info,
         record=record,
         tiling=tiling,
+        qc={"ink_fraction": round(mask.ink_fraction, 4), "qc_dropped_tiles": int(dropped.sum())},
     )
-    return {"n_tiles": len(coords), "read_level": geometry.read_level, "slide_mpp": info.mpp}
+    return tiles_stats(out_dir / f"{record.slide_id}.h5")
 
 
 @dataclass(frozen=True)
@@ -252,8 +302,15 @@ def tiles_config_hash(path: Path) -> str | None:
 
 
 def tiles_stats(path: Path) -> dict[str, Any]:
+    """A tiles file's line in summary.csv."""
     tiles = load_tiles(path)
-    return {"n_tiles": len(tiles.coords), "read_level": tiles.read_level, "slide_mpp": tiles.slide_mpp}
+    with h5py.File(path, "r") as f:
+        qc = {
+            "ink_fraction": float(f.attrs["ink_fraction"]),
+            "qc_dropped_tiles": int(f.attrs["qc_dropped_tiles"]),
+        }
+    stats = {"n_tiles": len(tiles.coords), "read_level": tiles.read_level, "slide_mpp": tiles.slide_mpp}
+    return stats | qc
 
 
 def tile_cohort(

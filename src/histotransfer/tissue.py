@@ -1,4 +1,6 @@
-"""Tissue detection on a low-resolution image: Otsu on HSV saturation, then morphology.
+"""Tissue detection on a low-resolution image: Otsu on HSV saturation, then morphology; marker ink
+(by hue, and black ink as dark grey), which tiling QC drops; optical density, by which it drops tiles
+far darker than the slide's own (folds).
 
 Sizes are given in microns so one parameter set works whatever resolution the mask is computed at.
 """
@@ -18,6 +20,10 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     sat = np.zeros(cmax.shape, dtype=np.int32)
     np.divide((cmax - cmin) * 255, cmax, out=sat, where=cmax > 0, casting="unsafe")
     return sat.astype(np.uint8)
+
+
+BLACK_INK_MAX_VALUE = 90  # brightest channel below this (of 255) ...
+BLACK_INK_MAX_SATURATION = 80  # ... with saturation below this: black ink, not stained tissue
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -45,17 +51,21 @@ def detect_tissue(
     closing_radius_um: float = 16.0,
     min_object_um2: float = 10_000.0,
     min_hole_um2: float = 10_000.0,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean tissue mask (h, w) of an (h, w, 3) uint8 RGB image whose pixels are ``image_mpp`` um.
 
     The saturation threshold is Otsu's, floored at ``min_saturation`` so that a blank slide (where
     Otsu would split glass noise in two) yields no tissue; ``saturation_threshold`` fixes it instead.
+    ``exclude`` (h, w) marks pixels that are not tissue whatever they look like (e.g. marker ink):
+    they take no part in Otsu's threshold and are never in the mask.
     """
     sat = saturation(rgb)
     if median_size_px > 1:
         sat = ndimage.median_filter(sat, size=median_size_px)
     if saturation_threshold is None:
-        otsu = threshold_otsu(sat) if sat.min() != sat.max() else 255
+        values = sat if exclude is None else sat[~exclude]
+        otsu = threshold_otsu(values) if values.size and values.min() != values.max() else 255
         threshold = max(int(otsu), min_saturation)
     else:
         threshold = saturation_threshold
@@ -70,4 +80,28 @@ def detect_tissue(
     border = ndimage.label(~mask)[0]
     border_labels = np.unique(np.concatenate([border[0], border[-1], border[:, 0], border[:, -1]]))
     small_holes = ~mask & ~holes & ~np.isin(border, border_labels[border_labels > 0])
-    return mask | small_holes
+    mask |= small_holes
+    return mask if exclude is None else mask & ~exclude
+
+
+def hue_degrees(rgb: np.ndarray) -> np.ndarray:
+    """HSV hue of an (h, w, 3) uint8 image in degrees [0, 360) (0 where the pixel is grey)."""
+    from skimage.color import rgb2hsv
+
+    return rgb2hsv(rgb)[..., 0] * 360.0
+
+
+def pen_mask(rgb: np.ndarray, *, hue_deg: tuple[float, float], min_saturation: int) -> np.ndarray:
+    """Marker ink: saturated pixels whose hue is in ``hue_deg`` (blue and green markers; H&E stays in
+    the magenta-purple hues above it), and pixels both dark and grey (black marker: stained tissue as
+    dark as that is strongly coloured)."""
+    hue = hue_degrees(rgb)
+    sat = saturation(rgb)
+    coloured = (hue >= hue_deg[0]) & (hue <= hue_deg[1]) & (sat > min_saturation)
+    black = (rgb.max(axis=2) < BLACK_INK_MAX_VALUE) & (sat < BLACK_INK_MAX_SATURATION)
+    return coloured | black
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Mean optical density over the channels, (h, w) float32: -log of the transmitted light."""
+    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0).mean(axis=2)
