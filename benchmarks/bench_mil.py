@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from histotransfer.assets import cache_dir
 from histotransfer.config import (
     EvaluationConfig,
-    ExtractionConfig,
     MILConfig,
     SampleDataConfig,
-    TilingConfig,
+    StudyConfig,
 )
+from histotransfer.layout import StudyLayout
 from histotransfer.manifest import SlideRecord, read_manifest
 
 ABLATIONS = {
@@ -86,18 +86,16 @@ def reference_fold(bags, labels, train_ids, *, seed: int, epochs: int = 20, lr: 
 
 
 def build(work: Path, *, n_per_class: int, fractions: list[float], encoder_id: str, pieces: int):
-    """Slides, tiles and features of the benchmark cohort: (records, cohort folder, encoder id)."""
-    from histotransfer.encoders import build_encoder
-    from histotransfer.extraction import extract_cohort, settings_from
+    """Slides, tiles and features of the benchmark cohort: (records, its layout, encoder id)."""
+    from histotransfer import stages
     from histotransfer.sample_data import NEGATIVE, POSITIVE, SlideSpec, plan_sites, write_cohort
-    from histotransfer.tiling import tile_cohort
 
     config = SampleDataConfig(site_mpp=[0.5], artefacts=0.0, tissue_pieces=pieces, seed=11)
     name = f"cohort-{n_per_class}-{'-'.join(f'{f:g}' for f in fractions)}-p{pieces}"
     cohort = work / name
-    manifest = cohort / "manifest.csv"
+    layout = StudyLayout.at(cohort, manifest=cohort / "manifest.csv")  # tiles/ and features/ beside it
     sites = plan_sites(config)
-    if not (cohort / "cohort.json").is_file():
+    if not layout.cohort_meta.is_file():
         specs = [SlideSpec(f"neg-{i:03d}", NEGATIVE, site=i % len(sites)) for i in range(n_per_class)]
         for f in fractions:
             specs += [
@@ -108,17 +106,11 @@ def build(work: Path, *, n_per_class: int, fractions: list[float], encoder_id: s
             ]
         print(f"building the benchmark cohort ({len(specs)} slides) in {cohort} (once)", flush=True)
         write_cohort(cohort, specs, sites, tissue_pieces=pieces, seed=config.seed, variation=config.variation)
-    records = read_manifest(manifest)
-    tile_cohort(records, out_dir=cohort / "tiles", tiling=TilingConfig())
-    encoder = build_encoder(encoder_id)
-    extract_cohort(
-        records,
-        tiles_dir=cohort / "tiles",
-        out_dir=cohort / "features",
-        encoder=encoder,
-        settings=settings_from(ExtractionConfig()),
-    )
-    return records, cohort, str(encoder.id)
+    records = read_manifest(layout.manifest)
+    study = StudyConfig(manifest=layout.manifest, extraction={"encoders": [{"id": encoder_id}]})
+    stages.tile(layout, study, records)
+    encoder = stages.extract(layout, study, records, encoder_id).encoder
+    return records, layout, str(encoder.id)
 
 
 def subset(records: list[SlideRecord], n: int, fraction: float) -> list[SlideRecord]:
@@ -141,10 +133,10 @@ def run(job) -> tuple:
     from histotransfer.training import SlidePrediction
 
     torch.set_num_threads(1)
-    (n, fraction), method, overrides, seed, records, cohort, encoder_id = job
-    store = BagStore(records, cohort / "features" / encoder_id, classes=["normal", "tumor"], cache_gb=8)
+    (n, fraction), method, overrides, seed, records, layout, encoder_id = job
+    store = BagStore(records, layout.features_dir(encoder_id), classes=["normal", "tumor"], cache_gb=8)
     lesions = lesion_labels(
-        records, store, cohort / "tiles", LesionMasks.beside(cohort / "manifest.csv"), EvaluationConfig()
+        records, store, layout.tiles, LesionMasks.beside(layout.manifest), EvaluationConfig()
     )
     start = time.perf_counter()
     if method == "reference":
@@ -176,7 +168,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench" / "mil")
     args = parser.parse_args()
-    records, cohort, encoder_id = build(
+    records, layout, encoder_id = build(
         args.work,
         n_per_class=max(args.sizes) // 2,
         fractions=args.fractions,
@@ -186,7 +178,7 @@ def main() -> None:
     methods = {"ours": {}, "reference": {}} | (ABLATIONS if args.ablate else {})
     settings = [(n, f) for f in args.fractions for n in args.sizes]
     jobs = [
-        ((n, f), method, overrides, seed, subset(records, n, f), cohort, encoder_id)
+        ((n, f), method, overrides, seed, subset(records, n, f), layout, encoder_id)
         for (n, f) in settings
         for method, overrides in methods.items()
         for seed in range(args.seeds)

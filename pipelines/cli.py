@@ -1,4 +1,4 @@
-"""`histotransfer pipeline compile | run-local | submit` (run from the repository root).
+"""`histotransfer pipeline compile | run-local | submit`: a command this package adds to the CLI.
 
 compile     write pipelines/study.yaml and pipelines/inference.yaml (the committed, versioned YAML)
 run-local   the whole study pipeline in this environment with kfp.local's SubprocessRunner

@@ -101,13 +101,15 @@ def test_layer_activations_are_the_named_blocks_in_order(sample_cohort, tmp_path
     assert len(tiles) == 24
     a = build_encoder("resnet18@layer3+random")
     b = build_encoder("resnet18@layer3+random", seed=1)
-    same = compare(a, a, tiles, batch_size=8)
+    same = compare(a, a, tiles, batch_size=8, device="cpu")
     assert same.layers_a == ["layer1", "layer2", "layer3"]
     np.testing.assert_allclose(np.diag(same.matrix), 1.0, atol=1e-9)
-    other = compare(a, b, tiles, batch_size=8)
+    other = compare(a, b, tiles, batch_size=8, device="cpu")
     assert other.matrix.shape == (3, 3)
     assert other.n_examples == 24
     assert not np.allclose(np.diag(other.matrix), 1.0)
-    json_path, png_path = write_cka(tmp_path / "cka", "a", "b", other)
+    json_path, png_path = write_cka(
+        tmp_path / "cka" / "a__b.json", tmp_path / "cka" / "a__b.png", "a", "b", other
+    )
     assert json_path.name == "a__b.json"
     assert png_path.stat().st_size > 1000

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EASY_COHORT
-from tests.test_gcs import BUCKET, _free_port
+from tests.helpers import BUCKET, EASY_COHORT, free_port, modules_of
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,6 +67,33 @@ def project(tmp_path_factory):
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "project"], root)
     first = sh(["dvc", "repro"], root, env)
     return root, env, first
+
+
+# each DVC stage's command and the stage function behind it
+STAGE_ENTRY_POINTS = {
+    "cohort": ("cmd_sample_data", "sample_cohort"),
+    "tile": ("cmd_tile", "tile"),
+    "extract": ("cmd_extract", "extract"),
+    "train": ("cmd_train", "train"),
+    "finetune": ("cmd_finetune", "finetune"),
+    "cka": ("cmd_cka", "cka"),
+    "export": ("cmd_export", "export"),
+    "report": ("cmd_report", "report"),
+}
+
+
+def test_every_stage_depends_on_every_module_it_can_run():
+    """Regression: stages' deps were listed by hand and missed modules that change their output (config,
+    manifest, provenance, heatmaps, ...), so DVC kept a stale result after those changed. Now they are
+    checked against the modules each stage's command can import."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_ENTRY_POINTS)
+    for name, (command, stage) in STAGE_ENTRY_POINTS.items():
+        declared = stages[name].get("do", stages[name])["deps"]
+        needed = modules_of(("histotransfer.cli", command), ("histotransfer.stages", stage))
+        assert "src/histotransfer/layout.py" in needed
+        missing = sorted(needed - set(declared))
+        assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)
 
 
 @pytest.mark.integration
@@ -124,7 +150,7 @@ def test_readme_gcs_recipe_round_trips_slides_and_study_byte_for_byte(project, s
     from google.cloud import storage
 
     root, env, _ = project
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     try:

@@ -1,6 +1,7 @@
 """ONNX export and the torch-free predict path: parity, dynamic axes, the bundle's checks, predictions
 equal to the torch model's, bad slides and bad bundles."""
 
+import functools
 import json
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from histotransfer.onnx_export import (
     export_encoder,
 )
 from histotransfer.tiling import load_tiles
-from tests.conftest import SMALL_STUDY_ENCODER, write_csv
+from tests.helpers import SMALL_STUDY_ENCODER, write_csv
 
 
 @pytest.mark.parametrize(
@@ -254,20 +255,21 @@ def test_mismatched_or_incomplete_bundle_is_a_clear_error(bundle_copy, tmp_path)
 def test_failed_export_keeps_the_previous_bundle(small_study, tmp_path, monkeypatch):
     mil_dir = small_study.root / "mil" / SMALL_STUDY_ENCODER
     out = tmp_path / "onnx" / "mine"
-    first = export_study_model(mil_dir, out=out, fold=1)
+    export = functools.partial(export_study_model, mil_dir, out=out, tiles_dir=small_study.root / "tiles")
+    first = export(fold=1)
     assert not first.reused
     assert first.spec.aggregator.fold == 1
-    assert export_study_model(mil_dir, out=out, fold=1).reused
+    assert export(fold=1).reused
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr("histotransfer.export.TOLERANCE", {"fp32": -1.0, "fp16": -1.0})
     with pytest.raises(ExportError, match="disagrees with torch"):
-        export_study_model(mil_dir, out=out, fold=2)
+        export(fold=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["mine"]  # no staging folder left
     with pytest.raises(ExportError, match="not for resnet18"):
-        export_study_model(mil_dir, out=out, expect_encoder="resnet18")
+        export(expect_encoder="resnet18")
     with pytest.raises(ExportError, match="fold 9 is not a fold"):
-        export_study_model(mil_dir, out=out, fold=9)
+        export(fold=9)
 
 
 @pytest.mark.integration  # reads the small study (a whole `histotransfer run`)

@@ -13,15 +13,18 @@ from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.manifest import read_manifest
 from histotransfer.svs import write_aperio_svs
 from histotransfer.tiling import load_tiles, tile_cohort
-from tests.conftest import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
+from tests.helpers import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
 
 CPU = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2, backend="torch")
 ORT = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2)  # auto on CPU: onnxruntime
 
 
+ENCODER = "resnet18@layer2+random"
+
+
 @pytest.fixture(scope="module")
 def encoder():
-    return build_encoder("resnet18@layer2+random")
+    return build_encoder(ENCODER)
 
 
 @pytest.fixture
@@ -59,17 +62,17 @@ def test_cpu_defaults_to_onnxruntime():
 @pytest.mark.parametrize("settings", [CPU, ORT], ids=["torch", "onnxruntime"])
 def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encoder, tmp_path, settings):
     records, tiles_dir = tiled
-    out = tmp_path / "features"
+    out = tmp_path / "features" / ENCODER
     result = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=settings)
     assert not result.failed
     for record in records:
         tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
-        with h5py.File(tmp_path / "features" / "resnet18@layer2+random" / f"{record.slide_id}.h5") as f:
+        with h5py.File(out / f"{record.slide_id}.h5") as f:
             np.testing.assert_array_equal(f["coords"][:], tiles.coords)  # aligned with the tiles file
             features = f["features"][:]
             assert features.shape == (len(tiles.coords), 128)
             assert f.attrs["weights_sha256"] == encoder.weights_sha256
-            assert f.attrs["encoder_id"] == "resnet18@layer2+random"
+            assert f.attrs["encoder_id"] == ENCODER
             assert f.attrs["backend"] == settings.backend
         picks = np.random.default_rng(0).choice(
             len(tiles.coords), size=min(6, len(tiles.coords)), replace=False
@@ -86,7 +89,7 @@ def test_worker_count_and_batch_size_do_not_change_features(tiled, encoder, tmp_
     a = EngineSettings.resolve(device="cpu", batch_size=7, num_workers=0, backend="torch")
     extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "a", encoder=encoder, settings=a)
     extract_cohort(records[:1], tiles_dir=tiles_dir, out_dir=tmp_path / "b", encoder=encoder, settings=CPU)
-    name = f"resnet18@layer2+random/{records[0].slide_id}.h5"
+    name = f"{records[0].slide_id}.h5"
     with h5py.File(tmp_path / "a" / name) as fa, h5py.File(tmp_path / "b" / name) as fb:
         np.testing.assert_allclose(fa["features"][:], fb["features"][:], rtol=1e-5, atol=1e-5)
 
@@ -106,7 +109,7 @@ def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
     n = len(data)
     data[n // 20 : n * 3 // 5] = bytes(n * 3 // 5 - n // 20)  # opens, but tiles fail to decode in a worker
     (tmp_path / "zeroed.svs").write_bytes(bytes(data))
-    out = tmp_path / "features"
+    out = tmp_path / "features" / ENCODER
     result = extract_cohort(cohort, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)
     status = {o.slide_id: o for o in result.outcomes}
     assert status["truncated"].reason.startswith("SlideError: ")
@@ -115,7 +118,7 @@ def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
     assert "Traceback" not in status["zeroed"].reason  # one line, not a worker's traceback
     assert "no tiles file" in status["untiled"].reason
     assert [status[r.slide_id].status for r in records] == ["done"] * len(records)
-    enc_dir = out / "resnet18@layer2+random"
+    enc_dir = out
     assert not any((enc_dir / f"{name}.h5").exists() for name in ("truncated", "zeroed", "untiled"))
     assert not list(enc_dir.glob("*.partial"))
     again = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)

@@ -29,15 +29,18 @@ def test_top_k_picks_exactly_the_highest_attention():
 
 @pytest.mark.parametrize(
     ("frozen", "tuned"),
-    [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet-ft")],
+    [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet+ft")],
 )
 def test_finetuned_encoder_ids(frozen, tuned):
-    from histotransfer.finetune_stage import finetuned_id, frozen_id
+    from histotransfer.encoders import finetuned_id, frozen_id
     from histotransfer.report import family
 
     assert finetuned_id(frozen) == tuned
     assert frozen_id(tuned) == frozen  # the way back, used to find a fine-tuned encoder's files
     assert frozen_id(frozen) is None
+    assert parse_encoder_id(tuned).tag.endswith("ft")  # a valid id: it names folders and loads weights
+    with pytest.raises(ValueError, match="already a fine-tuned id"):
+        finetuned_id(tuned)
     assert family(parse_encoder_id(tuned)).startswith("fine-tuned")
 
 

@@ -1,7 +1,6 @@
 """A gs:// cohort against a real GCS emulator (gcp-storage-emulator, in-process on 127.0.0.1)."""
 
 import logging
-import socket
 
 import h5py
 import numpy as np
@@ -12,22 +11,14 @@ from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
 from histotransfer.storage import StorageError, fetch_gcs, gcs_client, parse_gcs_uri
 from histotransfer.tiling import tile_cohort
-from tests.conftest import write_csv
-
-BUCKET = "histotransfer-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import BUCKET, free_port, write_csv
 
 
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
     from gcp_storage_emulator.server import create_server
 
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
@@ -186,3 +177,32 @@ def test_cli_reads_a_gs_manifest_of_gs_slides(gcs, sample_cohort, tmp_path, caps
             h5py.File(tmp_path / "local" / f"{row['slide_id']}.h5") as b,
         ):
             np.testing.assert_array_equal(a["coords"][:], b["coords"][:])
+
+
+def test_a_changing_tree_has_no_completion_marker_until_its_upload_finishes(gcs, tmp_path, monkeypatch):
+    from google.api_core import exceptions as gexc
+    from google.cloud.storage import Blob
+
+    from histotransfer.storage import is_complete, upload_tree
+
+    local = tmp_path / "tree"
+    (local / "a").mkdir(parents=True)
+    (local / "a" / "x.txt").write_text("one")
+    (local / "y.txt").write_text("two")
+    uri = f"gs://{BUCKET}/marker/tree"
+    upload_tree(local, uri)
+    assert is_complete(uri)
+    assert upload_tree(local, uri) == {"uploaded": 0, "skipped": 2}
+    assert is_complete(uri)  # nothing changed: still complete
+    (local / "y.txt").write_text("changed")
+
+    def storage_down(*args, **kwargs):
+        raise gexc.Forbidden("storage refuses writes")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Blob, "upload_from_filename", storage_down)
+        with pytest.raises(StorageError, match="rerun to resume"):
+            upload_tree(local, uri)
+    assert not is_complete(uri)  # half old, half new: not complete
+    assert upload_tree(local, uri) == {"uploaded": 1, "skipped": 1}
+    assert is_complete(uri)

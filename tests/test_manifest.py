@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from histotransfer.manifest import ManifestError, check_slide_id, read_manifest
-from tests.conftest import write_csv
+from tests.helpers import write_csv
 
 
 @pytest.fixture

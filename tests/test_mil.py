@@ -15,6 +15,7 @@ from histotransfer.mil import AttentionMIL
 from histotransfer.mil_stage import cross_validate, train_mil
 from histotransfer.splits import SplitError, make_folds
 from histotransfer.training import SlidePrediction, Standardizer, TrainingError, train_fold
+from tests.helpers import DIM, synthetic_cohort
 
 FAST = MILConfig(epochs=12, folds=4)
 EVAL = EvaluationConfig(bootstrap=200, heatmaps=0)
@@ -45,34 +46,6 @@ def test_gated_attention_patch_head_and_classes():
 
 
 # ---- a synthetic MIL problem: a bag is positive when it holds a planted vector ------------------------
-
-DIM = 32
-
-
-def synthetic_cohort(folder, n_bags=40, seed=0):
-    """Bags of N(0, 1) instances; positive bags hold 2 instances of a fixed 'tumour' vector (+ noise).
-    Returns (records, {slide_id: indices of planted instances})."""
-    rng = np.random.default_rng(seed)
-    planted_vector = rng.normal(0, 1, DIM) * 2.5
-    records, planted = [], {}
-    features_dir = folder / "features" / "synthetic"
-    features_dir.mkdir(parents=True)
-    for i in range(n_bags):
-        slide_id, label = f"bag-{i:03d}", "pos" if i % 2 else "neg"
-        n = int(rng.integers(15, 40))
-        x = rng.normal(0, 1, (n, DIM)).astype(np.float32)
-        if label == "pos":
-            where = rng.choice(n, size=2, replace=False)
-            x[where] = planted_vector + rng.normal(0, 0.3, (2, DIM))
-            planted[slide_id] = set(where.tolist())
-        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
-            f.create_dataset("features", data=x)
-            f.create_dataset(
-                "coords", data=np.stack([np.arange(n) * 224, np.zeros(n)], axis=1).astype(np.int64)
-            )
-            f.attrs["config_hash"] = f"synthetic-{seed}"
-        records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=f"p{i // 2}"))
-    return records, planted, features_dir
 
 
 def test_synthetic_mil_is_learned_and_attention_finds_the_planted_instances(tmp_path):

@@ -11,7 +11,7 @@ from histotransfer.evaluation import fast_metrics, localisation_auroc, point_met
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil_stage import LesionMasks, class_rocs, train_mil
 from histotransfer.report import family, write_report
-from tests.test_mil import synthetic_cohort
+from tests.helpers import synthetic_cohort
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 4])

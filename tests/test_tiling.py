@@ -17,7 +17,7 @@ from histotransfer.provenance import sha256_file
 from histotransfer.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
 from histotransfer.svs import write_aperio_svs
 from histotransfer.tiling import TissueMask, load_tiles, select_tiles, tile_cohort
-from tests.conftest import (
+from tests.helpers import (
     GOLDEN_MPP,
     GOLDEN_SIZE,
     GOLDEN_TILES,

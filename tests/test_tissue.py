@@ -1,7 +1,7 @@
 import numpy as np
 
 from histotransfer.tissue import detect_tissue, hue_degrees, optical_density, pen_mask, saturation
-from tests.conftest import synthetic_slide_rgb
+from tests.helpers import synthetic_slide_rgb
 
 
 def test_saturation_of_grey_is_zero_and_of_pure_colour_is_full():

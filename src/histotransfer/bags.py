@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from histotransfer.errors import FeaturesError
+from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
 
 
@@ -51,7 +52,7 @@ class BagStore:
         self._budget = int(cache_gb * 2**30)
 
     def _check(self, record: SlideRecord, tiles_dir: Path | None) -> BagInfo:
-        path = self.features_dir / f"{record.slide_id}.h5"
+        path = slide_file(self.features_dir, record.slide_id)
         if not path.is_file():
             raise FeaturesError(
                 f"{record.slide_id}: no features file {path} (run `histotransfer extract`, or drop the slide "
@@ -72,7 +73,7 @@ class BagStore:
             if n == 0:
                 raise FeaturesError(f"{path}: the bag is empty")
             if tiles_dir is not None:
-                tiles_path = Path(tiles_dir) / f"{record.slide_id}.h5"
+                tiles_path = slide_file(tiles_dir, record.slide_id)
                 if not tiles_path.is_file():
                     raise FeaturesError(
                         f"{record.slide_id}: no tiles file {tiles_path} to check the coords against"

@@ -17,6 +17,7 @@ from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.cka import MinibatchCKA
 from histotransfer.encoders import Encoder, block_modules
 from histotransfer.extraction import TileReader
+from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.slides import local_slide_path
 from histotransfer.tiling import load_tiles
@@ -35,8 +36,7 @@ def sample_tiles(
 ) -> ConcatDataset:
     """``n_tiles`` tiles drawn uniformly from all tiles of the cohort (seeded), read on the fly."""
     readers = [
-        TileReader(local_slide_path(r.path), load_tiles(Path(tiles_dir) / f"{r.slide_id}.h5"))
-        for r in records
+        TileReader(local_slide_path(r.path), load_tiles(slide_file(tiles_dir, r.slide_id))) for r in records
     ]
     sizes = np.array([len(r) for r in readers])
     n_tiles = min(n_tiles, int(sizes.sum()))
@@ -68,9 +68,7 @@ class _Recorder:
             handle.remove()
 
 
-def compare(
-    a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, device: str = "cpu"
-) -> CKAResult:
+def compare(a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, device: str) -> CKAResult:
     """The layers x layers linear CKA matrix of two encoders on the same tiles (minibatch, unbiased)."""
     blocks_a, blocks_b = block_modules(a.module.model, a.id.arch), block_modules(b.module.model, b.id.arch)
     estimator = MinibatchCKA(len(blocks_a), len(blocks_b))
@@ -92,9 +90,11 @@ def compare(
     return CKAResult(estimator.value(), list(blocks_a), list(blocks_b), estimator.examples)
 
 
-def write_cka(out_dir: Path, name_a: str, name_b: str, result: CKAResult) -> tuple[Path, Path]:
-    """``{out_dir}/{a}__{b}.json`` (matrix, layer names, sample size, method) and ``.png`` heatmap."""
-    stem = f"{name_a}__{name_b}"
+def write_cka(
+    json_path: Path, png_path: Path, name_a: str, name_b: str, result: CKAResult
+) -> tuple[Path, Path]:
+    """The comparison as JSON (matrix, layer names, sample size, method) and as a heatmap PNG (the
+    study's ``cka/{a}__{b}.json`` and ``.png``: StudyLayout.cka_files)."""
     payload = {
         "a": name_a,
         "b": name_b,
@@ -104,7 +104,7 @@ def write_cka(out_dir: Path, name_a: str, name_b: str, result: CKAResult) -> tup
         "n_examples": result.n_examples,
         "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021), GAP per layer",
     }
-    json_path = write_text_atomic(Path(out_dir) / f"{stem}.json", json.dumps(payload, indent=1))
+    json_path = write_text_atomic(Path(json_path), json.dumps(payload, indent=1))
     fig = Figure(figsize=(1.2 + 0.55 * len(result.layers_b), 1.0 + 0.5 * len(result.layers_a)), dpi=110)
     ax = fig.subplots()
     image = ax.imshow(result.matrix, vmin=0, vmax=1, cmap="magma", origin="upper")
@@ -115,7 +115,7 @@ def write_cka(out_dir: Path, name_a: str, name_b: str, result: CKAResult) -> tup
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    png_path = Path(out_dir) / f"{stem}.png"
+    png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
     return json_path, png_path

@@ -19,11 +19,13 @@ from histotransfer.errors import (
     ConfigError,
     ExportError,
     FeaturesError,
+    LayoutError,
     ManifestError,
     SplitError,
     TrainingError,
     WeightsError,
 )
+from histotransfer.layout import StudyLayout
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
@@ -50,7 +52,7 @@ def _report(result: StageResult, what: str, where: Path) -> int:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from histotransfer.sample_data import build_sample_cohort
+    from histotransfer import stages
 
     config = _config(
         args,
@@ -67,13 +69,14 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
             "sample_data.seed": args.seed,
         },
     )
-    manifest = build_sample_cohort(args.out, config=config.sample_data)
-    print(f"sample cohort: {manifest} ({config.sample_data.n_slides} slides, masks in {args.out / 'masks'})")
+    layout = StudyLayout.of(cohort=args.out)
+    manifest = stages.sample_cohort(layout, config)
+    print(f"sample cohort: {manifest} ({config.sample_data.n_slides} slides, masks in {layout.lesion_masks})")
     return EXIT_OK
 
 
 def cmd_tile(args: argparse.Namespace) -> int:
-    from histotransfer.tiling import tile_cohort
+    from histotransfer import stages
 
     config = _config(
         args,
@@ -84,14 +87,14 @@ def cmd_tile(args: argparse.Namespace) -> int:
             "tiling.min_tissue_fraction": args.min_tissue_fraction,
         },
     )
-    records = read_manifest(args.manifest)
-    result = tile_cohort(records, out_dir=args.out, tiling=config.tiling, overwrite=args.overwrite)
-    return _report(result, "tiles", args.out)
+    layout = StudyLayout.of(manifest=args.manifest, tiles=args.out)
+    result = stages.tile(layout, config, read_manifest(layout.manifest), overwrite=args.overwrite)
+    return _report(result, "tiles", layout.tiles)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from histotransfer.encoders import build_encoder, parse_encoder_id
-    from histotransfer.extraction import extract_cohort, settings_from
+    from histotransfer import stages
+    from histotransfer.extraction import settings_from
 
     config = _config(
         args,
@@ -103,25 +106,29 @@ def cmd_extract(args: argparse.Namespace) -> int:
             "extraction.backend": args.backend,
         },
     )
-    try:
-        encoder_id = str(parse_encoder_id(args.encoder))
-    except ValueError as exc:
-        raise ConfigError(f"--encoder: {exc}") from exc
-    # --weights wins; else the weights the config gives this encoder (e.g. params.yaml under DVC)
-    weights = args.weights or config.extraction.weights_for(encoder_id)
-    records = read_manifest(args.manifest)
-    settings = settings_from(config.extraction)
-    encoder = build_encoder(encoder_id, weights=weights)
-    print(f"encoder {encoder.id}: {encoder.dim}-d, weights {encoder.weights_source}; {settings}")
-    result = extract_cohort(
-        records,
-        tiles_dir=args.tiles,
-        out_dir=args.out,
-        encoder=encoder,
-        settings=settings,
+    encoder_id = _encoder_id(args.encoder, "--encoder")
+    layout = StudyLayout.of(manifest=args.manifest, tiles=args.tiles, features=args.out)
+    print(f"encoder {encoder_id}: {settings_from(config.extraction)}")
+    extracted = stages.extract(
+        layout,
+        config,
+        read_manifest(layout.manifest),
+        encoder_id,
+        weights=args.weights,
         overwrite=args.overwrite,
     )
-    return _report(result, f"features {encoder.id}", args.out / str(encoder.id))
+    encoder = extracted.encoder
+    print(f"encoder {encoder.id}: {encoder.dim}-d, weights {encoder.weights_source}")
+    return _report(extracted.result, f"features {encoder.id}", layout.features_dir(str(encoder.id)))
+
+
+def _encoder_id(value: str, flag: str) -> str:
+    from histotransfer.encoders import parse_encoder_id
+
+    try:
+        return str(parse_encoder_id(value))
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
@@ -141,9 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args, {"output_dir": args.output_dir})  # a gs:// root arrives as its staging folder
     start = time.perf_counter()
     outputs = run_study(config, overwrite=args.overwrite)
+    layout = outputs.layout
     print(f"study finished in {time.perf_counter() - start:.1f} s under {config.output_dir}")
-    print(f"  cohort manifest: {outputs.manifest}")
-    status = _report(outputs.stages["tile"], "  tiles (h5 + QC png)", outputs.tiles_dir)
+    print(f"  cohort manifest: {layout.manifest}")
+    status = _report(outputs.stages["tile"], "  tiles (h5 + QC png)", layout.tiles)
     for name, result in outputs.stages.items():
         if name.startswith("extract "):
             code = _report(result, f"  features {name.split(' ', 1)[1]}", result.summary_path.parent)
@@ -151,8 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for result in outputs.mil:
         auc = result.metrics["pooled"]["auc"]
         print(f"  mil {result.encoder_id}: AUC {_ci(auc)} -> {result.out_dir}")
-    for encoder_id, why in outputs.errors.items():
-        print(f"  mil {encoder_id} FAILED: {why}", file=sys.stderr)
+    for what, why in outputs.errors.items():
+        print(f"  {what} FAILED: {why}", file=sys.stderr)
         status = EXIT_SLIDES_FAILED
     for path in outputs.cka:
         print(f"  cka: {path}")
@@ -170,7 +178,7 @@ def _ci(entry: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from histotransfer.mil_stage import LesionMasks, train_mil
+    from histotransfer import stages
 
     config = _config(
         args,
@@ -184,16 +192,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             "mil.seeds": args.seeds,
         },
     )
-    records = read_manifest(args.manifest)
-    result = train_mil(
-        records,
-        features_dir=args.features,
-        out_dir=args.out,
-        mil=config.mil,
-        evaluation=config.evaluation,
-        tiles_dir=args.tiles,
-        lesion_masks=LesionMasks.beside(args.manifest),
-        overwrite=args.overwrite,
+    features = Path(args.features)  # FEATURES/ENCODER_ID
+    layout = StudyLayout.of(manifest=args.manifest, features=features.parent, tiles=args.tiles, mil=args.out)
+    result = stages.train(
+        layout, config, read_manifest(layout.manifest), features.name, overwrite=args.overwrite
     )
     pooled = result.metrics["pooled"]
     print(f"mil {result.encoder_id}{' (reused)' if result.reused else ''}: {result.out_dir}")
@@ -209,10 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from histotransfer.encoders import build_encoder
-    from histotransfer.extraction import settings_from
-    from histotransfer.finetune_stage import finetune_study
-    from histotransfer.mil_stage import LesionMasks
+    from histotransfer import stages
 
     config = _config(
         args,
@@ -228,20 +227,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "extraction.device": args.device,
         },
     )
-    settings = settings_from(config.extraction)
-    study = args.study
-    result = finetune_study(
-        read_manifest(args.manifest),
-        encoder=build_encoder(args.encoder, weights=args.weights),
-        features_dir=study / "features",
-        tiles_dir=study / "tiles",
-        mil_dir=study / "mil",
-        finetune_dir=study / "finetune",
-        mil=config.mil,
-        cfg=config.finetune,
-        evaluation=config.evaluation,
-        settings=settings,
-        lesion_masks=LesionMasks.beside(args.manifest),
+    layout = StudyLayout.at(args.study, manifest=args.manifest)
+    encoder_id = _encoder_id(args.encoder, "--encoder")
+    result = stages.finetune(
+        layout,
+        config,
+        read_manifest(layout.manifest),
+        encoder_id,
+        weights=args.weights,
         overwrite=args.overwrite,
     )
     for fold, path in result.fold_encoders.items():
@@ -253,76 +246,65 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_cka(args: argparse.Namespace) -> int:
-    from histotransfer.cka_stage import compare, sample_tiles, write_cka
-    from histotransfer.encoders import build_encoder
+    from histotransfer import stages
 
     config = _config(
-        args, {"cka.tiles": args.n_tiles, "cka.batch_size": args.batch_size, "cka.seed": args.seed}
+        args,
+        {
+            "cka.tiles": args.n_tiles,
+            "cka.batch_size": args.batch_size,
+            "cka.seed": args.seed,
+            "cka.fold": args.fold,
+            "extraction.device": args.device,
+        },
     )
-    a = build_encoder(args.a, weights=args.weights_a)
-    b = build_encoder(args.b, weights=args.weights_b)
-    tiles = sample_tiles(
-        read_manifest(args.manifest), args.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed
-    )
-    result = compare(a, b, tiles, batch_size=config.cka.batch_size, device=args.device)
-    json_path, png_path = write_cka(args.out, args.name_a or str(a.id), args.name_b or str(b.id), result)
-    print(f"cka {a.id} vs {b.id} on {result.n_examples} tiles: {json_path} and {png_path}")
+    if args.study is not None:  # a study's frozen encoder vs its fine-tuned copy
+        if args.encoder is None or args.a or args.b:
+            raise ConfigError("--study takes --encoder ID (frozen vs fine-tuned), not --a/--b")
+        layout = StudyLayout.at(args.study, manifest=args.manifest)
+        records = read_manifest(layout.manifest)
+        path = stages.cka(
+            layout, config, records, _encoder_id(args.encoder, "--encoder"), weights=args.weights_a
+        )
+    else:
+        if not (args.a and args.b and args.tiles and args.out):
+            raise ConfigError("give --a ID --b ID --tiles DIR --out DIR, or --study DIR --encoder ID")
+        layout = StudyLayout.of(manifest=args.manifest, tiles=args.tiles, cka=args.out)
+        records = read_manifest(layout.manifest)
+        a = stages.build(config, _encoder_id(args.a, "--a"), args.weights_a)
+        b = stages.build(config, _encoder_id(args.b, "--b"), args.weights_b)
+        path = stages.compare_encoders(layout, config, records, a, b, name_a=args.name_a, name_b=args.name_b)
+    print(f"cka: {path} and {path.with_suffix('.png')}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from histotransfer.mil_stage import MILResult
-    from histotransfer.report import write_report
+    from histotransfer import stages
 
-    results = MILResult.load_all(args.study / "mil")
-    if not results:
-        print(
-            f"error: no MIL results under {args.study / 'mil'} (run `histotransfer run` or `train`)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    cka = sorted((args.study / "cka").rglob("*.json"))
-    bundle = args.bundle or args.study / "onnx" / "best"
-    path = write_report(
-        results,
-        report_dir=args.study / "report",
-        tiles_dir=args.study / "tiles",
-        cka=cka,
-        bundle=bundle if (bundle / "bundle.json").is_file() else None,
-    )
+    layout = StudyLayout.at(args.study)
+    path = stages.report(layout, bundle=args.bundle, tracking=args.tracking)
     print(f"report: {path}")
-    if args.metrics or args.plots:
-        from histotransfer.report import write_tracking
-
-        write_tracking(results, metrics=args.metrics, plots=args.plots)
-        print(f"tracking files: {args.metrics or ''} {args.plots or ''}".rstrip())
+    if args.tracking:
+        print(f"tracking files: {layout.tracking_metrics} {layout.tracking_plots}")
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from histotransfer.export import best_result, export_study_model
-    from histotransfer.mil_stage import MILResult
+    from histotransfer import stages
 
-    config = _config(args, {})
+    config = _config(args, {"export.fp16": args.fp16 or None, "export.fold": args.fold})
     if (args.mil is None) == (args.study is None):
         raise ConfigError("give either --mil STUDY/mil/ENCODER_ID or --study STUDY (exports its best model)")
-    mil_dir = args.mil
-    if args.study is not None:
-        results = MILResult.load_all(args.study / "mil")
-        if not results:
-            raise ExportError(f"no MIL results under {args.study / 'mil'}: run the study first")
-        mil_dir = best_result(results).out_dir
-    encoder_id = MILResult.load(mil_dir).encoder_id if (mil_dir / "metrics.json").is_file() else None
-    weights = args.weights or config.extraction.weights_for(encoder_id)
-    result = export_study_model(
-        mil_dir,
+    study = StudyLayout.of_mil_result(args.mil) if args.mil is not None else StudyLayout.at(args.study)
+    layout = study.replace(tiles=args.tiles)
+    result = stages.export(
+        layout,
+        config,
+        mil_dir=args.mil,
         out=args.out,
-        weights=weights,
-        fold=args.fold if args.fold is not None else config.export.fold,
-        tiles_dir=args.tiles,
-        fp16=args.fp16 or config.export.fp16,
-        overwrite=args.overwrite,
+        weights=args.weights,
         expect_encoder=args.encoder,
+        overwrite=args.overwrite,
     )
     spec = result.spec
     reused = " (reused)" if result.reused else ""
@@ -337,19 +319,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy (tests/test_export.py checks)
-    from histotransfer.bundle import load_bundle
-    from histotransfer.predict import predict_cohort, slides_to_classify
+    from histotransfer import stages
 
-    bundle = load_bundle(args.bundle, threads=args.threads)
-    records = slides_to_classify(args.slides, mpp=args.mpp)
-    spec = bundle.spec
-    print(f"bundle {bundle.path}: {spec.encoder.id}, classes {spec.classes}, on {bundle.providers[0]}")
-    result = predict_cohort(
-        records,
-        bundle,
-        out_dir=args.out,
+    print(f"bundle {args.bundle}: classifying {args.slides}")
+    result = stages.predict(
+        args.bundle,
+        args.slides,
+        args.out,
+        mpp=args.mpp,
         batch_size=args.batch_size,
         readers=args.readers,
+        threads=args.threads,
         heatmaps=not args.no_heatmaps,
         overwrite=args.overwrite,
     )
@@ -357,17 +337,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    # The pipelines live beside the library in the repository (components/, pipelines/), not in it:
-    # the library never imports kfp. Run this from the repository root.
-    root = Path.cwd()
-    if (root / "pipelines" / "cli.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    # A command that the pipelines package (components/, pipelines/ beside the library) adds through
+    # the "histotransfer.commands" entry point: the library itself never imports it, nor kfp.
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="histotransfer.commands", name="pipeline")
     try:
-        from pipelines.cli import main as pipeline_main
-    except ImportError as exc:
+        pipeline_main = next(iter(found)).load()
+    except (StopIteration, ImportError) as exc:
         print(
-            f"error: `histotransfer pipeline` runs from a checkout of the repository root with the "
-            f"pipelines extra installed (pip install -e '.[pipelines]'): {exc}",
+            "error: `histotransfer pipeline` needs the pipelines package and kfp: install the repository "
+            f"with its pipelines extra (pip install -e '.[pipelines]'){f' ({exc})' if str(exc) else ''}",
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
@@ -507,20 +487,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("cka", help="layer-by-layer CKA of two encoders on the same tiles")
+    p = sub.add_parser(
+        "cka", help="layer-by-layer CKA: two encoders (--a, --b), or a study's frozen vs fine-tuned encoder"
+    )
     p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
-    p.add_argument("--tiles", type=Path, required=True)
-    p.add_argument("--a", required=True, help="encoder id")
-    p.add_argument("--b", required=True, help="encoder id (e.g. resnet18+ft with --weights-b FILE)")
-    p.add_argument("--weights-a")
+    p.add_argument("--study", type=Path, help="a study folder: compare --encoder with its fine-tuned copy")
+    p.add_argument("--encoder", help="with --study: the frozen encoder id (fold cka.fold's copy is used)")
+    p.add_argument("--tiles", type=Path, help="tiles folder (without --study)")
+    p.add_argument("--a", help="encoder id")
+    p.add_argument("--b", help="encoder id (e.g. resnet18+ft with --weights-b FILE)")
+    p.add_argument("--weights-a", help="weights of --a (or of --encoder); default: per id and config")
     p.add_argument("--weights-b")
     p.add_argument("--name-a", help="name in the output file (default: the id)")
     p.add_argument("--name-b")
-    p.add_argument("--out", type=_output, required=True, help="cka folder; writes OUT/A__B.json and .png")
+    p.add_argument("--out", type=_output, help="cka folder (without --study); writes OUT/A__B.json and .png")
     p.add_argument("--n-tiles", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--fold", type=int, help="with --study: the fold whose fine-tuned encoder is compared")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda ...")
     add_config(p)
     p.set_defaults(func=cmd_cka)
 
@@ -534,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_output, required=True, help="bundle folder, e.g. STUDY/onnx/NAME")
     p.add_argument("--encoder", help="the encoder id (checked against the MIL result; default: its id)")
     p.add_argument("--weights", help="the encoder's weights as given to extract (fine-tuned: found per fold)")
-    p.add_argument("--fold", type=int, help="default: the fold with the lowest validation loss")
+    p.add_argument("--fold", type=int, help="default: export.fold, else the fold with the lowest loss")
     p.add_argument("--tiles", type=Path, help="the study's tiles folder (default: STUDY/tiles)")
     p.add_argument("--fp16", action="store_true", help="float16 encoder for GPUs")
     p.add_argument("--overwrite", action="store_true")
@@ -548,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=_output, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
     )
     p.add_argument("--mpp", type=float, help="um/px of a single slide that records no resolution")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="tiles per encoder call (default 64)")
     p.add_argument("--readers", type=int, help="tile reader threads (default: one per core, max 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-heatmaps", action="store_true")
@@ -557,9 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
     p.add_argument("study", type=Path, help="the study's output_dir")
-    p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: STUDY/onnx/best if any)")
-    p.add_argument("--metrics", type=Path, help="also write a flat metrics JSON here (dvc metrics)")
-    p.add_argument("--plots", type=Path, help="also write ROC and truncation CSVs here (dvc plots)")
+    p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: the study's one bundle)")
+    p.add_argument(
+        "--tracking",
+        action="store_true",
+        help="also STUDY/metrics.json and STUDY/plots/ (dvc metrics, plots)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -599,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         SplitError,
         BundleError,
         ExportError,
+        LayoutError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -31,10 +31,6 @@ class TissueConfig(_Section):
         (60.0, 245.0), description="hues of marker ink (blue, green) dropped from the tissue; None: keep"
     )
 
-    def detect_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of histotransfer.tissue.detect_tissue."""
-        return self.model_dump(exclude={"mask_mpp", "pen_hue_deg"})
-
 
 class TilingConfig(_Section):
     target_mpp: float = Field(0.5, gt=0, description="resolution of the tiles, um/px")
@@ -294,6 +290,16 @@ class StudyConfig(_Section):
     def _has_cohort(self) -> StudyConfig:
         if self.manifest is None and not self.sample_data.enabled:
             raise ValueError("set `manifest` to your cohort's CSV, or enable `sample_data`")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune_extracted(self) -> StudyConfig:
+        extracted = {e.id for e in self.extraction.encoders}
+        if missing := [e for e in self.finetune.encoders if e not in extracted]:
+            raise ValueError(
+                f"finetune.encoders {', '.join(missing)} not among extraction.encoders: fine-tuning starts "
+                "from the frozen features' MIL, so add them there too"
+            )
         return self
 
 

@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 STEM_MODULES = frozenset({"conv1", "bn1", "act1", "maxpool", "conv0", "norm0", "pool0", "conv_stem"})
 HEAD_MODULES = frozenset({"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "head_dist"})
 RANDOM = "random"
-_ID = re.compile(r"^(?P<arch>[a-z0-9_]+)(?:@(?P<cut>[A-Za-z0-9_.]+))?(?:\+(?P<tag>[A-Za-z0-9_.-]+))?$")
+# ARCH[@CUT][+WEIGHTS][+ft]: a fine-tuned copy of an id is the id with "+ft" (`finetuned_id`)
+_ID = re.compile(
+    r"^(?P<arch>[a-z0-9_]+)(?:@(?P<cut>[A-Za-z0-9_.]+))?(?:\+(?P<tag>[A-Za-z0-9_.-]+(?:\+ft)?))?$"
+)
+FT_TAG = "ft"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,25 @@ def parse_encoder_id(text: str) -> EncoderId:
         valid = ", ".join(list_cut_points(enc.arch)) or "none"
         raise ValueError(f"unknown cut point {enc.cut!r} for {enc.arch}; valid: {valid}")
     return enc
+
+
+def finetuned_id(encoder_id: str) -> str:
+    """The id of a fine-tuned copy: the id with ``+ft`` (``resnet18@layer3+ft``,
+    ``densenet121+kimianet+ft``), so a DVC stage can name it by appending ``+ft``."""
+    enc = parse_encoder_id(encoder_id)
+    if frozen_id(encoder_id) is not None:
+        raise ValueError(f"{encoder_id} is already a fine-tuned id")
+    return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}+{FT_TAG}" if enc.tag else FT_TAG))
+
+
+def frozen_id(encoder_id: str) -> str | None:
+    """The inverse of finetuned_id: ``X+ft`` -> ``X``; None for an id that is not fine-tuned."""
+    enc = parse_encoder_id(encoder_id)
+    if enc.tag == FT_TAG:
+        return str(EncoderId(enc.arch, enc.cut, None))
+    if enc.tag is not None and enc.tag.endswith(f"+{FT_TAG}"):
+        return str(EncoderId(enc.arch, enc.cut, enc.tag.removesuffix(f"+{FT_TAG}")))
+    return None
 
 
 def _timm_model(arch: str, *, pretrained: bool | str = False, num_classes: int = 0) -> nn.Module:

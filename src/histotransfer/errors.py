@@ -41,3 +41,7 @@ class ExportError(RuntimeError):
 
 class BundleError(ValueError):
     """(bundle) An ONNX bundle is missing, corrupt or inconsistent; the message names the file."""
+
+
+class LayoutError(ValueError):
+    """(layout) A stage needs a folder of the study that the command was not given."""

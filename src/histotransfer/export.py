@@ -33,9 +33,9 @@ from histotransfer.bundle import (
     read_spec,
 )
 from histotransfer.config import TilingConfig
-from histotransfer.encoders import Encoder, build_encoder, parse_encoder_id
+from histotransfer.encoders import Encoder, build_encoder, frozen_id, parse_encoder_id
 from histotransfer.errors import BundleError, ExportError
-from histotransfer.finetune_stage import fold_encoder_file, frozen_id
+from histotransfer.layout import MILLayout
 from histotransfer.mil import AttentionMIL
 from histotransfer.mil_stage import MILResult
 from histotransfer.onnx_export import (
@@ -83,7 +83,7 @@ class FoldLoss:
 def choose_fold(mil_dir: Path) -> tuple[int, FoldLoss]:
     """The fold whose kept head has the lowest validation loss (or, when the folds had no validation
     slides, the lowest training loss), with its losses."""
-    folds = sorted(int(p.parent.name.removeprefix("fold")) for p in Path(mil_dir).glob("fold*/history.json"))
+    folds = MILLayout(Path(mil_dir)).folds()
     if not folds:
         raise ExportError(f"{mil_dir} has no fold*/history.json: run `histotransfer train` first")
     losses = {fold: fold_loss(mil_dir, fold) for fold in folds}
@@ -93,7 +93,7 @@ def choose_fold(mil_dir: Path) -> tuple[int, FoldLoss]:
 
 def fold_loss(mil_dir: Path, fold: int) -> FoldLoss:
     """Fold ``fold``'s losses in its kept epoch, from its history.json."""
-    history_file = Path(mil_dir) / f"fold{fold}" / "history.json"
+    history_file = MILLayout(Path(mil_dir)).fold_history(fold)
     if not history_file.is_file():
         raise ExportError(f"{history_file} not found: fold {fold} is not a fold of {mil_dir}")
     history = json.loads(history_file.read_text())
@@ -101,15 +101,14 @@ def fold_loss(mil_dir: Path, fold: int) -> FoldLoss:
     return FoldLoss(kept["val_loss"], kept["train_loss"])
 
 
-def study_root(mil_dir: Path) -> Path:
-    """The study folder of a MIL result folder ``{study}/mil/{encoder_id}``."""
-    return Path(mil_dir).resolve().parent.parent
-
-
-def finetuned_weights(mil_dir: Path, encoder_id: str, fold: int) -> Path | None:
-    """Fold ``fold``'s fine-tuned encoder file for a fine-tuned id (``X+ft``, ``X+tag-ft``), else None."""
-    base = frozen_id(encoder_id)
-    return None if base is None else fold_encoder_file(study_root(mil_dir) / "finetune", base, fold)
+def result_encoder_id(mil_dir: Path) -> str:
+    """The encoder id of the finished MIL result in ``mil_dir``."""
+    mil = MILLayout(Path(mil_dir))
+    if not mil.metrics.is_file():
+        raise ExportError(
+            f"{mil.dir} has no metrics.json: not a finished MIL result (see `histotransfer train`)"
+        )
+    return MILResult.load(mil.dir).encoder_id
 
 
 def study_tiling(tiles_dir: Path) -> TilingConfig:
@@ -140,7 +139,7 @@ def probe_tiles(tiles_dir: Path, n: int = 8) -> np.ndarray | None:
 
 
 def load_head(mil_dir: Path, fold: int) -> AttentionMIL:
-    path = Path(mil_dir) / f"fold{fold}" / "model.pt"
+    path = MILLayout(Path(mil_dir)).fold_model(fold)
     if not path.is_file():
         raise ExportError(f"{path} not found: fold {fold} has no MIL head")
     try:
@@ -153,10 +152,10 @@ def export_study_model(
     mil_dir: Path,
     *,
     out: Path,
+    tiles_dir: Path,
     encoder: Encoder | None = None,
     weights: str | Path | None = None,
     fold: int | None = None,
-    tiles_dir: Path | None = None,
     fp16: bool = False,
     opset: int = OPSET,
     overwrite: bool = False,
@@ -164,32 +163,26 @@ def export_study_model(
 ) -> ExportResult:
     """Export the MIL result in ``mil_dir`` (one fold's head and its encoder) as a bundle at ``out``.
 
-    ``encoder``: the built frozen encoder (else built from the result's id and ``weights``); fine-tuned
-    ids take fold ``fold``'s encoder from the study's finetune folder. A bundle already at ``out`` made
-    from the same sources and settings is reused.
+    ``encoder``: the built encoder, else built from the result's id and ``weights`` (for a fine-tuned
+    id: fold ``fold``'s fine-tuned encoder file, which histotransfer.stages.export finds). ``tiles_dir``:
+    the study's tiles, whose recorded settings the bundle keeps. A bundle already at ``out`` made from
+    the same sources and settings is reused.
     """
     mil_dir, out = Path(mil_dir), Path(out)
-    if not (mil_dir / "metrics.json").is_file():
-        raise ExportError(
-            f"{mil_dir} has no metrics.json: not a finished MIL result (see `histotransfer train`)"
-        )
+    encoder_id = result_encoder_id(mil_dir)
     result = MILResult.load(mil_dir)
-    encoder_id = result.encoder_id
     if expect_encoder is not None and str(parse_encoder_id(expect_encoder)) != encoder_id:
         raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for {expect_encoder}")
     if fold is None:
         fold, losses = choose_fold(mil_dir)
     else:
         losses = fold_loss(mil_dir, fold)
-    head_file = mil_dir / f"fold{fold}" / "model.pt"
-    tiles_dir = Path(tiles_dir) if tiles_dir else study_root(mil_dir) / "tiles"
+    head_file = MILLayout(mil_dir).fold_model(fold)
     tiling = study_tiling(tiles_dir)
-    tuned = finetuned_weights(mil_dir, encoder_id, fold)
-    if encoder is None or tuned is not None:
-        source = weights if weights is not None else tuned
-        if tuned is not None and not Path(tuned).is_file() and weights is None:
-            raise ExportError(f"{tuned} not found: the fine-tuned encoder of fold {fold} is missing")
-        encoder = build_encoder(encoder_id, weights=source)
+    if encoder is None:
+        if frozen_id(encoder_id) is not None and weights is None:
+            raise ExportError(f"{encoder_id} is fine-tuned per fold: give fold {fold}'s encoder file")
+        encoder = build_encoder(encoder_id, weights=weights)
     if str(encoder.id) != encoder_id:
         raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for encoder {encoder.id}")
     if encoder.dim != result.metrics["feature_dim"]:

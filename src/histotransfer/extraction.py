@@ -29,6 +29,7 @@ from histotransfer.bundle import session as ort_session
 from histotransfer.config import ExtractionConfig
 from histotransfer.encoders import Encoder
 from histotransfer.errors import ExportError
+from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.onnx_export import TOLERANCE, encoder_parity, export_encoder, run_session
 from histotransfer.provenance import config_hash, provenance_attrs
@@ -90,14 +91,19 @@ class EngineSettings:
     def resolve(
         cls,
         *,
-        device: str = "auto",
+        device: str | None = None,
         batch_size: int | None = None,
         num_workers: int | None = None,
-        precision: str = "auto",
-        backend: str = "auto",
+        precision: str | None = None,
+        backend: str | None = None,
     ) -> EngineSettings:
-        """Defaults: CUDA with torch and bf16 when present; else the CPU with ONNX Runtime (faster
-        there, see benchmarks/bench_extract.py); batch 256 on GPU, 32 on CPU; a worker per core."""
+        """Settings from the extraction section's fields (None: the schema's default). Its "auto"s:
+        CUDA with torch and bf16 when present; else the CPU with ONNX Runtime (faster there, see
+        benchmarks/bench_extract.py); batch 256 on GPU, 32 on CPU; a worker per core."""
+        schema = ExtractionConfig.model_fields
+        device = device or schema["device"].default
+        precision = precision or schema["precision"].default
+        backend = backend or schema["backend"].default
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -263,18 +269,19 @@ def extract_cohort(
     encoder: Encoder,
     settings: EngineSettings,
     overwrite: bool = False,
-    dest: Path | None = None,
+    summary_path: Path | None = None,
 ) -> StageResult:
-    """Extract features for every slide with tiles; results under ``out_dir/{encoder_id}/`` (or ``dest``)."""
-    tiles_dir, enc_dir = Path(tiles_dir), Path(dest) if dest else Path(out_dir) / str(encoder.id)
+    """Extract features for every slide with tiles into ``out_dir`` (the encoder's folder of the study,
+    see StudyLayout.features_dir); failures are recorded in ``summary_path`` (default: its summary.csv)."""
+    tiles_dir, enc_dir = Path(tiles_dir), Path(out_dir)
     runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:
-        tiles_hash = tiles_config_hash(tiles_dir / f"{record.slide_id}.h5") or "missing"
+        tiles_hash = tiles_config_hash(slide_file(tiles_dir, record.slide_id)) or "missing"
         return config_hash(_extract_config(encoder, tiles_hash, settings.precision))
 
     def work(record: SlideRecord) -> dict[str, Any]:
-        tiles = load_tiles(tiles_dir / f"{record.slide_id}.h5")
+        tiles = load_tiles(slide_file(tiles_dir, record.slide_id))
         try:
             features = extract_tiles(runner, encoder, local_slide_path(record.path), tiles, settings)
         except (SlideError, openslide.OpenSlideError, RuntimeError) as exc:
@@ -282,7 +289,7 @@ def extract_cohort(
         if not np.isfinite(features).all():
             raise ValueError(f"non-finite features for {record.slide_id} (precision {settings.precision})")
         write_features(
-            enc_dir / f"{record.slide_id}.h5",
+            slide_file(enc_dir, record.slide_id),
             features=features,
             tiles=tiles,
             encoder=encoder,
@@ -293,10 +300,10 @@ def extract_cohort(
     return run_per_slide(
         records,
         stage=f"extract {encoder.id}",
-        output_for=lambda r: enc_dir / f"{r.slide_id}.h5",
+        output_for=lambda r: slide_file(enc_dir, r.slide_id),
         config_hash_for=expected_hash,
         work=work,
         stats_of=features_stats,
-        summary_path=enc_dir / "summary.csv",
+        summary_path=summary_path or enc_dir / SUMMARY,
         overwrite=overwrite,
     )

@@ -34,6 +34,7 @@ from histotransfer.bags import BagStore
 from histotransfer.config import FinetuneConfig
 from histotransfer.encoders import Encoder, leading_modules
 from histotransfer.extraction import TileReader
+from histotransfer.layout import FinetuneFoldLayout
 from histotransfer.mil import AttentionMIL
 from histotransfer.slides import local_slide_path
 from histotransfer.tiling import TileSet
@@ -243,13 +244,17 @@ def evaluate_loss(model, data, loss_fn, device, autocast, batches) -> float:
 
 
 def save_finetuned(
-    out: Path, result: FinetuneResult, fold_parts: dict[str, Any], cfg: FinetuneConfig, config_hash: str
+    out: FinetuneFoldLayout,
+    result: FinetuneResult,
+    fold_parts: dict[str, Any],
+    cfg: FinetuneConfig,
+    config_hash: str,
 ) -> None:
     """encoder.pt (timm names of the cut network), head.pt, and history.json (written last)."""
-    with atomic_path(out / "encoder.pt") as tmp:
+    with atomic_path(out.encoder) as tmp:
         torch.save({k: v.cpu() for k, v in result.model.encoder.model.state_dict().items()}, tmp)
-    with atomic_path(out / "head.pt") as tmp:
+    with atomic_path(out.head) as tmp:
         torch.save({k: v.cpu() for k, v in result.model.head.state_dict().items()}, tmp)
     summary = {"config_hash": config_hash, "best_epoch": result.best_epoch, "history": result.history}
     summary |= {"finetune": cfg.model_dump(mode="json"), **fold_parts}
-    write_text_atomic(out / "history.json", json.dumps(summary, indent=1))
+    write_text_atomic(out.history, json.dumps(summary, indent=1))

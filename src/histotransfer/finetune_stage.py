@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 
 from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
-from histotransfer.encoders import Encoder, EncoderId, build_encoder, parse_encoder_id
+from histotransfer.encoders import Encoder, build_encoder, finetuned_id
 from histotransfer.extraction import EngineSettings, extract_cohort
 from histotransfer.finetune import finetune, make_bags, save_finetuned, save_selection
+from histotransfer.layout import SUMMARY, MILLayout, StudyLayout
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil_stage import LesionMasks, MILResult, study_folds, train_mil
 from histotransfer.provenance import config_hash, is_current, sha256_file
@@ -26,7 +27,6 @@ from histotransfer.tiling import load_tiles
 from histotransfer.training import build_model
 
 log = logging.getLogger(__name__)
-FT_TAG = "ft"
 
 
 @dataclass
@@ -38,37 +38,18 @@ class FinetuneOutputs:
     mil: MILResult
 
 
-def finetuned_id(encoder_id: str) -> str:
-    """``resnet18@layer3`` -> ``resnet18@layer3+ft``; ``densenet121+kimianet`` -> ``...+kimianet-ft``."""
-    enc = parse_encoder_id(encoder_id)
-    return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}-{FT_TAG}" if enc.tag else FT_TAG))
-
-
-def frozen_id(encoder_id: str) -> str | None:
-    """The inverse of finetuned_id: ``X+ft`` -> ``X``, ``X+tag-ft`` -> ``X+tag``; None for other ids."""
-    enc = parse_encoder_id(encoder_id)
-    if enc.tag is None or not (enc.tag == FT_TAG or enc.tag.endswith(f"-{FT_TAG}")):
-        return None
-    return str(EncoderId(enc.arch, enc.cut, enc.tag.removesuffix(FT_TAG).removesuffix("-") or None))
-
-
-def fold_encoder_file(finetune_dir: Path, encoder_id: str, fold: int) -> Path:
-    """Where fold ``fold``'s fine-tuned copy of the frozen ``encoder_id`` is saved."""
-    return Path(finetune_dir) / encoder_id / f"fold{fold}" / "encoder.pt"
-
-
-def _frozen_folds(mil_dir: Path, records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
+def _frozen_folds(frozen: MILLayout, records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
     """The folds of the frozen-feature MIL run, checked against the folds these records make now."""
     folds = study_folds(records, mil)
     for fold in folds:
-        saved = json.loads((mil_dir / f"fold{fold.index}" / "history.json").read_text())
+        saved = json.loads(frozen.fold_history(fold.index).read_text())
         if (tuple(saved["train"]), tuple(saved["val"]), tuple(saved["test"])) != (
             fold.train,
             fold.val,
             fold.test,
         ):
             raise FeaturesError(
-                f"{mil_dir}: its folds are not this cohort's; re-run MIL for the frozen features first"
+                f"{frozen.dir}: its folds are not this cohort's; re-run MIL for the frozen features first"
             )
     return folds
 
@@ -77,10 +58,7 @@ def finetune_study(
     records: Sequence[SlideRecord],
     *,
     encoder: Encoder,
-    features_dir: Path,
-    tiles_dir: Path,
-    mil_dir: Path,
-    finetune_dir: Path,
+    layout: StudyLayout,
     mil: MILConfig,
     cfg: FinetuneConfig,
     evaluation: EvaluationConfig,
@@ -92,14 +70,15 @@ def finetune_study(
     encoder_id = str(encoder.id)
     ft_id = finetuned_id(encoder_id)
     classes = sorted({r.label for r in records})
-    store = BagStore(records, features_dir / encoder_id, classes=classes, tiles_dir=tiles_dir)
-    folds = _frozen_folds(mil_dir / encoder_id, records, mil)
-    tiles = {r.slide_id: load_tiles(tiles_dir / f"{r.slide_id}.h5") for r in records}
+    store = BagStore(records, layout.features_dir(encoder_id), classes=classes, tiles_dir=layout.tiles)
+    frozen = layout.mil_result(encoder_id)
+    folds = _frozen_folds(frozen, records, mil)
+    tiles = {r.slide_id: load_tiles(layout.tiles_file(r.slide_id)) for r in records}
     paths = {r.slide_id: r.path for r in records}
     fold_encoders, extraction = {}, {}
     for fold in tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True):
-        out = fold_encoder_file(finetune_dir, encoder_id, fold.index).parent
-        head_file = mil_dir / encoder_id / f"fold{fold.index}" / "model.pt"
+        out = layout.finetune_fold(encoder_id, fold.index)
+        head_file = frozen.fold_model(fold.index)
         expected = config_hash(
             {
                 "stage": "finetune",
@@ -109,13 +88,13 @@ def finetune_study(
                 "fold": [fold.train, fold.val],
             }
         )
-        if overwrite or not is_current(out / "history.json", expected):
+        if overwrite or not is_current(out.history, expected):
             head = build_model(store.dim, len(classes), mil)
             head.load_state_dict(torch.load(head_file, weights_only=True))
             kwargs = dict(store=store, head=head, tiles=tiles, paths=paths, k=cfg.k, mode=cfg.selection)
             train_bags = make_bags(fold.train, seed=cfg.seed, **kwargs)
             val_bags = make_bags(fold.val, seed=cfg.seed + 1, **kwargs)
-            save_selection(out / "selection.h5", [*train_bags, *val_bags], mode=cfg.selection)
+            save_selection(out.selection, [*train_bags, *val_bags], mode=cfg.selection)
             result = finetune(
                 encoder,
                 head,
@@ -128,25 +107,26 @@ def finetune_study(
             )
             parts = {"train": list(fold.train), "val": list(fold.val), "test": list(fold.test)}
             save_finetuned(out, result, parts, cfg, expected)
-        fold_encoders[fold.index] = out / "encoder.pt"
-        fold_encoder = build_encoder(ft_id, weights=out / "encoder.pt")
+        fold_encoders[fold.index] = out.encoder
+        fold_encoder = build_encoder(ft_id, weights=out.encoder)
+        fold_features = layout.features_dir(ft_id, fold.index)
         extraction[fold.index] = extract_cohort(
             records,
-            tiles_dir=tiles_dir,
-            out_dir=features_dir,
+            tiles_dir=layout.tiles,
+            out_dir=fold_features,
             encoder=fold_encoder,
             settings=settings,
             overwrite=overwrite,
-            dest=features_dir / ft_id / f"fold{fold.index}",
+            summary_path=fold_features / SUMMARY,
         )
     failed = {o.slide_id for stage in extraction.values() for o in stage.failed}
     result = train_mil(
         [r for r in records if r.slide_id not in failed],
-        features_dir={k: features_dir / ft_id / f"fold{k}" for k in fold_encoders},
-        out_dir=mil_dir,
+        features_dir={k: layout.features_dir(ft_id, k) for k in fold_encoders},
+        out_dir=layout.mil,
         mil=mil,
         evaluation=evaluation,
-        tiles_dir=tiles_dir,
+        tiles_dir=layout.tiles,
         lesion_masks=lesion_masks,
         overwrite=overwrite,
     )

@@ -37,6 +37,7 @@ from histotransfer.evaluation import (
 )
 from histotransfer.geometry import tissue_fractions
 from histotransfer.heatmaps import attention_heatmap
+from histotransfer.layout import MILLayout, cohort_meta, lesion_masks_dir, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, is_current
 from histotransfer.splits import Fold, make_folds
@@ -55,15 +56,15 @@ class LesionMasks:
 
     @classmethod
     def beside(cls, manifest: Path) -> LesionMasks | None:
-        meta = Path(manifest).parent / "cohort.json"
+        meta = cohort_meta(manifest)
         if not meta.is_file():
             return None
-        return cls(meta.parent / "masks", float(json.loads(meta.read_text())["mask_downsample"]))
+        return cls(lesion_masks_dir(manifest), float(json.loads(meta.read_text())["mask_downsample"]))
 
     def tile_labels(
         self, slide_id: str, coords: np.ndarray, patch_size_level0: int, fraction: float
     ) -> np.ndarray | None:
-        path = self.folder / f"{slide_id}.png"
+        path = slide_file(self.folder, slide_id, ".png")
         if not path.is_file():
             return None
         mask = np.asarray(Image.open(path)) > 0
@@ -84,14 +85,14 @@ class MILResult:
     @classmethod
     def load(cls, out_dir: Path) -> MILResult:
         """A finished MIL result from its folder (``metrics.json`` is written last)."""
-        metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
+        metrics = json.loads(MILLayout(Path(out_dir)).metrics.read_text())
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
     def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Out-of-fold (labels, probabilities (n, classes), predicted classes) from predictions.csv,
         class indices in ``metrics["classes"]`` order."""
         classes = self.metrics["classes"]
-        with (self.out_dir / "predictions.csv").open(newline="") as f:
+        with MILLayout(self.out_dir).predictions.open(newline="") as f:
             rows = list(csv.DictReader(f))
         y = np.array([classes.index(row["label"]) for row in rows], dtype=int)
         probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]).reshape(len(rows), -1)
@@ -135,9 +136,8 @@ def _stage_config(
     }
 
 
-def _save_fold(out: Path, fold_model) -> None:
-    fold_dir = out / f"fold{fold_model.fold.index}"
-    with atomic_path(fold_dir / "model.pt") as tmp:
+def _save_fold(out: MILLayout, fold_model) -> None:
+    with atomic_path(out.fold_model(fold_model.fold.index)) as tmp:
         torch.save(fold_model.model.state_dict(), tmp)  # tensors only: loads with weights_only=True
     summary = {
         "fold": fold_model.fold.index,
@@ -149,7 +149,7 @@ def _save_fold(out: Path, fold_model) -> None:
         "test": list(fold_model.fold.test),
         "history": fold_model.history,
     }
-    write_text_atomic(fold_dir / "history.json", json.dumps(summary, indent=1))
+    write_text_atomic(out.fold_history(fold_model.fold.index), json.dumps(summary, indent=1))
 
 
 def _write_predictions(path: Path, preds: Sequence[SlidePrediction], classes: Sequence[str]) -> None:
@@ -250,10 +250,10 @@ def train_mil(
     def store_for(fold_index: int) -> BagStore:
         return stores[fold_index if fold_index in stores else None]
 
-    out = Path(out_dir) / encoder_id
+    out = MILLayout.of(out_dir, encoder_id)
     expected = config_hash(_stage_config(records, list(stores.values()), mil, evaluation))
-    if not overwrite and is_current(out / "metrics.json", expected):
-        return MILResult(encoder_id, out, json.loads((out / "metrics.json").read_text()), reused=True)
+    if not overwrite and is_current(out.metrics, expected):
+        return MILResult(encoder_id, out.dir, json.loads(out.metrics.read_text()), reused=True)
     lesions = lesion_labels(records, first, tiles_dir, lesion_masks, evaluation)
     per_fold = []
 
@@ -268,16 +268,14 @@ def train_mil(
     preds = cross_validate(
         records, mil, n_classes=len(classes), store_for=store_for, on_fold=keep_fold, desc=f"mil {encoder_id}"
     )
-    _write_predictions(out / "predictions.csv", preds, classes)
+    _write_predictions(out.predictions, preds, classes)
     y, probs, pooled = _evaluate(preds, evaluation, seed=mil.seed)
     _write_attention_outputs(records, preds, store_for, out, tiles_dir, evaluation, classes)
     localisation = localisation_summary(preds, lesions)
     if (points := roc_points(y, probs)) is not None:
-        plot_roc(
-            out / "roc.png", {encoder_id: (*points, pooled["auc"]["value"])}, f"{encoder_id}: out-of-fold ROC"
-        )
+        plot_roc(out.roc, {encoder_id: (*points, pooled["auc"]["value"])}, f"{encoder_id}: out-of-fold ROC")
     elif len(classes) > 2 and (curves := class_rocs(y, probs, classes)):
-        plot_roc(out / "roc.png", curves, f"{encoder_id}: out-of-fold ROC, one class vs the rest")
+        plot_roc(out.roc, curves, f"{encoder_id}: out-of-fold ROC, one class vs the rest")
     metrics = {
         "config_hash": expected,
         "encoder_id": encoder_id,
@@ -298,8 +296,8 @@ def train_mil(
             repeats=mil.seeds if len(stores) == 1 else 1,
         ),
     }
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    return MILResult(encoder_id, out, metrics, reused=False)
+    write_text_atomic(out.metrics, json.dumps(metrics, indent=1))
+    return MILResult(encoder_id, out.dir, metrics, reused=False)
 
 
 def study_folds(records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:
@@ -368,14 +366,14 @@ def _write_attention_outputs(records, preds, store_for, out, tiles_dir, evaluati
     draw = {p.slide_id for p in sorted(preds, key=order)[: evaluation.heatmaps]}  # sort is stable
     for pred in preds:
         coords = store_for(pred.fold).coords(pred.slide_id)
-        _write_attention(out / "attention" / f"{pred.slide_id}.h5", pred, coords)
+        _write_attention(out.attention(pred.slide_id), pred, coords)
         if tiles_dir is not None and pred.slide_id in draw:
             attention_heatmap(
                 by_id[pred.slide_id].path,
                 coords,
                 pred.attention,
-                patch_size_level0=load_tiles(Path(tiles_dir) / f"{pred.slide_id}.h5").patch_size_level0,
-                out=out / "heatmaps" / f"{pred.slide_id}.png",
+                patch_size_level0=load_tiles(slide_file(tiles_dir, pred.slide_id)).patch_size_level0,
+                out=out.heatmap(pred.slide_id),
             )
 
 
@@ -387,7 +385,7 @@ def lesion_labels(
         return {}
     labels = {}
     for record in records:
-        patch_lv0 = load_tiles(Path(tiles_dir) / f"{record.slide_id}.h5").patch_size_level0
+        patch_lv0 = load_tiles(slide_file(tiles_dir, record.slide_id)).patch_size_level0
         lesion = lesion_masks.tile_labels(
             record.slide_id, store.coords(record.slide_id), patch_lv0, evaluation.lesion_tile_fraction
         )

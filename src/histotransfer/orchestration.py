@@ -21,8 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from histotransfer import stages
+from histotransfer.atomic import write_text_atomic
 from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import ConfigError
+from histotransfer.layout import SUMMARY, StudyLayout, is_shard_summary, shard_summary
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
 
@@ -71,23 +74,17 @@ def harvest(root: Path, out: Path) -> list[str]:
 
 
 @contextmanager
-def study_view(inputs: Sequence[str | Path], output: str | Path) -> Iterator[Path]:
-    """A temporary study folder linking ``inputs``; what the block creates there lands in ``output``."""
+def study_view(inputs: Sequence[str | Path], output: str | Path) -> Iterator[StudyLayout]:
+    """The layout of a temporary study folder linking ``inputs``; what the block creates there lands
+    in ``output``."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="histotransfer-view-") as tmp:
         root = Path(tmp)
         link_tree(inputs, root)
-        yield root
+        yield StudyLayout.at(root)
         moved = harvest(root, out)
         log.info("stage outputs: %s", ", ".join(moved) or "(none)")
-
-
-def _manifest(root: Path) -> Path:
-    path = root / "cohort" / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: the cohort artifact must hold cohort/manifest.csv")
-    return path
 
 
 def shard(records: Sequence[SlideRecord], index: int, count: int) -> list[SlideRecord]:
@@ -107,12 +104,11 @@ def make_cohort(output: str | Path, *, manifest: str = "", sample_data: dict | N
     ``manifest``: a local path or gs:// URI of the user's manifest; its slide paths must be absolute
     (or gs:// URIs) since the manifest moves. Empty: build the sample cohort.
     """
-    out = Path(output) / "cohort"
+    layout = StudyLayout.at(output)
     if manifest:
         from histotransfer.storage import fetch_gcs, is_gcs_uri
 
         local = fetch_gcs(manifest) if is_gcs_uri(manifest) else Path(manifest)
-        records = read_manifest(local)
         rows = [
             {
                 "slide_id": r.slide_id,
@@ -122,23 +118,20 @@ def make_cohort(output: str | Path, *, manifest: str = "", sample_data: dict | N
                 "mpp": "" if r.mpp is None else str(r.mpp),
                 "split": r.split or "",
             }
-            for r in records
+            for r in read_manifest(local)
         ]
-        write_manifest(out / "manifest.csv", rows)
+        write_manifest(layout.manifest, rows)
     else:
-        from histotransfer.sample_data import build_sample_cohort
-
-        build_sample_cohort(out, config=study_config(sample_data=sample_data).sample_data)
-    records = read_manifest(out / "manifest.csv")
-    labels = sorted({r.label for r in records})
-    return {"n_slides": len(records), "labels": labels}
+        stages.sample_cohort(layout, study_config(sample_data=sample_data))
+    records = read_manifest(layout.manifest)
+    return {"n_slides": len(records), "labels": sorted({r.label for r in records})}
 
 
 def plan(
     cohort: str | Path, *, shards: int, extraction: dict | None = None
 ) -> tuple[list[dict[str, int]], list[dict[str, Any]], list[str]]:
     """(tile shards, extraction items (encoder x shard), encoder ids) for a cohort."""
-    n_slides = len(read_manifest(_manifest(Path(cohort))))
+    n_slides = len(read_manifest(StudyLayout.at(cohort).manifest))
     count = max(1, min(int(shards), n_slides))
     config = study_config(extraction=extraction)
     tile_items = [{"shard": i, "shards": count} for i in range(count)]
@@ -151,49 +144,38 @@ def plan(
 
 
 def tile_shard(cohort: str | Path, output: str | Path, *, item: dict, tiling: dict | None = None):
-    from histotransfer.tiling import tile_cohort
-
     config = study_config(tiling=tiling)
-    with study_view([cohort], output) as root:
-        records = shard(read_manifest(_manifest(root)), item["shard"], item["shards"])
-        result = tile_cohort(records, out_dir=root / "tiles", tiling=config.tiling)
-        (root / "tiles" / "summary.csv").rename(root / "tiles" / f"summary-shard{int(item['shard'])}.csv")
+    with study_view([cohort], output) as layout:
+        records = shard(read_manifest(layout.manifest), item["shard"], item["shards"])
+        summary = shard_summary(layout.tiles, item["shard"])
+        result = stages.tile(layout, config, records, summary=summary)
     return _stage_stats(result)
 
 
 def extract_shard(
     inputs: Sequence[str | Path], output: str | Path, *, item: dict, extraction: dict | None = None
 ) -> dict[str, Any]:
-    from histotransfer.encoders import build_encoder
-    from histotransfer.extraction import extract_cohort, settings_from
-
     config = study_config(extraction=extraction)
-    with study_view(inputs, output) as root:
-        tiled = _tiled_records(root)
-        records = shard(tiled, item["shard"], item["shards"])
-        encoder = build_encoder(item["encoder"], weights=item.get("weights") or None)
-        dest = root / "features" / str(encoder.id)
-        result = extract_cohort(
-            records,
-            tiles_dir=root / "tiles",
-            out_dir=root / "features",
-            encoder=encoder,
-            settings=settings_from(config.extraction),
-        )
-        (dest / "summary.csv").rename(dest / f"summary-shard{int(item['shard'])}.csv")
+    with study_view(inputs, output) as layout:
+        records = shard(read_manifest(layout.manifest), item["shard"], item["shards"])
+        encoder_id = str(item["encoder"])
+        summary = shard_summary(layout.features_dir(encoder_id), item["shard"])
+        weights = item.get("weights") or None
+        result = stages.extract(layout, config, records, encoder_id, weights=weights, summary=summary).result
     return _stage_stats(result)
 
 
 def merge(parts: Sequence[str | Path], output: str | Path) -> list[str]:
-    """Merge artifact folders of the same stage's shards: files are copied; per-shard
-    ``summary-shard*.csv`` files become one ``summary.csv`` per folder. Overlaps are errors."""
+    """Merge artifact folders of the same stage's shards: files are copied; per-shard summaries
+    (``summary-shard*.csv``) become one ``summary.csv`` per folder, written atomically. Overlaps are
+    errors."""
     out = Path(output)
     written = []
     summaries: dict[Path, list[dict[str, str]]] = {}
     for part in map(Path, parts):
         for path in sorted(p for p in part.rglob("*") if p.is_file()):
             rel = path.relative_to(part)
-            if path.name.startswith("summary-shard") and path.suffix == ".csv":
+            if is_shard_summary(path):
                 with path.open(newline="", encoding="utf-8") as f:
                     summaries.setdefault(rel.parent, []).extend(csv.DictReader(f))
                 continue
@@ -210,8 +192,7 @@ def merge(parts: Sequence[str | Path], output: str | Path) -> list[str]:
         writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        (out / folder / "summary.csv").write_text(text.getvalue(), encoding="utf-8")
+        write_text_atomic(out / folder / SUMMARY, text.getvalue())
     return written
 
 
@@ -224,20 +205,9 @@ def train(
     evaluation: dict | None = None,
 ) -> dict[str, Any]:
     """Cross-validated MIL for one encoder; returns metrics, the pooled ROC and the confusion matrix."""
-    from histotransfer.mil_stage import LesionMasks, train_mil
-
     config = study_config(mil=mil, evaluation=evaluation)
-    with study_view(inputs, output) as root:
-        records = _featured_records(root, encoder)
-        result = train_mil(
-            records,
-            features_dir=root / "features" / encoder,
-            out_dir=root / "mil",
-            mil=config.mil,
-            evaluation=config.evaluation,
-            tiles_dir=root / "tiles",
-            lesion_masks=LesionMasks.beside(_manifest(root)),
-        )
+    with study_view(inputs, output) as layout:
+        result = stages.train(layout, config, read_manifest(layout.manifest), encoder)
         summary = classification_summary(result.out_dir)
     return summary
 
@@ -254,21 +224,13 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tuning of every ``finetune.encoders`` id in every fold, then MIL on its features (what
     `histotransfer run` does after the frozen study)."""
-    from histotransfer.finetune_stage import finetuned_id
-    from histotransfer.study import finetune_and_compare
-
     config = study_config(extraction=extraction, mil=mil, finetune=finetune, cka=cka, evaluation=evaluation)
-    with study_view(inputs, output) as root:
-        outputs = _study_outputs(root)
-        finetune_and_compare(config, outputs, _tiled_records(root), cka=False)
-        tuned = {finetuned_id(e) for e in config.finetune.encoders}
-        metrics = {
-            r.encoder_id: classification_summary(r.out_dir)["metrics"]
-            for r in outputs.mil
-            if r.encoder_id in tuned
-        }
-    if outputs.errors:
-        raise RuntimeError("; ".join(f"{k}: {v}" for k, v in outputs.errors.items()))
+    metrics = {}
+    with study_view(inputs, output) as layout:
+        records = read_manifest(layout.manifest)
+        for encoder_id in config.finetune.encoders:
+            tuned = stages.finetune(layout, config, records, encoder_id)
+            metrics[tuned.finetuned_id] = classification_summary(tuned.mil.out_dir)["metrics"]
     return {"metrics": metrics}
 
 
@@ -281,37 +243,19 @@ def cka(
     cka: dict | None = None,
 ) -> list[str]:
     """Frozen vs fold ``cka.fold``'s fine-tuned encoder, layer by layer, for every fine-tuned encoder."""
-    from histotransfer.study import compare_finetuned
-
     config = study_config(extraction=extraction, finetune=finetune, cka=cka)
-    with study_view(inputs, output) as root:
-        outputs = _study_outputs(root)
-        for encoder_id in config.finetune.encoders:
-            compare_finetuned(config, outputs, _tiled_records(root), encoder_id)
-        (root / "cka").mkdir(exist_ok=True)  # an empty section when nothing was fine-tuned
-    if outputs.errors:
-        raise RuntimeError("; ".join(f"{k}: {v}" for k, v in outputs.errors.items()))
-    return [p.name for p in outputs.cka]
+    with study_view(inputs, output) as layout:
+        records = read_manifest(layout.manifest)
+        paths = [stages.cka(layout, config, records, encoder_id) for encoder_id in config.finetune.encoders]
+        layout.cka.mkdir(exist_ok=True)  # an empty section when nothing was fine-tuned
+    return [p.name for p in paths]
 
 
 def export(inputs: Sequence[str | Path], output: str | Path, *, export: dict | None = None, extraction=None):
     """The study's best model as an ONNX bundle under ``onnx/{export.name}/``."""
-    from histotransfer.export import best_result, export_study_model
-    from histotransfer.mil_stage import MILResult
-
     config = study_config(export=export, extraction=extraction)
-    with study_view(inputs, output) as root:
-        results = MILResult.load_all(root / "mil")
-        best = best_result(results)
-        result = export_study_model(
-            best.out_dir,
-            out=root / "onnx" / config.export.name,
-            weights=config.extraction.weights_for(best.encoder_id),
-            fold=config.export.fold,
-            tiles_dir=root / "tiles",
-            fp16=config.export.fp16,
-        )
-        spec = result.spec
+    with study_view(inputs, output) as layout:
+        spec = stages.export(layout, config).spec
     return {"encoder": spec.encoder.id, "fold": spec.aggregator.fold, "parity": spec.parity}
 
 
@@ -322,22 +266,11 @@ def report(inputs: Sequence[str | Path], output: str | Path) -> Path:
     """``report/index.html`` and ``summary.md`` of everything in ``inputs``. The pictures and small
     files it links are copied into ``output`` too (weights, features and slides are not), so the
     folder is a self-contained report."""
-    from histotransfer.mil_stage import MILResult
-    from histotransfer.report import write_report
-
     out = Path(output)
     with tempfile.TemporaryDirectory(prefix="histotransfer-report-") as tmp:
         root = Path(tmp)
         link_tree(inputs, root)
-        results = MILResult.load_all(root / "mil")
-        bundles = sorted(p.parent for p in (root / "onnx").glob("*/bundle.json"))
-        path = write_report(
-            results,
-            report_dir=root / "report",
-            tiles_dir=root / "tiles",
-            cka=sorted((root / "cka").glob("*.json")),
-            bundle=bundles[0] if bundles else None,
-        )
+        path = stages.report(StudyLayout.at(root))
         shutil.copytree(root, out, ignore=shutil.ignore_patterns(*REPORT_SKIPS), dirs_exist_ok=True)
     return out / path.relative_to(root)
 
@@ -357,11 +290,7 @@ def find_bundle(path: str | Path) -> Path:
 
 def predict(bundle: str | Path, slides: str, output: str | Path) -> dict[str, Any]:
     """Classify ``slides`` (slide, gs:// URI or manifest) with a bundle; torch is not imported."""
-    from histotransfer.bundle import load_bundle
-    from histotransfer.predict import predict_cohort, slides_to_classify
-
-    loaded = load_bundle(find_bundle(bundle))
-    result = predict_cohort(slides_to_classify(slides), loaded, out_dir=Path(output))
+    result = stages.predict(find_bundle(bundle), slides, Path(output))
     stats = _stage_stats(result)
     rows = [o for o in result.outcomes if o.status != "failed"]
     return stats | {"predictions": {o.slide_id: o.stats.get("prediction") for o in rows}}
@@ -400,17 +329,6 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     }
 
 
-def _study_outputs(root: Path):
-    from histotransfer.study import StudyOutputs
-
-    return StudyOutputs(
-        manifest=_manifest(root),
-        tiles_dir=root / "tiles",
-        features_dir=root / "features",
-        mil_dir=root / "mil",
-    )
-
-
 def _stage_stats(result) -> dict[str, Any]:
     failed = result.failed
     if failed and len(failed) == len(result.outcomes):
@@ -418,19 +336,6 @@ def _stage_stats(result) -> dict[str, Any]:
     if failed:
         log.warning(result.failure_report())
     return {"slides": len(result.outcomes), "failed": len(failed)}
-
-
-def _tiled_records(root: Path) -> list[SlideRecord]:
-    """The cohort's slides that have a tiles file (failed slides are left out, as `run` does)."""
-    return [r for r in read_manifest(_manifest(root)) if (root / "tiles" / f"{r.slide_id}.h5").is_file()]
-
-
-def _featured_records(root: Path, encoder: str) -> list[SlideRecord]:
-    folder = root / "features" / encoder
-    records = [r for r in _tiled_records(root) if (folder / f"{r.slide_id}.h5").is_file()]
-    if not records:
-        raise FileNotFoundError(f"no features for {encoder} in the input artifacts ({folder})")
-    return records
 
 
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any:

@@ -24,6 +24,7 @@ from histotransfer.atomic import atomic_path
 from histotransfer.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
 from histotransfer.errors import ManifestError
 from histotransfer.heatmaps import attention_heatmap
+from histotransfer.layout import PredictionLayout, slide_file
 from histotransfer.manifest import SlideRecord, check_slide_id, read_manifest
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
@@ -119,18 +120,21 @@ def read_slide_prediction(path: Path) -> dict[str, Any]:
         return _stats(classes, f["probabilities"][:], len(f["attention"]))
 
 
+BATCH_SIZE = 64  # tiles per encoder call
+
+
 def predict_cohort(
     records: Sequence[SlideRecord],
     bundle: Bundle,
     *,
     out_dir: Path,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     readers: int | None = None,
     heatmaps: bool = True,
     overwrite: bool = False,
 ) -> StageResult:
     """Classify every slide; failures are recorded in ``predictions.csv``, never raised."""
-    out_dir = Path(out_dir)
+    out = PredictionLayout(Path(out_dir))
     spec = bundle.spec
     readers = readers or min(8, os.cpu_count() or 1)
     bundle_id = config_hash({"files": spec.files, "tiling": spec.tiling.model_dump(mode="json")})
@@ -139,11 +143,11 @@ def predict_cohort(
         return {"stage": "predict", "bundle": bundle_id, "slide": record.path, "mpp": record.mpp}
 
     def work(record: SlideRecord) -> dict[str, Any]:
-        tile_slide(record, out_dir=out_dir / "tiles", tiling=spec.tiling)
-        tiles = load_tiles(out_dir / "tiles" / f"{record.slide_id}.h5")
+        tile_slide(record, out_dir=out.tiles, tiling=spec.tiling)
+        tiles = load_tiles(slide_file(out.tiles, record.slide_id))
         local = local_slide_path(record.path)
         probs, attention = classify_tiles(bundle, local, tiles, batch_size=batch_size, readers=readers)
-        with atomic_path(out_dir / "slides" / f"{record.slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(out.slide(record.slide_id)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(provenance_attrs(stage_config(record)))
             f.attrs.update(slide_id=record.slide_id, bundle=str(bundle.path), encoder_id=spec.encoder.id)
             f.attrs["classes"] = json.dumps(spec.classes)
@@ -156,17 +160,17 @@ def predict_cohort(
                 tiles.coords,
                 attention,
                 patch_size_level0=tiles.patch_size_level0,
-                out=out_dir / "heatmaps" / f"{record.slide_id}.png",
+                out=out.heatmap(record.slide_id),
             )
         return _stats(spec.classes, probs, len(tiles.coords))
 
     return run_per_slide(
         records,
         stage="predict",
-        output_for=lambda r: out_dir / "slides" / f"{r.slide_id}.h5",
+        output_for=lambda r: out.slide(r.slide_id),
         config_hash_for=lambda r: config_hash(stage_config(r)),
         work=work,
         stats_of=read_slide_prediction,
-        summary_path=out_dir / "predictions.csv",
+        summary_path=out.table,
         overwrite=overwrite,
     )

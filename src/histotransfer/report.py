@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.bundle import read_spec
-from histotransfer.encoders import RANDOM, EncoderId, list_cut_points, parse_encoder_id
+from histotransfer.encoders import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
+from histotransfer.layout import MILLayout
 from histotransfer.mil_stage import MILResult, class_rocs, plot_roc, roc_points
 
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
@@ -25,7 +26,7 @@ def family(enc: EncoderId) -> str:
     """What kind of representation an encoder id stands for, as the paper groups them."""
     if enc.tag == RANDOM:
         kind = "random init"
-    elif enc.tag == "ft" or (enc.tag or "").endswith("-ft"):
+    elif frozen_id(str(enc)) is not None:
         kind = "fine-tuned"
     elif enc.tag:
         kind = f"given weights ({enc.tag})"
@@ -163,12 +164,9 @@ def _finetune_pairs(results: Sequence[MILResult]) -> list[tuple[MILResult, MILRe
     by_id = {r.encoder_id: r for r in results}
     pairs = []
     for r in results:
-        enc = _encoder(r.encoder_id)
-        if enc is None or not (enc.tag == "ft" or (enc.tag or "").endswith("-ft")):
+        if _encoder(r.encoder_id) is None or (base_id := frozen_id(r.encoder_id)) is None:
             continue
-        base_tag = None if enc.tag == "ft" else enc.tag[: -len("-ft")]
-        base = by_id.get(str(EncoderId(enc.arch, enc.cut, base_tag)))
-        if base is not None:
+        if (base := by_id.get(base_id)) is not None:
             pairs.append((base, r))
     return pairs
 
@@ -346,12 +344,12 @@ def write_report(
         parts += ["<h2>ROC curves</h2>", '<img src="figures/roc.png" alt="ROC curves">']
     if results:
         best = results[0]
-        heatmaps = sorted((best.out_dir / "heatmaps").glob("*.png"))
+        heatmaps = sorted(MILLayout(best.out_dir).heatmaps.glob("*.png"))
         parts.append(f"<h2>Attention heatmaps: {html.escape(best.encoder_id)}</h2>")
         parts.append("<p>Left: the slide; right: tiles coloured by attention rank (bright: high).</p>")
         parts += [_figure(_link(report_dir, p), p.stem, "wide") for p in heatmaps]
         parts += [
-            f'<p><a href="{_link(report_dir, r.out_dir / "metrics.json")}">{html.escape(r.encoder_id)}: '
+            f'<p><a href="{_link(report_dir, MILLayout(r.out_dir).metrics)}">{html.escape(r.encoder_id)}: '
             "metrics.json</a></p>"
             for r in results
         ]

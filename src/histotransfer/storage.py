@@ -131,6 +131,9 @@ def _retry():
 def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
     """Upload every file under ``local`` to ``uri`` (a gs:// folder), then the completion marker.
 
+    A marker already there is deleted before the first changed object is uploaded, so a reader never
+    sees a marker over a tree that is half old, half new.
+
     Each object is written by one request, so it appears only complete (never half-written); objects
     that already hold the same bytes (md5) are skipped, so a rerun after a failure resumes. Transient
     errors are retried with backoff; a failure that outlasts the retries is a StorageError naming the
@@ -157,15 +160,20 @@ def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
         existing = {
             b.name: b.md5_hash for b in client.list_blobs(bucket_name, prefix=prefix or None, retry=retry)
         }
+        changed = []
         for path in files:
             rel = path.relative_to(local).as_posix()
             md5 = base64.b64encode(file_digest(path, "md5").digest()).decode()  # GCS's md5_hash form
             listing[rel] = md5
             if existing.get(key(rel)) == md5:
                 skipped += 1
-                continue
-            blob = bucket.blob(key(rel))
-            blob.upload_from_filename(str(path), checksum="md5", retry=retry)
+            else:
+                changed.append((path, rel))
+        if changed and key(COMPLETE_MARKER) in existing:
+            # the tree is about to change: it is not complete until the new marker is written
+            bucket.blob(key(COMPLETE_MARKER)).delete(retry=retry)
+        for path, rel in changed:
+            bucket.blob(key(rel)).upload_from_filename(str(path), checksum="md5", retry=retry)
             uploaded += 1
         marker = {"files": listing, "count": len(listing)}
         bucket.blob(key(COMPLETE_MARKER)).upload_from_string(

@@ -19,6 +19,7 @@ from scipy import ndimage
 from histotransfer.atomic import atomic_path
 from histotransfer.config import TilingConfig
 from histotransfer.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
+from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
@@ -72,7 +73,7 @@ def compute_tissue_mask(slide: openslide.OpenSlide, info: SlideInfo, tiling: Til
     ink = np.zeros(low.shape[:2], dtype=bool)
     if config.pen_hue_deg is not None:
         ink = pen_mask(low, hue_deg=config.pen_hue_deg, min_saturation=config.min_saturation)
-    tissue = detect_tissue(low, image_mpp=image_mpp, exclude=ink, **config.detect_kwargs())
+    tissue = detect_tissue(low, image_mpp=image_mpp, settings=config, exclude=ink)
     ink &= ndimage.binary_dilation(tissue, iterations=2)  # ink on glass far from tissue: not QC's concern
     width, height = info.dimensions
     downsample = (width / low.shape[1], height / low.shape[0])
@@ -216,7 +217,7 @@ def _tile_open_slide(
     keep, fractions, dropped = select_tiles(mask, candidates, geometry, tiling)
     coords, fractions = candidates[keep], fractions[keep]
     qc = draw_qc(slide, mask, coords, candidates[dropped], geometry, max_side_px=tiling.qc_max_side_px)
-    with atomic_path(out_dir / f"{record.slide_id}.png") as tmp:
+    with atomic_path(slide_file(out_dir, record.slide_id, ".png")) as tmp:
         qc.save(tmp, format="PNG")
     if len(coords) == 0:
         raise SlideError(
@@ -225,7 +226,7 @@ def _tile_open_slide(
             f"{record.slide_id}.png; lower tiling.min_tissue_fraction or tiling.tissue.min_saturation)"
         )
     _write_tiles_h5(
-        out_dir / f"{record.slide_id}.h5",
+        slide_file(out_dir, record.slide_id),
         coords=coords,
         fractions=fractions,
         geometry=geometry,
@@ -234,7 +235,7 @@ def _tile_open_slide(
         tiling=tiling,
         qc={"ink_fraction": round(mask.ink_fraction, 4), "qc_dropped_tiles": int(dropped.sum())},
     )
-    return tiles_stats(out_dir / f"{record.slide_id}.h5")
+    return tiles_stats(slide_file(out_dir, record.slide_id))
 
 
 @dataclass(frozen=True)
@@ -314,17 +315,23 @@ def tiles_stats(path: Path) -> dict[str, Any]:
 
 
 def tile_cohort(
-    records: Sequence[SlideRecord], *, out_dir: Path, tiling: TilingConfig, overwrite: bool = False
+    records: Sequence[SlideRecord],
+    *,
+    out_dir: Path,
+    tiling: TilingConfig,
+    overwrite: bool = False,
+    summary_path: Path | None = None,
 ) -> StageResult:
-    """Tile every slide; failures are recorded in ``out_dir/summary.csv``, never raised."""
+    """Tile every slide; failures are recorded in ``summary_path`` (default ``out_dir/summary.csv``),
+    never raised."""
     out_dir = Path(out_dir)
     return run_per_slide(
         records,
         stage="tile",
-        output_for=lambda r: out_dir / f"{r.slide_id}.h5",
+        output_for=lambda r: slide_file(out_dir, r.slide_id),
         config_hash_for=lambda r: config_hash(_tiling_config(r, tiling)),
         work=lambda r: tile_slide(r, out_dir=out_dir, tiling=tiling),
         stats_of=tiles_stats,
-        summary_path=out_dir / "summary.csv",
+        summary_path=summary_path or out_dir / SUMMARY,
         overwrite=overwrite,
     )

@@ -11,6 +11,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from histotransfer.config import TissueConfig
+
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation of an (h, w, 3) uint8 image as uint8 in [0, 255]."""
@@ -45,21 +47,21 @@ def detect_tissue(
     rgb: np.ndarray,
     *,
     image_mpp: float,
-    saturation_threshold: int | None = None,
-    min_saturation: int = 20,
-    median_size_px: int = 5,
-    closing_radius_um: float = 16.0,
-    min_object_um2: float = 10_000.0,
-    min_hole_um2: float = 10_000.0,
+    settings: TissueConfig | None = None,
     exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean tissue mask (h, w) of an (h, w, 3) uint8 RGB image whose pixels are ``image_mpp`` um.
 
-    The saturation threshold is Otsu's, floored at ``min_saturation`` so that a blank slide (where
-    Otsu would split glass noise in two) yields no tissue; ``saturation_threshold`` fixes it instead.
-    ``exclude`` (h, w) marks pixels that are not tissue whatever they look like (e.g. marker ink):
-    they take no part in Otsu's threshold and are never in the mask.
+    ``settings``: the config's tissue section (its defaults when None). The saturation threshold is
+    Otsu's, floored at ``min_saturation`` so that a blank slide (where Otsu would split glass noise in
+    two) yields no tissue; ``saturation_threshold`` fixes it instead. ``exclude`` (h, w) marks pixels
+    that are not tissue whatever they look like (e.g. marker ink): they take no part in Otsu's
+    threshold and are never in the mask.
     """
+    settings = settings or TissueConfig()
+    saturation_threshold, min_saturation = settings.saturation_threshold, settings.min_saturation
+    median_size_px, closing_radius_um = settings.median_size_px, settings.closing_radius_um
+    min_object_um2, min_hole_um2 = settings.min_object_um2, settings.min_hole_um2
     sat = saturation(rgb)
     if median_size_px > 1:
         sat = ndimage.median_filter(sat, size=median_size_px)

@@ -1,0 +1,381 @@
+"""The study's stages, each wired here and only here.
+
+A stage takes a StudyLayout (where things are), the validated StudyConfig (how to do them) and the
+cohort's records, and owns everything in between: which weights an encoder id gets (an explicit file
+wins, else the config's), which device, which slides go on (those an earlier stage did not record as
+failed in its summary), resuming (current outputs are reused unless ``overwrite``) and where its
+summary goes. `histotransfer run`, every CLI subcommand, the KFP orchestration and DVC (through the
+CLI) call these functions and nothing below them.
+
+Slide-parallel stages (tile, extract) return a StageResult and never raise for one bad slide; the
+others raise the library's errors (FeaturesError, SplitError, TrainingError, WeightsError, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from histotransfer.config import StudyConfig
+from histotransfer.errors import ExportError, FeaturesError
+from histotransfer.layout import SUMMARY, StudyLayout
+from histotransfer.manifest import SlideRecord, read_manifest
+from histotransfer.runner import StageResult
+
+if TYPE_CHECKING:  # the heavy modules are imported by the stage that needs them
+    from histotransfer.encoders import Encoder
+    from histotransfer.export import ExportResult
+    from histotransfer.finetune_stage import FinetuneOutputs
+    from histotransfer.mil_stage import MILResult
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def failed_in(summary: Path) -> set[str]:
+    """The slides a stage's ``summary.csv`` records as failed (none when it has no summary)."""
+    if not summary.is_file():
+        return set()
+    with summary.open(newline="", encoding="utf-8") as f:
+        return {row["slide_id"] for row in csv.DictReader(f) if row.get("status") == "failed"}
+
+
+def going_on(records: Sequence[SlideRecord], summary: Path, what: str) -> list[SlideRecord]:
+    """``records`` without the slides that ``summary`` records as failed (they are reported there)."""
+    failed = failed_in(summary)
+    if dropped := [r.slide_id for r in records if r.slide_id in failed]:
+        log.warning("%d slide(s) left out: %s failed on them (see %s)", len(dropped), what, summary)
+    return [r for r in records if r.slide_id not in failed]
+
+
+def tiled(layout: StudyLayout, records: Sequence[SlideRecord]) -> list[SlideRecord]:
+    """The slides whose tiling did not fail (all of them when the layout has no tiles folder)."""
+    if not layout.has("tiles"):
+        return list(records)
+    return going_on(records, layout.tiles / SUMMARY, "tiling")
+
+
+def featured(layout: StudyLayout, records: Sequence[SlideRecord], encoder_id: str) -> list[SlideRecord]:
+    """The tiled slides whose feature extraction with ``encoder_id`` did not fail."""
+    folder = layout.features_dir(encoder_id)
+    return going_on(tiled(layout, records), folder / SUMMARY, f"extraction with {encoder_id}")
+
+
+def weights_for(config: StudyConfig, encoder_id: str, weights: str | Path | None = None) -> str | Path | None:
+    """An encoder's weights: the ones given, else the ones the config lists for it (e.g. a tagged id
+    such as ``densenet121+kimianet`` whose checkpoint only params.yaml names), else its default."""
+    return weights if weights else config.extraction.weights_for(encoder_id)
+
+
+def build(config: StudyConfig, encoder_id: str, weights: str | Path | None = None) -> Encoder:
+    from histotransfer.encoders import build_encoder
+
+    return build_encoder(encoder_id, weights=weights_for(config, encoder_id, weights))
+
+
+def lesion_masks(layout: StudyLayout):
+    from histotransfer.mil_stage import LesionMasks
+
+    return LesionMasks.beside(layout.manifest)
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def sample_cohort(layout: StudyLayout, config: StudyConfig) -> Path:
+    """The sample cohort (slides, masks, manifest) in the layout's cohort folder, reused when current."""
+    from histotransfer.sample_data import build_sample_cohort
+
+    log.info("building the sample cohort under %s", layout.cohort)
+    return build_sample_cohort(layout.cohort, config=config.sample_data)
+
+
+def cohort(layout: StudyLayout, config: StudyConfig) -> list[SlideRecord]:
+    """The cohort's records: the layout's manifest, or the sample cohort, built (or reused) first."""
+    if config.manifest is None:
+        sample_cohort(layout, config)
+    return read_manifest(layout.manifest)
+
+
+def tile(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    *,
+    overwrite: bool = False,
+    summary: Path | None = None,
+) -> StageResult:
+    """Tiles and QC pictures of every slide under ``layout.tiles``."""
+    from histotransfer.tiling import tile_cohort
+
+    return tile_cohort(
+        records,
+        out_dir=layout.tiles,
+        tiling=config.tiling,
+        overwrite=overwrite,
+        summary_path=summary or layout.tiles / SUMMARY,
+    )
+
+
+@dataclass(frozen=True)
+class Extracted:
+    encoder: Encoder
+    result: StageResult
+
+
+def extract(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    encoder_id: str,
+    *,
+    weights: str | Path | None = None,
+    overwrite: bool = False,
+    summary: Path | None = None,
+) -> Extracted:
+    """Features of the tiled slides with one encoder under ``features/{encoder_id}/``."""
+    from histotransfer.extraction import extract_cohort, settings_from
+
+    encoder = build(config, encoder_id, weights)
+    folder = layout.features_dir(str(encoder.id))
+    result = extract_cohort(
+        tiled(layout, records),
+        tiles_dir=layout.tiles,
+        out_dir=folder,
+        encoder=encoder,
+        settings=settings_from(config.extraction),
+        overwrite=overwrite,
+        summary_path=summary or folder / SUMMARY,
+    )
+    return Extracted(encoder, result)
+
+
+def train(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    encoder_id: str,
+    *,
+    overwrite: bool = False,
+) -> MILResult:
+    """Cross-validated attention-MIL on one encoder's features: ``mil/{encoder_id}/``."""
+    from histotransfer.mil_stage import train_mil
+
+    return train_mil(
+        featured(layout, records, encoder_id),
+        features_dir=layout.features_dir(encoder_id),
+        out_dir=layout.mil,
+        mil=config.mil,
+        evaluation=config.evaluation,
+        tiles_dir=layout.tiles if layout.has("tiles") else None,  # without: no heatmaps, no localisation
+        lesion_masks=lesion_masks(layout),
+        overwrite=overwrite,
+    )
+
+
+def finetune(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    encoder_id: str,
+    *,
+    weights: str | Path | None = None,
+    overwrite: bool = False,
+) -> FinetuneOutputs:
+    """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
+    features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
+    from histotransfer.extraction import settings_from
+    from histotransfer.finetune_stage import finetune_study
+
+    if not layout.mil_result(encoder_id).metrics.is_file():
+        raise FeaturesError(
+            f"{layout.mil_result(encoder_id).dir} has no finished MIL result: fine-tuning starts from the "
+            f"frozen features' MIL (run extraction and `histotransfer train` for {encoder_id} first)"
+        )
+    return finetune_study(
+        featured(layout, records, encoder_id),
+        encoder=build(config, encoder_id, weights),
+        layout=layout,
+        mil=config.mil,
+        cfg=config.finetune,
+        evaluation=config.evaluation,
+        settings=settings_from(config.extraction),
+        lesion_masks=lesion_masks(layout),
+        overwrite=overwrite,
+    )
+
+
+def compare_encoders(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    a: Encoder,
+    b: Encoder,
+    *,
+    name_a: str | None = None,
+    name_b: str | None = None,
+) -> Path:
+    """Layer-by-layer CKA of two built encoders on ``cka.tiles`` tiles of the study: ``cka/{a}__{b}.json``
+    (and its heatmap), on the config's extraction device."""
+    from histotransfer.cka_stage import compare, sample_tiles, write_cka
+    from histotransfer.extraction import settings_from
+
+    tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
+    device = str(settings_from(config.extraction).device)
+    result = compare(a, b, tiles, batch_size=config.cka.batch_size, device=device)
+    files = layout.cka_files(name_a or str(a.id), name_b or str(b.id))
+    return write_cka(*files, name_a or str(a.id), name_b or str(b.id), result)[0]
+
+
+def cka(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    encoder_id: str,
+    *,
+    weights: str | Path | None = None,
+) -> Path:
+    """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
+    from histotransfer.encoders import finetuned_id
+
+    fold = config.cka.fold
+    tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
+    if not tuned_weights.is_file():
+        raise FeaturesError(
+            f"no fine-tuned encoder for cka.fold {fold} ({tuned_weights}): fine-tune {encoder_id} first, "
+            "or set cka.fold to a fold of the study"
+        )
+    from histotransfer.encoders import build_encoder
+
+    tuned_id = finetuned_id(encoder_id)
+    tuned = build_encoder(tuned_id, weights=tuned_weights)
+    frozen = build(config, encoder_id, weights)
+    return compare_encoders(layout, config, records, frozen, tuned, name_b=f"{tuned_id}-fold{fold}")
+
+
+def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = None) -> Path:
+    """The best of ``results`` (default: every finished MIL result of the study), as the report ranks
+    them (its first row)."""
+    from histotransfer.export import best_result
+    from histotransfer.mil_stage import MILResult
+
+    results = MILResult.load_all(layout.mil) if results is None else results
+    if not results:
+        raise ExportError(
+            f"no MIL results under {layout.mil}: run the study (or `histotransfer train`) first"
+        )
+    return best_result(list(results)).out_dir
+
+
+def export(
+    layout: StudyLayout,
+    config: StudyConfig,
+    *,
+    mil_dir: Path | None = None,
+    out: Path | None = None,
+    weights: str | Path | None = None,
+    fold: int | None = None,
+    fp16: bool | None = None,
+    expect_encoder: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """A MIL result (default: the study's best) as an ONNX bundle (default: ``onnx/{export.name}/``).
+
+    One fold's head goes in (``fold``, else ``export.fold``, else the fold with the lowest loss), with
+    its encoder: for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
+    """
+    from histotransfer.encoders import frozen_id
+    from histotransfer.export import choose_fold, export_study_model, result_encoder_id
+
+    mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
+    encoder_id = result_encoder_id(mil_dir)
+    fold = fold if fold is not None else config.export.fold
+    if fold is None:
+        fold = choose_fold(mil_dir)[0]
+    if weights is None and (base := frozen_id(encoder_id)) is not None:
+        weights = layout.finetune_fold(base, fold).encoder
+        if not weights.is_file():
+            raise ExportError(f"{weights} not found: the fine-tuned encoder of fold {fold} is missing")
+    return export_study_model(
+        mil_dir,
+        out=out if out is not None else layout.bundle(config.export.name),
+        weights=weights_for(config, encoder_id, weights),
+        fold=fold,
+        tiles_dir=layout.tiles,
+        fp16=config.export.fp16 if fp16 is None else fp16,
+        overwrite=overwrite,
+        expect_encoder=expect_encoder,
+    )
+
+
+def report(
+    layout: StudyLayout,
+    *,
+    results: Sequence[MILResult] | None = None,
+    cka: Sequence[Path] | None = None,
+    bundle: Path | None = None,
+    tracking: bool = False,
+) -> Path:
+    """``report/index.html`` and ``summary.md``: of ``results``, ``cka`` and ``bundle`` (defaults: every
+    finished MIL result and CKA comparison of the study, its one bundle if it has one); ``tracking``:
+    also DVC's ``metrics.json`` and ``plots/``."""
+    from histotransfer.mil_stage import MILResult
+    from histotransfer.report import write_report, write_tracking
+
+    if results is None:
+        results = MILResult.load_all(layout.mil)
+        if not results:
+            raise FeaturesError(
+                f"no MIL results under {layout.mil}: run `histotransfer run` or `train` first"
+            )
+        if bundle is None and len(bundles := layout.bundles()) == 1:
+            bundle = bundles[0]
+    path = write_report(
+        results,
+        report_dir=layout.report,
+        tiles_dir=layout.tiles,
+        cka=layout.cka_results() if cka is None else cka,
+        bundle=bundle if bundle is not None and (bundle / "bundle.json").is_file() else None,
+    )
+    if tracking:
+        write_tracking(results, metrics=layout.tracking_metrics, plots=layout.tracking_plots)
+    return path
+
+
+def predict(
+    bundle_dir: Path,
+    slides: str,
+    out: Path,
+    *,
+    mpp: float | None = None,
+    batch_size: int | None = None,
+    readers: int | None = None,
+    threads: int | None = None,
+    heatmaps: bool = True,
+    overwrite: bool = False,
+) -> StageResult:
+    """Classify ``slides`` (a slide, a gs:// URI or a manifest) with the ONNX bundle in ``bundle_dir``
+    into ``out`` (see PredictionLayout). Torch-free: ONNX Runtime, OpenSlide and numpy only."""
+    from histotransfer.bundle import load_bundle
+    from histotransfer.predict import BATCH_SIZE, predict_cohort, slides_to_classify
+
+    bundle = load_bundle(bundle_dir, threads=threads)
+    spec = bundle.spec
+    log.info(
+        "bundle %s: %s, classes %s, on %s", bundle.path, spec.encoder.id, spec.classes, bundle.providers[0]
+    )
+    return predict_cohort(
+        slides_to_classify(slides, mpp=mpp),
+        bundle,
+        out_dir=out,
+        batch_size=batch_size or BATCH_SIZE,
+        readers=readers,
+        heatmaps=heatmaps,
+        overwrite=overwrite,
+    )

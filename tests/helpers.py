@@ -1,0 +1,155 @@
+"""What several test modules share: synthetic slides with known geometry, small cohorts, the small
+study's config, and a static reading of which library modules a stage can run (for DVC's deps).
+Fixtures live in conftest.py and use these; test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import socket
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from histotransfer.manifest import SlideRecord
+
+# Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
+# that 224 px tiles at 0.5 um/px make on it.
+GOLDEN_MPP = 0.25
+GOLDEN_SIZE = (4032, 3136)  # (width, height) level-0 px: 9 x 7 tiles of 448 px
+GOLDEN_TISSUE = (896, 448, 2688, 2240)  # x0, y0, x1, y1: a 4 x 4 block of tiles
+GOLDEN_TILES = [(x, y) for y in range(448, 2240, 448) for x in range(896, 2688, 448)]
+
+
+def synthetic_slide_rgb(size: tuple[int, int], tissue_boxes=(), seed: int = 0) -> np.ndarray:
+    """Glass-coloured canvas with H&E-coloured noisy rectangles."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = np.full((height, width, 3), 242, dtype=np.uint8)
+    for x0, y0, x1, y1 in tissue_boxes:
+        noise = rng.integers(-25, 25, size=(y1 - y0, x1 - x0, 3))
+        rgb[y0:y1, x0:x1] = np.clip(np.array([190, 110, 170]) + noise, 0, 255)
+    return rgb
+
+
+# A small, easy sample cohort for tests that need real tissue, not a hard problem: one 20x scanner, no
+# artefacts, lesions of a quarter of the tissue (the schema's defaults make the demo's harder cohort).
+EASY_COHORT = dict(tissue_pieces=1, site_mpp=[0.5], lesion_fraction=0.25, artefacts=0.0)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+SMALL_STUDY = """
+output_dir: {out}
+sample_data: {{n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}}
+extraction:
+  encoders: [{{id: efficientnet_lite0@blocks.3}}]
+mil: {{epochs: 3, folds: 3}}
+evaluation: {{bootstrap: 100, heatmaps: 2}}
+"""
+SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
+
+
+BUCKET = "histotransfer-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIM = 32
+
+
+def synthetic_cohort(folder, n_bags=40, seed=0):
+    """Bags of N(0, 1) instances; positive bags hold 2 instances of a fixed 'tumour' vector (+ noise).
+    Returns (records, {slide_id: indices of planted instances})."""
+    rng = np.random.default_rng(seed)
+    planted_vector = rng.normal(0, 1, DIM) * 2.5
+    records, planted = [], {}
+    features_dir = folder / "features" / "synthetic"
+    features_dir.mkdir(parents=True)
+    for i in range(n_bags):
+        slide_id, label = f"bag-{i:03d}", "pos" if i % 2 else "neg"
+        n = int(rng.integers(15, 40))
+        x = rng.normal(0, 1, (n, DIM)).astype(np.float32)
+        if label == "pos":
+            where = rng.choice(n, size=2, replace=False)
+            x[where] = planted_vector + rng.normal(0, 0.3, (2, DIM))
+            planted[slide_id] = set(where.tolist())
+        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
+            f.create_dataset("features", data=x)
+            f.create_dataset(
+                "coords", data=np.stack([np.arange(n) * 224, np.zeros(n)], axis=1).astype(np.int64)
+            )
+            f.attrs["config_hash"] = f"synthetic-{seed}"
+        records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=f"p{i // 2}"))
+    return records, planted, features_dir
+
+
+# ---- which modules a stage runs: DVC must rerun the stage when one of them changes ------------------
+
+PACKAGE = "histotransfer"
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_file(module: str) -> Path | None:
+    path = SRC / (module.replace(".", "/") + ".py")
+    if path.is_file():
+        return path
+    path = SRC / module.replace(".", "/") / "__init__.py"
+    return path if path.is_file() else None
+
+
+def _imports(node: ast.AST) -> set[str]:
+    found = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == PACKAGE:
+            names = [f"{n.module}.{a.name}" for a in n.names]
+            found |= {m for m in names if _module_file(m)} or {n.module}  # `from pkg import module`
+            found.add(n.module)
+        elif isinstance(n, ast.Import):
+            found |= {a.name for a in n.names if a.name.split(".")[0] == PACKAGE}
+    return found
+
+
+def _function_imports(module: str, function: str) -> set[str]:
+    """Modules a function of ``module`` imports: the module's top-level imports, the function's own,
+    and those of the module's functions it calls (by name, transitively)."""
+    tree = ast.parse(_module_file(module).read_text(encoding="utf-8"))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    found = set().union(*(_imports(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)))
+    todo, seen = [function], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        found |= _imports(functions[name])
+        todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name)]
+    return found
+
+
+def modules_of(*entry_points: tuple[str, str]) -> set[str]:
+    """Source files (``src/...py``) of every library module that the functions ``(module, name)`` can
+    import, directly or through the modules they import (everything those import, at any level)."""
+    start = set().union(*(_function_imports(m, f) for m, f in entry_points))
+    owners = {m for m, _ in entry_points}
+    seen: set[str] = set()
+    todo = list(start - owners)
+    while todo:
+        module = todo.pop()
+        if module in seen or (path := _module_file(module)) is None:
+            continue
+        seen.add(module)
+        todo += _imports(ast.parse(path.read_text(encoding="utf-8")))
+    return {_module_file(m).relative_to(SRC.parent).as_posix() for m in seen | owners if _module_file(m)}
