@@ -20,10 +20,10 @@ import torch
 
 from common import benchmark_slide
 from histotransfer.config import TilingConfig
-from histotransfer.encoders import build_encoder
-from histotransfer.extraction import EngineSettings, encode_batches, extract_tiles, make_runner
+from histotransfer.features.encoders import build_encoder
+from histotransfer.features.extraction import EngineSettings, encode_batches, extract_tiles, make_runner
 from histotransfer.manifest import SlideRecord
-from histotransfer.tiling import load_tiles, tile_slide
+from histotransfer.wsi.tiling import load_tiles, tile_slide
 
 
 def _sync(device: torch.device) -> None:

@@ -88,7 +88,7 @@ def reference_fold(bags, labels, train_ids, *, seed: int, epochs: int = 20, lr: 
 def build(work: Path, *, n_per_class: int, fractions: list[float], encoder_id: str, pieces: int):
     """Slides, tiles and features of the benchmark cohort: (records, its layout, encoder id)."""
     from histotransfer import stages
-    from histotransfer.sample_data import NEGATIVE, POSITIVE, SlideSpec, plan_sites, write_cohort
+    from histotransfer.wsi.sample_data import NEGATIVE, POSITIVE, SlideSpec, plan_sites, write_cohort
 
     config = SampleDataConfig(site_mpp=[0.5], artefacts=0.0, tissue_pieces=pieces, seed=11)
     name = f"cohort-{n_per_class}-{'-'.join(f'{f:g}' for f in fractions)}-p{pieces}"
@@ -127,10 +127,10 @@ def run(job) -> tuple:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from histotransfer.bags import BagStore
-    from histotransfer.mil_stage import LesionMasks, cross_validate, lesion_labels, localisation_summary
-    from histotransfer.splits import make_folds
-    from histotransfer.training import SlidePrediction
+    from histotransfer.features.bags import BagStore
+    from histotransfer.mil.splits import make_folds
+    from histotransfer.mil.study import LesionMasks, cross_validate, lesion_labels, localisation_summary
+    from histotransfer.mil.training import SlidePrediction
 
     torch.set_num_threads(1)
     (n, fraction), method, overrides, seed, records, layout, encoder_id = job

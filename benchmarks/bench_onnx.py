@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from common import benchmark_slide
-from histotransfer.bundle import AggregatorInfo, load_bundle, session
 from histotransfer.config import TilingConfig
-from histotransfer.encoders import build_encoder
-from histotransfer.export import write_bundle
+from histotransfer.deploy.bundle import AggregatorInfo, load_bundle, session
+from histotransfer.deploy.export import write_bundle
+from histotransfer.deploy.onnx_export import OPSET, AggregatorGraph, export_aggregator, export_encoder
+from histotransfer.deploy.predict import predict_cohort
+from histotransfer.features.encoders import build_encoder
 from histotransfer.manifest import SlideRecord
-from histotransfer.mil import AttentionMIL
-from histotransfer.onnx_export import OPSET, AggregatorGraph, export_aggregator, export_encoder
-from histotransfer.predict import predict_cohort
+from histotransfer.mil.model import AttentionMIL
 
 DEFAULT_ENCODERS = ("efficientnet_lite0", "resnet18+random", "densenet121@denseblock3+random")
 

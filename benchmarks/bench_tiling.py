@@ -25,15 +25,15 @@ from tqdm.auto import tqdm
 from common import MPP, benchmark_slide
 from histotransfer.config import TilingConfig
 from histotransfer.manifest import SlideRecord
-from histotransfer.slides import read_level_reduced, read_rgb, slide_info
-from histotransfer.tiling import (
+from histotransfer.wsi.slides import read_level_reduced, read_rgb, slide_info
+from histotransfer.wsi.tiling import (
     candidate_coords,
     compute_tissue_mask,
     mask_source,
     slide_tile_geometry,
     tile_slide,
 )
-from histotransfer.tissue import saturation
+from histotransfer.wsi.tissue import saturation
 
 
 def naive_tiles(path: Path, tiling: TilingConfig, threshold: int) -> np.ndarray:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from histotransfer.assets import cache_dir
-from histotransfer.sample_data import compose_slide, load_sources
-from histotransfer.svs import write_aperio_svs
+from histotransfer.wsi.sample_data import compose_slide, load_sources
+from histotransfer.wsi.svs import write_aperio_svs
 
 MPP = 0.25  # a 40x scan
 

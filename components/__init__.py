@@ -1,5 +1,5 @@
 """KFP v2 components: thin wrappers whose bodies import histotransfer and call
-histotransfer.orchestration. All run in components.image.IMAGE and install nothing at run time."""
+histotransfer.stages.orchestration. All run in components.image.IMAGE and install nothing at run time."""
 
 from components.image import IMAGE
 from components.study import (

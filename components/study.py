@@ -1,5 +1,5 @@
 """The study's components, one per stage. Lightweight components: KFP ships each function's source,
-so bodies import what they use; typed artifacts carry the study layout (see histotransfer.orchestration)."""
+so bodies import what they use; artifacts carry the study layout (histotransfer.stages.orchestration)."""
 
 import functools
 
@@ -15,7 +15,7 @@ component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_packa
 def make_cohort(manifest: str, sample_data: dict, cohort: Output[Dataset]):
     """The cohort: the user's manifest (local path or gs:// URI; slide paths absolute or gs://), or
     the sample cohort built from real H&E pixels when ``manifest`` is empty."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     stats = o.call(o.make_cohort, cohort.path, manifest=manifest, sample_data=sample_data)
     cohort.metadata.update(stats)
@@ -25,7 +25,7 @@ def make_cohort(manifest: str, sample_data: dict, cohort: Output[Dataset]):
 @component
 def plan_tiles(cohort: Input[Dataset], shards: int) -> list:
     """Tile shards: [{"shard": i, "shards": n}, ...] (at most one per slide)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     return o.call(o.plan, cohort.path, shards=shards)[0]
 
@@ -33,7 +33,7 @@ def plan_tiles(cohort: Input[Dataset], shards: int) -> list:
 @component
 def plan_extraction(cohort: Input[Dataset], shards: int, extraction: dict) -> list:
     """Extraction items: one per (encoder, shard)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     return o.call(o.plan, cohort.path, shards=shards, extraction=extraction)[1]
 
@@ -41,7 +41,7 @@ def plan_extraction(cohort: Input[Dataset], shards: int, extraction: dict) -> li
 @component
 def list_encoders(extraction: dict) -> list:
     """The encoder ids of the extraction section, validated."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     return [e.id for e in o.study_config(extraction=extraction).extraction.encoders]
 
@@ -49,7 +49,7 @@ def list_encoders(extraction: dict) -> list:
 @component
 def tile_shard(cohort: Input[Dataset], item: dict, tiling: dict, tiles: Output[Dataset]):
     """Tile one shard of the cohort's slides (h5 + QC picture per slide)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     tiles.metadata.update(o.call(o.tile_shard, cohort.path, tiles.path, item=item, tiling=tiling))
 
@@ -57,7 +57,7 @@ def tile_shard(cohort: Input[Dataset], item: dict, tiling: dict, tiles: Output[D
 @component
 def merge_shards(parts: Input[list[Dataset]], merged: Output[Dataset]):
     """One artifact from the shards of a slide-parallel stage (per-shard summaries become one)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     merged.metadata["files"] = len(o.call(o.merge, [p.path for p in parts], merged.path))
 
@@ -67,7 +67,7 @@ def extract_shard(
     cohort: Input[Dataset], tiles: Input[Dataset], item: dict, extraction: dict, features: Output[Dataset]
 ):
     """Patch features of one shard's slides with one encoder (GPU when the node has one)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     stats = o.call(
         o.extract_shard, [cohort.path, tiles.path], features.path, item=item, extraction=extraction
@@ -88,7 +88,7 @@ def train_mil(
     classification: Output[ClassificationMetrics],
 ):
     """Cross-validated attention-MIL on one encoder's features: checkpoints, predictions, heatmaps."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     summary = o.call(
         o.train,
@@ -110,7 +110,7 @@ def train_mil(
 @component
 def merge_models(parts: Input[list[Model]], merged: Output[Model]):
     """The MIL results of every encoder in one artifact."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     merged.metadata["files"] = len(o.call(o.merge, [p.path for p in parts], merged.path))
 
@@ -129,7 +129,7 @@ def finetune_step(
     metrics: Output[Metrics],
 ):
     """Attention top-k fine-tuning of each `finetune.encoders` id in every fold, then MIL again."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     result = o.call(
         o.finetune,
@@ -156,7 +156,7 @@ def cka_step(
     comparison: Output[Dataset],
 ):
     """Layer-by-layer CKA of each frozen encoder against its fine-tuned version."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     names = o.call(
         o.cka,
@@ -179,7 +179,7 @@ def export_step(
     bundle: Output[Model],
 ):
     """The study's best model as an ONNX bundle (encoder.onnx, aggregator.onnx, bundle.json)."""
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     info = o.call(
         o.export,
@@ -208,8 +208,8 @@ def report_step(
     """The study report: one self-contained HTML page for the KFP UI, its markdown, and the folder."""
     from pathlib import Path
 
-    from histotransfer import orchestration as o
     from histotransfer.report import inline_images
+    from histotransfer.stages import orchestration as o
 
     inputs = [tiles.path, mil_results.path, finetuned.path, comparison.path, bundle.path]
     index = o.call(o.report, inputs, report_dir.path)
@@ -222,7 +222,7 @@ def predict_step(bundle: Input[Model], slides: str, predictions: Output[Dataset]
     """Classify new slides (a slide, a gs:// URI or a manifest) with an ONNX bundle; no torch."""
     from pathlib import Path
 
-    from histotransfer import orchestration as o
+    from histotransfer.stages import orchestration as o
 
     result = o.call(o.predict, bundle.path, slides, predictions.path)
     predictions.metadata.update({k: v for k, v in result.items() if k != "predictions"})

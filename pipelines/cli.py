@@ -48,7 +48,7 @@ def options_from(args: argparse.Namespace) -> PipelineOptions:
 
 def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str, Any]:
     """Run arguments: the config file's sections (study), then --param overrides; validated."""
-    from histotransfer.orchestration import SECTIONS, study_config
+    from histotransfer.stages.orchestration import SECTIONS, study_config
 
     args: dict[str, Any] = default_parameters(config) if (config and pipeline == "study") else {}
     for key, value in parse_assignments(params, option="--param").items():  # mil={epochs: 5}, shards=8

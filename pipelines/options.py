@@ -48,7 +48,7 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
     """Pipeline parameters from a config file (validated by the same schema as `histotransfer run`)."""
     from histotransfer.config import StudyConfig, load_config
     from histotransfer.errors import ConfigError
-    from histotransfer.orchestration import SECTIONS
+    from histotransfer.stages.orchestration import SECTIONS
 
     config = load_config(config_path)
     # KFP parameters cannot hold null: drop None values, which works where None is the schema default

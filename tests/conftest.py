@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from histotransfer.config import SampleDataConfig
-from histotransfer.sample_data import build_sample_cohort
-from histotransfer.svs import write_aperio_svs
+from histotransfer.wsi.sample_data import build_sample_cohort
+from histotransfer.wsi.svs import write_aperio_svs
 from tests.helpers import (
     EASY_COHORT,
     GOLDEN_MPP,
@@ -64,3 +64,19 @@ def small_study(tmp_path_factory) -> SmallStudy:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SmallStudy(config, folder / "study", proc)
+
+
+# Fixtures that run a whole study: a test using one is slow and must be marked integration, so that
+# `make test-fast` (-m "not integration") never builds a study.
+STUDY_FIXTURES = {"small_study"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        item.nodeid
+        for item in items
+        if STUDY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that build a whole study must be marked integration: {unmarked}")

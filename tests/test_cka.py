@@ -89,11 +89,11 @@ def test_minibatch_matrix_and_its_checks():
 
 
 def test_layer_activations_are_the_named_blocks_in_order(sample_cohort, tmp_path):
-    from histotransfer.cka_stage import compare, sample_tiles, write_cka
+    from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
     from histotransfer.config import TilingConfig
-    from histotransfer.encoders import build_encoder
+    from histotransfer.features.encoders import build_encoder
     from histotransfer.manifest import read_manifest
-    from histotransfer.tiling import tile_cohort
+    from histotransfer.wsi.tiling import tile_cohort
 
     records = read_manifest(sample_cohort)[:2]
     tile_cohort(records, out_dir=tmp_path / "tiles", tiling=TilingConfig())
@@ -101,10 +101,10 @@ def test_layer_activations_are_the_named_blocks_in_order(sample_cohort, tmp_path
     assert len(tiles) == 24
     a = build_encoder("resnet18@layer3+random")
     b = build_encoder("resnet18@layer3+random", seed=1)
-    same = compare(a, a, tiles, batch_size=8, device="cpu")
+    same = layer_cka(a, a, tiles, batch_size=8, device="cpu")
     assert same.layers_a == ["layer1", "layer2", "layer3"]
     np.testing.assert_allclose(np.diag(same.matrix), 1.0, atol=1e-9)
-    other = compare(a, b, tiles, batch_size=8, device="cpu")
+    other = layer_cka(a, b, tiles, batch_size=8, device="cpu")
     assert other.matrix.shape == (3, 3)
     assert other.n_examples == 24
     assert not np.allclose(np.diag(other.matrix), 1.0)

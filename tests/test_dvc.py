@@ -92,7 +92,7 @@ def test_every_stage_depends_on_every_module_it_can_run():
         declared = stages[name].get("do", stages[name])["deps"]
         needed = modules_of(("histotransfer.cli", command), ("histotransfer.stages", stage))
         assert "src/histotransfer/layout.py" in needed
-        missing = sorted(needed - set(declared))
+        missing = sorted(m for m in needed if not any(m == d or m.startswith(f"{d}/") for d in declared))
         assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)
 
 

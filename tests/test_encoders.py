@@ -6,7 +6,7 @@ from PIL import Image
 from skimage import data
 
 from histotransfer.assets import fetch_asset
-from histotransfer.encoders import (
+from histotransfer.features.encoders import (
     ARCHS,
     build_encoder,
     list_cut_points,
@@ -14,7 +14,7 @@ from histotransfer.encoders import (
     parse_encoder_id,
     trunk_path,
 )
-from histotransfer.weights import WeightsError, map_to_model, read_checkpoint
+from histotransfer.features.weights import WeightsError, map_to_model, read_checkpoint
 
 PAPER_DIMS = {
     "resnet18": 512,

@@ -13,21 +13,21 @@ import pytest
 import torch
 
 from histotransfer.assets import fetch_asset
-from histotransfer.bundle import BUNDLE_FILE, ENCODER_FILE, load_bundle, read_spec
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_SLIDES_FAILED, main
-from histotransfer.encoders import build_encoder
-from histotransfer.errors import BundleError, ExportError
-from histotransfer.export import best_result, choose_fold, export_study_model
-from histotransfer.extraction import TileReader
-from histotransfer.mil import AttentionMIL
-from histotransfer.mil_stage import MILResult
-from histotransfer.onnx_export import (
+from histotransfer.deploy.bundle import BUNDLE_FILE, ENCODER_FILE, load_bundle, read_spec
+from histotransfer.deploy.export import best_result, choose_fold, export_study_model
+from histotransfer.deploy.onnx_export import (
     aggregator_parity,
     encoder_parity,
     export_aggregator,
     export_encoder,
 )
-from histotransfer.tiling import load_tiles
+from histotransfer.errors import BundleError, ExportError
+from histotransfer.features.encoders import build_encoder
+from histotransfer.features.extraction import TileReader
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.study import MILResult
+from histotransfer.wsi.tiling import load_tiles
 from tests.helpers import SMALL_STUDY_ENCODER, write_csv
 
 
@@ -54,7 +54,7 @@ def test_encoder_parity_and_dynamic_batch(encoder_id, tmp_path):
 
 
 def load_session(path):
-    from histotransfer.bundle import session
+    from histotransfer.deploy.bundle import session
 
     return session(path, providers=["CPUExecutionProvider"])
 
@@ -211,10 +211,36 @@ def test_predict_isolates_bad_slides(small_study, tmp_path, capsys):
     assert (tmp_path / "one" / "slides" / "sample-000.h5").is_file()
 
 
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A bundle of a small random encoder and a random head, written by the exporter (no study)."""
+    from histotransfer.config import MILConfig, TilingConfig
+    from histotransfer.deploy.bundle import AggregatorInfo
+    from histotransfer.deploy.export import write_bundle
+    from histotransfer.deploy.onnx_export import OPSET
+    from histotransfer.mil.training import build_model
+
+    encoder = build_encoder("resnet18@layer1+random")
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    write_bundle(
+        out,
+        encoder=encoder,
+        head=build_model(encoder.dim, 2, MILConfig()),
+        classes=["normal", "tumor"],
+        tiling=TilingConfig(patch_size_px=64),
+        aggregator=AggregatorInfo(mil_dir="none", fold=0, val_loss=None, train_loss=0.5, attention="paper"),
+        probes=None,
+        precision="fp32",
+        opset=OPSET,
+        source_hash="tiny",
+    )
+    return out
+
+
 @pytest.fixture
-def bundle_copy(small_study, tmp_path):
+def bundle_copy(tiny_bundle, tmp_path):
     copy = tmp_path / "bundle"
-    shutil.copytree(small_study.root / "onnx" / "best", copy)
+    shutil.copytree(tiny_bundle, copy)
     return copy
 
 
@@ -261,7 +287,7 @@ def test_failed_export_keeps_the_previous_bundle(small_study, tmp_path, monkeypa
     assert first.spec.aggregator.fold == 1
     assert export(fold=1).reused
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr("histotransfer.export.TOLERANCE", {"fp32": -1.0, "fp16": -1.0})
+    monkeypatch.setattr("histotransfer.deploy.export.TOLERANCE", {"fp32": -1.0, "fp16": -1.0})
     with pytest.raises(ExportError, match="disagrees with torch"):
         export(fold=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

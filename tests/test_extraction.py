@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from histotransfer.config import TilingConfig
-from histotransfer.encoders import build_encoder
-from histotransfer.extraction import EngineSettings, extract_cohort
+from histotransfer.features.encoders import build_encoder
+from histotransfer.features.extraction import EngineSettings, extract_cohort
 from histotransfer.manifest import read_manifest
-from histotransfer.svs import write_aperio_svs
-from histotransfer.tiling import load_tiles, tile_cohort
+from histotransfer.wsi.svs import write_aperio_svs
+from histotransfer.wsi.tiling import load_tiles, tile_cohort
 from tests.helpers import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
 
 CPU = EngineSettings.resolve(device="cpu", batch_size=16, num_workers=2, backend="torch")

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from histotransfer.config import FinetuneConfig, TilingConfig
-from histotransfer.encoders import build_encoder, parse_encoder_id
-from histotransfer.finetune import Bag, EncoderWithHead, finetune, select_tiles
+from histotransfer.features.encoders import build_encoder, parse_encoder_id
+from histotransfer.finetune.training import Bag, EncoderWithHead, finetune, select_tiles
 from histotransfer.manifest import read_manifest
-from histotransfer.mil import AttentionMIL
-from histotransfer.tiling import load_tiles, tile_cohort
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.wsi.tiling import load_tiles, tile_cohort
 
 
 def test_top_k_picks_exactly_the_highest_attention():
@@ -32,7 +32,7 @@ def test_top_k_picks_exactly_the_highest_attention():
     [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet+ft")],
 )
 def test_finetuned_encoder_ids(frozen, tuned):
-    from histotransfer.encoders import finetuned_id, frozen_id
+    from histotransfer.features.encoders import finetuned_id, frozen_id
     from histotransfer.report import family
 
     assert finetuned_id(frozen) == tuned
@@ -141,10 +141,10 @@ evaluation: {{bootstrap: 100, heatmaps: 0}}
 
 @pytest.mark.integration
 def test_finetuning_inside_cross_validation_never_sees_the_test_fold(tmp_path, monkeypatch):
-    import histotransfer.finetune_stage as stage
+    import histotransfer.finetune.study as stage
     from histotransfer.config import load_config
-    from histotransfer.study import run_study
-    from histotransfer.training import build_model
+    from histotransfer.mil.training import build_model
+    from histotransfer.stages.study import run_study
 
     seen = []
     real_finetune = stage.finetune

@@ -10,7 +10,7 @@ from histotransfer.config import TilingConfig
 from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
 from histotransfer.storage import StorageError, fetch_gcs, gcs_client, parse_gcs_uri
-from histotransfer.tiling import tile_cohort
+from histotransfer.wsi.tiling import tile_cohort
 from tests.helpers import BUCKET, free_port, write_csv
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from histotransfer.geometry import (
+from histotransfer.wsi.geometry import (
     GeometryError,
     grid_coords,
     select_level,

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, MILConfig
+from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.manifest import SlideRecord
-from histotransfer.mil import AttentionMIL
-from histotransfer.mil_stage import cross_validate, train_mil
-from histotransfer.splits import SplitError, make_folds
-from histotransfer.training import SlidePrediction, Standardizer, TrainingError, train_fold
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.splits import SplitError, make_folds
+from histotransfer.mil.study import cross_validate, train_mil
+from histotransfer.mil.training import SlidePrediction, Standardizer, TrainingError, train_fold
 from tests.helpers import DIM, synthetic_cohort
 
 FAST = MILConfig(epochs=12, folds=4)

@@ -14,7 +14,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components.image import IMAGE
 from histotransfer.config import load_config
-from histotransfer.orchestration import SECTIONS, study_config
+from histotransfer.stages.orchestration import SECTIONS, study_config
 from pipelines.cli import compile_pipeline
 from pipelines.cli import main as pipeline_main
 from pipelines.options import PARAMS, PipelineOptions

@@ -10,7 +10,7 @@ from PIL import Image
 from histotransfer.config import SampleDataConfig
 from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
-from histotransfer.sample_data import (
+from histotransfer.wsi.sample_data import (
     LESION_SOURCES,
     MASK_DOWNSAMPLE,
     build_sample_cohort,

@@ -71,7 +71,7 @@ def test_unchecked_ids_never_become_paths(tmp_path, bad):
 def _tagged_study(tmp_path: Path, sample_cohort: Path) -> tuple[Path, Path, str]:
     """A study folder whose config gives the tagged encoder's weights (as params.yaml does under DVC),
     with the frozen MIL result and a fold's fine-tuned encoder that finetune and cka start from."""
-    from histotransfer.encoders import build_encoder, finetuned_id
+    from histotransfer.features.encoders import build_encoder, finetuned_id
 
     encoder_id = "resnet18@layer1+mine"
     weights = tmp_path / "mine.pt"
@@ -95,9 +95,9 @@ def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
 ):
     """Regression: `finetune` and `cka` built a tagged id without the config's weights (so a DVC study
     with densenet121+kimianet failed there), and `cka` ran on the CPU whatever extraction.device said."""
-    import histotransfer.cka_stage as cka_stage
-    import histotransfer.finetune_stage as finetune_stage
-    from histotransfer.cka_stage import CKAResult
+    import histotransfer.cka.layers as cka_stage
+    import histotransfer.finetune.study as finetune_stage
+    from histotransfer.cka.layers import CKAResult
     from histotransfer.cli import main
 
     config, study, encoder_id = _tagged_study(tmp_path, sample_cohort)
@@ -115,7 +115,7 @@ def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
         return CKAResult(np.eye(1), ["layer1"], ["layer1"], 8)
 
     monkeypatch.setattr(finetune_stage, "finetune_study", fake_finetune)
-    monkeypatch.setattr(cka_stage, "compare", fake_compare)
+    monkeypatch.setattr(cka_stage, "layer_cka", fake_compare)
     monkeypatch.setattr(cka_stage, "sample_tiles", lambda *args, **kwargs: [])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # extraction.device auto -> cuda
     common = [str(sample_cohort), "--study", str(study), "--encoder", encoder_id, "--config", str(config)]
@@ -152,7 +152,7 @@ def test_finetuning_an_encoder_that_is_not_extracted_is_a_config_error():
 def test_merging_shards_publishes_the_summary_atomically(tmp_path, monkeypatch):
     """Regression: a merge that died while writing summary.csv left a truncated file behind."""
     from histotransfer import atomic
-    from histotransfer.orchestration import merge
+    from histotransfer.stages.orchestration import merge
 
     parts = []
     for shard, slides in enumerate((["a", "c"], ["b"])):
@@ -188,7 +188,7 @@ MINI = {
     "mil": {"epochs": 2, "folds": 2, "restarts": 1},
     "finetune": {"encoders": ["resnet18@layer1+random"], "k": 2, "epochs": 1},
     "cka": {"tiles": 8, "batch_size": 4, "fold": 0},
-    "evaluation": {"bootstrap": 20, "heatmaps": 1},
+    "evaluation": {"bootstrap": 100, "heatmaps": 1},
 }
 
 
@@ -237,7 +237,9 @@ def test_each_stage_writes_only_inside_its_own_part_of_the_layout(tmp_path):
     for _, run, _ in steps:
         run()
     rewritten = {p for p, t in _snapshot(root).items() if before.get(p) != t}
-    assert all(
-        p.endswith("summary.csv") or p.startswith(("report/", "plots/", "metrics.json")) for p in rewritten
+    kept_or_cheap = ("report/", "plots/", "metrics.json", "cka/")  # CKA is recomputed: it has no resume
+    assert (
+        sorted(p for p in rewritten if not p.endswith("summary.csv") and not p.startswith(kept_or_cheap))
+        == []
     )
     assert os.path.isfile(layout.bundle("best") / "bundle.json")

@@ -11,12 +11,12 @@ from PIL import Image
 from histotransfer.assets import fetch_asset
 from histotransfer.cli import main
 from histotransfer.config import SampleDataConfig, TilingConfig
-from histotransfer.geometry import tile_geometry, tissue_fractions
 from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
-from histotransfer.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
-from histotransfer.svs import write_aperio_svs
-from histotransfer.tiling import TissueMask, load_tiles, select_tiles, tile_cohort
+from histotransfer.wsi.geometry import tile_geometry, tissue_fractions
+from histotransfer.wsi.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
+from histotransfer.wsi.svs import write_aperio_svs
+from histotransfer.wsi.tiling import TissueMask, load_tiles, select_tiles, tile_cohort
 from tests.helpers import (
     GOLDEN_MPP,
     GOLDEN_SIZE,

@@ -1,6 +1,6 @@
 import numpy as np
 
-from histotransfer.tissue import detect_tissue, hue_degrees, optical_density, pen_mask, saturation
+from histotransfer.wsi.tissue import detect_tissue, hue_degrees, optical_density, pen_mask, saturation
 from tests.helpers import synthetic_slide_rgb
 
 

@@ -94,7 +94,7 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from histotransfer import stages
-    from histotransfer.extraction import settings_from
+    from histotransfer.features.extraction import settings_from
 
     config = _config(
         args,
@@ -123,7 +123,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _encoder_id(value: str, flag: str) -> str:
-    from histotransfer.encoders import parse_encoder_id
+    from histotransfer.features.encoders import parse_encoder_id
 
     try:
         return str(parse_encoder_id(value))
@@ -132,7 +132,7 @@ def _encoder_id(value: str, flag: str) -> str:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
-    from histotransfer.encoders import ARCHS, list_cut_points
+    from histotransfer.features.encoders import ARCHS, list_cut_points
 
     for name, spec in ARCHS.items():
         cuts = ", ".join(list_cut_points(name)) or "(none: not a chain of blocks)"
@@ -143,7 +143,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from histotransfer.study import run_study
+    from histotransfer.stages.study import run_study
 
     config = _config(args, {"output_dir": args.output_dir})  # a gs:// root arrives as its staging folder
     start = time.perf_counter()

@@ -53,7 +53,7 @@ class TilingConfig(_Section):
 
 
 class SampleDataConfig(_Section):
-    """The embedded sample cohort, built from real H&E pixels (see histotransfer.sample_data and the
+    """The embedded sample cohort, built from real H&E pixels (see histotransfer.wsi.sample_data and the
     README's "The sample cohort"). The defaults make a cohort on which encoders can differ."""
 
     enabled: bool = True
@@ -125,7 +125,7 @@ class EncoderConfig(_Section):
     @field_validator("id")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from histotransfer.encoders import parse_encoder_id  # torch/timm only when an id is checked
+        from histotransfer.features.encoders import parse_encoder_id  # torch/timm only when an id is checked
 
         return str(parse_encoder_id(value))
 
@@ -229,7 +229,7 @@ class FinetuneConfig(_Section):
     def _known_encoders(cls, value: Any) -> Any:
         """Ids as text or as ``{id: ...}`` (the form dvc.yaml's foreach needs: it names stages by
         list values, and an id's ``@`` would break the name)."""
-        from histotransfer.encoders import parse_encoder_id
+        from histotransfer.features.encoders import parse_encoder_id
 
         if not isinstance(value, list):
             return value

@@ -45,3 +45,15 @@ class BundleError(ValueError):
 
 class LayoutError(ValueError):
     """(layout) A stage needs a folder of the study that the command was not given."""
+
+
+class GeometryError(ValueError):
+    """(wsi.geometry) A slide cannot be tiled at the requested resolution or size."""
+
+
+class SlideError(RuntimeError):
+    """(wsi.slides) A slide cannot be opened, read or used as asked; the message says why and the fix."""
+
+
+class StorageError(RuntimeError):
+    """(storage) An object could not be located, read or verified."""

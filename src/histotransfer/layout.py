@@ -30,6 +30,7 @@ SECTIONS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", "re
 SUMMARY = "summary.csv"
 MANIFEST = "manifest.csv"
 COHORT_META = "cohort.json"  # the sample cohort's plan; its lesion masks lie in masks/ beside it
+BUNDLE_SPEC = "bundle.json"  # written last into an ONNX bundle folder (histotransfer.deploy.bundle)
 
 
 def slide_file(folder: str | Path, slide_id: str, suffix: str = ".h5") -> Path:
@@ -53,14 +54,43 @@ def fold_name(fold: int) -> str:
     return f"fold{int(fold)}"
 
 
+@dataclass(frozen=True)
+class CohortLayout:
+    """The sample cohort's folder: ``manifest.csv``, ``cohort.json`` (its plan, written last),
+    ``slides/{slide_id}.svs``, and the ground-truth ``masks/`` (lesions) and ``artefacts/`` as PNGs."""
+
+    dir: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / MANIFEST
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / COHORT_META
+
+    @property
+    def masks(self) -> Path:
+        return self.dir / "masks"
+
+    def slide(self, slide_id: str) -> Path:
+        return slide_file(self.dir / "slides", slide_id, ".svs")
+
+    def lesion_mask(self, slide_id: str) -> Path:
+        return slide_file(self.masks, slide_id, ".png")
+
+    def artefact_mask(self, slide_id: str) -> Path:
+        return slide_file(self.dir / "artefacts", slide_id, ".png")
+
+
 def cohort_meta(manifest: str | Path) -> Path:
     """The sample cohort's ``cohort.json`` beside its manifest (a user's cohort has none)."""
-    return Path(manifest).parent / COHORT_META
+    return CohortLayout(Path(manifest).parent).meta
 
 
 def lesion_masks_dir(manifest: str | Path) -> Path:
     """The ground-truth lesion masks (``{slide_id}.png``) beside a sample cohort's manifest."""
-    return Path(manifest).parent / "masks"
+    return CohortLayout(Path(manifest).parent).masks
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,11 @@ class MILLayout:
     @classmethod
     def of(cls, mil_root: str | Path, encoder_id: str) -> MILLayout:
         return cls(Path(mil_root) / _component(encoder_id))
+
+    @classmethod
+    def finished(cls, mil_root: str | Path) -> list[MILLayout]:
+        """Every finished MIL result under a mil folder, by encoder id."""
+        return [cls(p.parent) for p in sorted(Path(mil_root).glob("*/metrics.json"))]
 
     @property
     def metrics(self) -> Path:  # written last: its presence marks a finished result
@@ -242,7 +277,7 @@ class StudyLayout:
 
     def mil_results(self) -> list[MILLayout]:
         """Every finished MIL result of the study, by encoder id."""
-        return [MILLayout(p.parent) for p in sorted(self.mil.glob("*/metrics.json"))]
+        return MILLayout.finished(self.mil)
 
     # ----------------------------------------------------------------------------------- finetune
     def finetune_fold(self, encoder_id: str, fold: int) -> FinetuneFoldLayout:
@@ -263,7 +298,8 @@ class StudyLayout:
         return self.onnx / _component(name)
 
     def bundles(self) -> list[Path]:
-        return sorted(p.parent for p in self.onnx.glob("*/bundle.json"))
+        """The finished bundles of the study (``onnx/{name}/`` holding its bundle.json)."""
+        return sorted(p.parent for p in self.onnx.glob(f"*/{BUNDLE_SPEC}"))
 
     @property
     def report_index(self) -> Path:

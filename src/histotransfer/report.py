@@ -11,13 +11,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from histotransfer.atomic import atomic_path, write_text_atomic
-from histotransfer.bundle import read_spec
-from histotransfer.encoders import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
-from histotransfer.layout import MILLayout
-from histotransfer.mil_stage import MILResult, class_rocs, plot_roc, roc_points
+from histotransfer.atomic import write_text_atomic
+from histotransfer.deploy.bundle import read_spec
+from histotransfer.features.encoders import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
+from histotransfer.layout import BUNDLE_SPEC, MILLayout
+from histotransfer.mil.study import MILResult, class_rocs, roc_points
+from histotransfer.plots import roc_curves, truncation_curves
 
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
 
@@ -110,30 +110,17 @@ def truncation_curve(results: Sequence[MILResult], path: Path) -> bool:
     groups = {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len(v) > 1}
     if not groups:
         return False
-    fig = Figure(figsize=(9, 3.8), dpi=110)
-    ax_auc, ax_loc = fig.subplots(1, 2)
+    lines = {}
     for (arch, tag), points in groups.items():
-        label = arch + (f"+{tag}" if tag else "")
-        x = np.arange(len(points))
         auc = [p[2].metrics["pooled"]["auc"] for p in points]
-        y = np.array([a["value"] if a["value"] is not None else np.nan for a in auc])
-        lo = np.array([a["ci_low"] if a["ci_low"] is not None else np.nan for a in auc])
-        hi = np.array([a["ci_high"] if a["ci_high"] is not None else np.nan for a in auc])
-        ax_auc.errorbar(
-            x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], marker="o", capsize=3, label=label
-        )
-        loc = [p[2].metrics["localisation"]["mean_auroc"] for p in points]
-        ax_loc.plot(x, [v if v is not None else np.nan for v in loc], marker="s", label=label)
-        for ax in (ax_auc, ax_loc):
-            ax.set_xticks(x, [p[1] for p in points], rotation=30, ha="right", fontsize=7)
-    ax_auc.set(title="slide AUC (95% CI) vs cut point", ylabel="AUC", ylim=(0.4, 1.03))
-    ax_loc.set(title="attention localisation vs cut point", ylabel="AUROC of attention vs lesion")
-    for ax in (ax_auc, ax_loc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        lines[arch + (f"+{tag}" if tag else "")] = {
+            "cuts": [p[1] for p in points],
+            "auc": [a["value"] for a in auc],
+            "ci_low": [a["ci_low"] for a in auc],
+            "ci_high": [a["ci_high"] for a in auc],
+            "localisation": [p[2].metrics["localisation"]["mean_auroc"] for p in points],
+        }
+    truncation_curves(path, lines)
     return True
 
 
@@ -151,12 +138,12 @@ def _roc_all(results: Sequence[MILResult], path: Path) -> bool:
         if (points := _oof_roc(r)) is not None:
             curves[r.encoder_id] = (*points, r.metrics["pooled"]["auc"]["value"])
     if curves:
-        plot_roc(path, curves, "out-of-fold ROC, all encoders")
+        roc_curves(path, curves, "out-of-fold ROC, all encoders")
     elif results and len(results[0].metrics["classes"]) > 2:
         y, probs, _ = results[0].oof_predictions()
         curves = class_rocs(y, probs, results[0].metrics["classes"])
         if curves:
-            plot_roc(path, curves, f"{results[0].encoder_id}: out-of-fold ROC, one class vs the rest")
+            roc_curves(path, curves, f"{results[0].encoder_id}: out-of-fold ROC, one class vs the rest")
     return bool(curves)
 
 
@@ -267,7 +254,7 @@ def _bundle_section(report_dir: Path, bundle: Path) -> tuple[list[str], list[str
     )
     shown = os.path.relpath(os.path.abspath(bundle), os.path.abspath(report_dir.parent))  # in the study
     command = f"histotransfer predict SLIDE_OR_MANIFEST --bundle {shown} --out predictions/"
-    link = _link(report_dir, bundle / "bundle.json")
+    link = _link(report_dir, bundle / BUNDLE_SPEC)
     parts = [
         "<h2>Deployable model (ONNX)</h2>",
         f'<p><a href="{link}">{html.escape(shown)}</a>: {html.escape(facts)}.</p>',

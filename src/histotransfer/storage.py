@@ -14,14 +14,11 @@ from pathlib import Path
 
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
+from histotransfer.errors import StorageError
 from histotransfer.provenance import file_digest
 
 GCS_PREFIX = "gs://"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-
-
-class StorageError(RuntimeError):
-    """An object could not be located, read or verified."""
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
-from histotransfer.encoders import Encoder, build_encoder, finetuned_id
-from histotransfer.extraction import EngineSettings, extract_cohort
-from histotransfer.finetune import finetune, make_bags, save_finetuned, save_selection
+from histotransfer.features.bags import BagStore, FeaturesError
+from histotransfer.features.encoders import Encoder, build_encoder, finetuned_id
+from histotransfer.features.extraction import EngineSettings, extract_cohort
+from histotransfer.finetune.training import finetune, make_bags, save_finetuned, save_selection
 from histotransfer.layout import SUMMARY, MILLayout, StudyLayout
 from histotransfer.manifest import SlideRecord
-from histotransfer.mil_stage import LesionMasks, MILResult, study_folds, train_mil
+from histotransfer.mil.splits import Fold
+from histotransfer.mil.study import LesionMasks, MILResult, study_folds, train_mil
+from histotransfer.mil.training import build_model
 from histotransfer.provenance import config_hash, is_current, sha256_file
 from histotransfer.runner import StageResult
-from histotransfer.splits import Fold
-from histotransfer.tiling import load_tiles
-from histotransfer.training import build_model
+from histotransfer.wsi.tiling import load_tiles
 
 log = logging.getLogger(__name__)
 

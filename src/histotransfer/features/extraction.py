@@ -25,17 +25,17 @@ from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
-from histotransfer.bundle import session as ort_session
 from histotransfer.config import ExtractionConfig
-from histotransfer.encoders import Encoder
+from histotransfer.deploy.bundle import session as ort_session
+from histotransfer.deploy.onnx_export import TOLERANCE, encoder_parity, export_encoder, run_session
 from histotransfer.errors import ExportError
+from histotransfer.features.encoders import Encoder
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
-from histotransfer.onnx_export import TOLERANCE, encoder_parity, export_encoder, run_session
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.slides import SlideError, local_slide_path, open_slide
-from histotransfer.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
+from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide
+from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from histotransfer.atomic import atomic_path
-from histotransfer.bundle import (
+from histotransfer.deploy.bundle import (
     AGGREGATOR_INPUT,
     AGGREGATOR_OUTPUTS,
     ENCODER_INPUT,
@@ -21,9 +21,9 @@ from histotransfer.bundle import (
     Parity,
     session,
 )
-from histotransfer.encoders import Encoder
 from histotransfer.errors import ExportError
-from histotransfer.mil import AttentionMIL
+from histotransfer.features.encoders import Encoder
+from histotransfer.mil.model import AttentionMIL
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -96,7 +96,9 @@ def export_aggregator(mil: AttentionMIL, path: str | Path, *, in_dim: int, opset
     return Path(path)
 
 
-def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], *, tolerance: float, inputs: str):
+def measure_parity(
+    expected: Sequence[np.ndarray], got: Sequence[np.ndarray], *, tolerance: float, inputs: str
+):
     """Parity of two lists of outputs; max_rel is max |got - expected| over max |expected|."""
     max_abs = max(float(np.abs(g - e).max()) for e, g in zip(expected, got, strict=True))
     scale = max(float(np.abs(e).max()) for e in expected)
@@ -115,7 +117,7 @@ def encoder_parity(
         expected = [module(torch.from_numpy(b)).numpy() for b in batches]
     got = [sess.run(None, {ENCODER_INPUT: b})[0] for b in batches]
     sizes = ", ".join(str(len(b)) for b in batches)
-    parity = compare(expected, got, tolerance=tolerance, inputs=f"uint8 tile batches of {sizes}")
+    parity = measure_parity(expected, got, tolerance=tolerance, inputs=f"uint8 tile batches of {sizes}")
     _check(parity, f"encoder {encoder.id}", path)
     return parity
 
@@ -132,7 +134,7 @@ def aggregator_parity(
             expected += [t.numpy() for t in module(torch.from_numpy(bag))]
         got += sess.run(list(AGGREGATOR_OUTPUTS), {AGGREGATOR_INPUT: bag})
     sizes = ", ".join(str(len(b)) for b in bags)
-    parity = compare(expected, got, tolerance=tolerance, inputs=f"bags of {sizes} tiles")
+    parity = measure_parity(expected, got, tolerance=tolerance, inputs=f"bags of {sizes} tiles")
     _check(parity, "the attention-MIL head", path)
     return parity
 

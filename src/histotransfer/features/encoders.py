@@ -24,8 +24,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from histotransfer.assets import AssetError, fetch_asset
+from histotransfer.features.weights import (
+    WeightsError,
+    load_strict,
+    map_to_model,
+    read_checkpoint,
+    state_sha256,
+)
 from histotransfer.provenance import sha256_file
-from histotransfer.weights import WeightsError, load_strict, map_to_model, read_checkpoint, state_sha256
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +306,7 @@ def build_encoder(
 
     ``weights``: None for what the id says (its default pretrained weights, or random for ``+random``);
     ``"timm"`` or ``"hf-hub:ORG/NAME"`` for hub weights; ``"asset:NAME"`` for a registry asset; otherwise
-    a checkpoint file in any supported layout (see histotransfer.weights).
+    a checkpoint file in any supported layout (see histotransfer.features.weights).
     """
     enc = parse_encoder_id(encoder_id) if isinstance(encoder_id, str) else encoder_id
     source = _weights_for(enc, weights)

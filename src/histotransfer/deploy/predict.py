@@ -21,16 +21,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from histotransfer.atomic import atomic_path
-from histotransfer.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
+from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
 from histotransfer.errors import ManifestError
-from histotransfer.heatmaps import attention_heatmap
 from histotransfer.layout import PredictionLayout, slide_file
 from histotransfer.manifest import SlideRecord, check_slide_id, read_manifest
+from histotransfer.plots import attention_heatmap
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.slides import local_slide_path, open_slide
 from histotransfer.storage import fetch_gcs, is_gcs_uri
-from histotransfer.tiling import TileSet, load_tiles, read_tile, tile_slide
+from histotransfer.wsi.slides import local_slide_path, open_slide
+from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tile_slide
 
 
 def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRecord]:

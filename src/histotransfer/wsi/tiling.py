@@ -18,12 +18,12 @@ from scipy import ndimage
 
 from histotransfer.atomic import atomic_path
 from histotransfer.config import TilingConfig
-from histotransfer.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.slides import (
+from histotransfer.wsi.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
+from histotransfer.wsi.slides import (
     SlideError,
     SlideInfo,
     local_slide_path,
@@ -32,7 +32,7 @@ from histotransfer.slides import (
     read_rgb,
     slide_info,
 )
-from histotransfer.tissue import detect_tissue, optical_density, pen_mask, saturation
+from histotransfer.wsi.tissue import detect_tissue, optical_density, pen_mask, saturation
 
 
 def mask_source(info: SlideInfo, mask_mpp: float) -> tuple[int, int]:

@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from histotransfer.config import TilingConfig
 from histotransfer.errors import BundleError
+from histotransfer.layout import BUNDLE_SPEC
 from histotransfer.provenance import sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
 BUNDLE_VERSION = 1
-ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", "bundle.json"
+ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", BUNDLE_SPEC
 ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "features"
 AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS = "features", ("probabilities", "attention")
 

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from histotransfer.assets import ASSETS, fetch_asset
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import SampleDataConfig
+from histotransfer.layout import CohortLayout
 from histotransfer.manifest import write_manifest
 from histotransfer.provenance import config_hash, is_current
-from histotransfer.svs import reduce_rgb, write_aperio_svs
-from histotransfer.tissue import detect_tissue
+from histotransfer.wsi.svs import reduce_rgb, write_aperio_svs
+from histotransfer.wsi.tissue import detect_tissue
 
 MASK_DOWNSAMPLE = 4  # ground-truth masks are stored at level-0 / 4
 WORK_MPP = 2.0  # tissue, lesion and artefacts are laid out on a mask of about this resolution
@@ -429,7 +430,7 @@ def write_cohort(
 ) -> Path:
     """Write the slides of ``specs`` (slides/, masks/, artefacts/), manifest.csv and, last, cohort.json
     (with ``meta`` merged in); return the manifest. Slide i draws from ``default_rng([seed, i])``."""
-    out_dir = Path(out_dir)
+    layout = CohortLayout(Path(out_dir))
     kinds = sorted({s.lesion_type for s in specs if s.lesion_type})
     sources = load_sources(kinds)
     rows, slides = [], []
@@ -449,14 +450,14 @@ def write_cohort(
             blur_um=site.blur_um,
             artefacts=spec.artefacts,
         )
-        path = out_dir / "slides" / f"{spec.slide_id}.svs"
+        path = layout.slide(spec.slide_id)
         write_aperio_svs(path, composed.rgb, mpp=site.mpp, quality=site.jpeg_quality)
-        _save_mask(out_dir / "masks" / f"{spec.slide_id}.png", composed.lesion_mask)
-        _save_mask(out_dir / "artefacts" / f"{spec.slide_id}.png", composed.artefact_mask)
+        _save_mask(layout.lesion_mask(spec.slide_id), composed.lesion_mask)
+        _save_mask(layout.artefact_mask(spec.slide_id), composed.artefact_mask)
         rows.append(
             {
                 "slide_id": spec.slide_id,
-                "path": f"slides/{spec.slide_id}.svs",
+                "path": path.relative_to(layout.dir).as_posix(),  # relative: the cohort can move
                 "label": spec.label,
                 "patient_id": spec.slide_id,
                 "site": f"site-{spec.site}",
@@ -472,7 +473,7 @@ def write_cohort(
                 "stain": list(stain),
             }
         )
-    manifest = out_dir / "manifest.csv"
+    manifest = layout.manifest
     write_manifest(manifest, rows)
     sources_meta = {k: asdict(ASSETS[k]) for k in ("normal_tissue", *(LESION_SOURCES[t] for t in kinds))}
     cohort = {
@@ -482,7 +483,7 @@ def write_cohort(
         "sites": [asdict(s) for s in sites],
         "slides": slides,
     }
-    write_text_atomic(out_dir / "cohort.json", json.dumps(cohort, indent=2))
+    write_text_atomic(layout.meta, json.dumps(cohort, indent=2))
     return manifest
 
 
@@ -493,8 +494,9 @@ def build_sample_cohort(out_dir: str | Path, *, config: SampleDataConfig | None 
     config = config or SampleDataConfig()
     params = config.model_dump(mode="json", exclude={"enabled"})
     expected = config_hash({"stage": "sample-data", **params})
-    manifest_path = out_dir / "manifest.csv"
-    if is_current(out_dir / "cohort.json", expected) and manifest_path.is_file():
+    layout = CohortLayout(out_dir)
+    manifest_path = layout.manifest
+    if is_current(layout.meta, expected) and manifest_path.is_file():
         return manifest_path
     return write_cohort(
         out_dir,

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from histotransfer.bags import BagStore
 from histotransfer.config import MILConfig
 from histotransfer.errors import TrainingError
-from histotransfer.mil import AttentionMIL
-from histotransfer.splits import Fold
+from histotransfer.features.bags import BagStore
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.splits import Fold
 
 
 @dataclass
@@ -212,7 +212,7 @@ class SlidePrediction:
     attention: np.ndarray  # (n_tiles,)
 
 
-def predict(
+def predict_slides(
     model: AttentionMIL, store: BagStore, slide_ids: Sequence[str], fold: int
 ) -> list[SlidePrediction]:
     model.eval()

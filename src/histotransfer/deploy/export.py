@@ -1,4 +1,4 @@
-"""Exporting a study's model as an ONNX bundle (see histotransfer.bundle for the format).
+"""Exporting a study's model as an ONNX bundle (see histotransfer.deploy.bundle for the format).
 
 A cross-validated study has one MIL head per fold (and, for fine-tuned encoders, one encoder per
 fold). The bundle takes one fold: by default the fold whose head reached the lowest validation loss
@@ -21,7 +21,8 @@ import torch
 
 from histotransfer import __version__
 from histotransfer.atomic import atomic_dir
-from histotransfer.bundle import (
+from histotransfer.config import TilingConfig
+from histotransfer.deploy.bundle import (
     AGGREGATOR_FILE,
     BUNDLE_FILE,
     BUNDLE_FORMAT,
@@ -32,13 +33,7 @@ from histotransfer.bundle import (
     EncoderInfo,
     read_spec,
 )
-from histotransfer.config import TilingConfig
-from histotransfer.encoders import Encoder, build_encoder, frozen_id, parse_encoder_id
-from histotransfer.errors import BundleError, ExportError
-from histotransfer.layout import MILLayout
-from histotransfer.mil import AttentionMIL
-from histotransfer.mil_stage import MILResult
-from histotransfer.onnx_export import (
+from histotransfer.deploy.onnx_export import (
     OPSET,
     TOLERANCE,
     aggregator_parity,
@@ -46,9 +41,14 @@ from histotransfer.onnx_export import (
     export_aggregator,
     export_encoder,
 )
+from histotransfer.errors import BundleError, ExportError
+from histotransfer.features.encoders import Encoder, build_encoder, frozen_id, parse_encoder_id
+from histotransfer.layout import MILLayout
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.study import MILResult
 from histotransfer.provenance import CONFIG_ATTR, config_hash, sha256_file
-from histotransfer.slides import local_slide_path, open_slide
-from histotransfer.tiling import load_tiles, read_tile
+from histotransfer.wsi.slides import local_slide_path, open_slide
+from histotransfer.wsi.tiling import load_tiles, read_tile
 
 log = logging.getLogger(__name__)
 PARITY_BAG_SIZES = (1, 10_000)  # the extremes a deployed head meets; a real bag is added when tiles exist

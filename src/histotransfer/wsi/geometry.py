@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class GeometryError(ValueError):
-    """A slide cannot be tiled at the requested resolution or size."""
+from histotransfer.errors import GeometryError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from histotransfer import stages
 from histotransfer.atomic import write_text_atomic
 from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import ConfigError
-from histotransfer.layout import SUMMARY, StudyLayout, is_shard_summary, shard_summary
+from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout, is_shard_summary, shard_summary
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
 
@@ -278,9 +278,9 @@ def report(inputs: Sequence[str | Path], output: str | Path) -> Path:
 def find_bundle(path: str | Path) -> Path:
     """The bundle folder in ``path``: ``path`` itself, or its one ``onnx/{name}/``."""
     folder = Path(path)
-    if (folder / "bundle.json").is_file():
+    if (folder / BUNDLE_SPEC).is_file():
         return folder
-    found = sorted(p.parent for p in folder.glob("onnx/*/bundle.json"))
+    found = StudyLayout.at(folder).bundles()
     if len(found) != 1:
         raise FileNotFoundError(
             f"{folder}: expected one bundle (bundle.json or onnx/NAME/bundle.json), found {len(found)}"
@@ -304,7 +304,7 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     import numpy as np
     from sklearn.metrics import confusion_matrix
 
-    from histotransfer.mil_stage import MILResult, binary_roc
+    from histotransfer.mil.study import MILResult, binary_roc
 
     result = MILResult.load(mil_dir)
     metrics, classes = result.metrics, result.metrics["classes"]

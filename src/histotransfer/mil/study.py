@@ -19,30 +19,29 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from histotransfer.atomic import atomic_path, write_text_atomic
-from histotransfer.bags import BagStore, FeaturesError
 from histotransfer.config import EvaluationConfig, MILConfig
-from histotransfer.encoders import parse_encoder_id
-from histotransfer.evaluation import (
+from histotransfer.features.bags import BagStore, FeaturesError
+from histotransfer.features.encoders import parse_encoder_id
+from histotransfer.layout import MILLayout, cohort_meta, lesion_masks_dir, slide_file
+from histotransfer.manifest import SlideRecord
+from histotransfer.mil.evaluation import (
     fold_summary,
     localisation_auroc,
     point_metrics,
     seed_summary,
     with_confidence,
 )
-from histotransfer.geometry import tissue_fractions
-from histotransfer.heatmaps import attention_heatmap
-from histotransfer.layout import MILLayout, cohort_meta, lesion_masks_dir, slide_file
-from histotransfer.manifest import SlideRecord
+from histotransfer.mil.splits import Fold, make_folds
+from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
+from histotransfer.plots import attention_heatmap, roc_curves
 from histotransfer.provenance import config_hash, is_current
-from histotransfer.splits import Fold, make_folds
-from histotransfer.tiling import load_tiles
-from histotransfer.training import FoldModel, SlidePrediction, predict, train_fold
+from histotransfer.wsi.geometry import tissue_fractions
+from histotransfer.wsi.tiling import load_tiles
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class MILResult:
     @classmethod
     def load_all(cls, mil_dir: Path) -> list[MILResult]:
         """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
-        return [cls.load(p.parent) for p in sorted(Path(mil_dir).glob("*/metrics.json"))]
+        return [cls.load(m.dir) for m in MILLayout.finished(mil_dir)]
 
     def rank_key(self) -> tuple[float, float, float]:
         """Sort key, best first: pooled AUC, then balanced accuracy, then attention localisation."""
@@ -166,22 +165,6 @@ def _write_attention(path: Path, pred: SlidePrediction, coords: np.ndarray) -> N
         f.create_dataset("attention", data=pred.attention.astype(np.float32))  # (n_tiles,)
         f.create_dataset("coords", data=coords)  # (n_tiles, 2), same order as tiles and features
         f.attrs.update(slide_id=pred.slide_id, fold=pred.fold)
-
-
-def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
-    """ROC curves, one per name: (fpr, tpr, auc)."""
-    fig = Figure(figsize=(4.6, 4.2), dpi=110)
-    ax = fig.subplots()
-    for name, (fpr, tpr, auc) in curves.items():
-        ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(
-        xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01)
-    )
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -273,9 +256,9 @@ def train_mil(
     _write_attention_outputs(records, preds, store_for, out, tiles_dir, evaluation, classes)
     localisation = localisation_summary(preds, lesions)
     if (points := roc_points(y, probs)) is not None:
-        plot_roc(out.roc, {encoder_id: (*points, pooled["auc"]["value"])}, f"{encoder_id}: out-of-fold ROC")
+        roc_curves(out.roc, {encoder_id: (*points, pooled["auc"]["value"])}, f"{encoder_id}: out-of-fold ROC")
     elif len(classes) > 2 and (curves := class_rocs(y, probs, classes)):
-        plot_roc(out.roc, curves, f"{encoder_id}: out-of-fold ROC, one class vs the rest")
+        roc_curves(out.roc, curves, f"{encoder_id}: out-of-fold ROC, one class vs the rest")
     metrics = {
         "config_hash": expected,
         "encoder_id": encoder_id,
@@ -322,7 +305,7 @@ def cross_validate(
     for fold in tqdm(folds, desc=desc, unit="fold", dynamic_ncols=True, disable=desc is None):
         store = store_for(fold.index)
         fold_model = train_fold(store, fold, n_classes=n_classes, cfg=mil)
-        fold_preds = predict(fold_model.model, store, fold.test, fold.index)
+        fold_preds = predict_slides(fold_model.model, store, fold.test, fold.index)
         if on_fold is not None:
             on_fold(fold_model, fold_preds)
         preds += fold_preds

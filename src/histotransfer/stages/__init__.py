@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 
 from histotransfer.config import StudyConfig
 from histotransfer.errors import ExportError, FeaturesError
-from histotransfer.layout import SUMMARY, StudyLayout
+from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout
 from histotransfer.manifest import SlideRecord, read_manifest
 from histotransfer.runner import StageResult
 
 if TYPE_CHECKING:  # the heavy modules are imported by the stage that needs them
-    from histotransfer.encoders import Encoder
-    from histotransfer.export import ExportResult
-    from histotransfer.finetune_stage import FinetuneOutputs
-    from histotransfer.mil_stage import MILResult
+    from histotransfer.deploy.export import ExportResult
+    from histotransfer.features.encoders import Encoder
+    from histotransfer.finetune.study import FinetuneOutputs
+    from histotransfer.mil.study import MILResult
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ def weights_for(config: StudyConfig, encoder_id: str, weights: str | Path | None
 
 
 def build(config: StudyConfig, encoder_id: str, weights: str | Path | None = None) -> Encoder:
-    from histotransfer.encoders import build_encoder
+    from histotransfer.features.encoders import build_encoder
 
     return build_encoder(encoder_id, weights=weights_for(config, encoder_id, weights))
 
 
 def lesion_masks(layout: StudyLayout):
-    from histotransfer.mil_stage import LesionMasks
+    from histotransfer.mil.study import LesionMasks
 
     return LesionMasks.beside(layout.manifest)
 
@@ -90,7 +90,7 @@ def lesion_masks(layout: StudyLayout):
 
 def sample_cohort(layout: StudyLayout, config: StudyConfig) -> Path:
     """The sample cohort (slides, masks, manifest) in the layout's cohort folder, reused when current."""
-    from histotransfer.sample_data import build_sample_cohort
+    from histotransfer.wsi.sample_data import build_sample_cohort
 
     log.info("building the sample cohort under %s", layout.cohort)
     return build_sample_cohort(layout.cohort, config=config.sample_data)
@@ -112,7 +112,7 @@ def tile(
     summary: Path | None = None,
 ) -> StageResult:
     """Tiles and QC pictures of every slide under ``layout.tiles``."""
-    from histotransfer.tiling import tile_cohort
+    from histotransfer.wsi.tiling import tile_cohort
 
     return tile_cohort(
         records,
@@ -140,7 +140,7 @@ def extract(
     summary: Path | None = None,
 ) -> Extracted:
     """Features of the tiled slides with one encoder under ``features/{encoder_id}/``."""
-    from histotransfer.extraction import extract_cohort, settings_from
+    from histotransfer.features.extraction import extract_cohort, settings_from
 
     encoder = build(config, encoder_id, weights)
     folder = layout.features_dir(str(encoder.id))
@@ -165,7 +165,7 @@ def train(
     overwrite: bool = False,
 ) -> MILResult:
     """Cross-validated attention-MIL on one encoder's features: ``mil/{encoder_id}/``."""
-    from histotransfer.mil_stage import train_mil
+    from histotransfer.mil.study import train_mil
 
     return train_mil(
         featured(layout, records, encoder_id),
@@ -190,8 +190,8 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
-    from histotransfer.extraction import settings_from
-    from histotransfer.finetune_stage import finetune_study
+    from histotransfer.features.extraction import settings_from
+    from histotransfer.finetune.study import finetune_study
 
     if not layout.mil_result(encoder_id).metrics.is_file():
         raise FeaturesError(
@@ -223,12 +223,12 @@ def compare_encoders(
 ) -> Path:
     """Layer-by-layer CKA of two built encoders on ``cka.tiles`` tiles of the study: ``cka/{a}__{b}.json``
     (and its heatmap), on the config's extraction device."""
-    from histotransfer.cka_stage import compare, sample_tiles, write_cka
-    from histotransfer.extraction import settings_from
+    from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
+    from histotransfer.features.extraction import settings_from
 
     tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
     device = str(settings_from(config.extraction).device)
-    result = compare(a, b, tiles, batch_size=config.cka.batch_size, device=device)
+    result = layer_cka(a, b, tiles, batch_size=config.cka.batch_size, device=device)
     files = layout.cka_files(name_a or str(a.id), name_b or str(b.id))
     return write_cka(*files, name_a or str(a.id), name_b or str(b.id), result)[0]
 
@@ -242,7 +242,7 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
-    from histotransfer.encoders import finetuned_id
+    from histotransfer.features.encoders import finetuned_id
 
     fold = config.cka.fold
     tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
@@ -251,7 +251,7 @@ def cka(
             f"no fine-tuned encoder for cka.fold {fold} ({tuned_weights}): fine-tune {encoder_id} first, "
             "or set cka.fold to a fold of the study"
         )
-    from histotransfer.encoders import build_encoder
+    from histotransfer.features.encoders import build_encoder
 
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=tuned_weights)
@@ -262,8 +262,8 @@ def cka(
 def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = None) -> Path:
     """The best of ``results`` (default: every finished MIL result of the study), as the report ranks
     them (its first row)."""
-    from histotransfer.export import best_result
-    from histotransfer.mil_stage import MILResult
+    from histotransfer.deploy.export import best_result
+    from histotransfer.mil.study import MILResult
 
     results = MILResult.load_all(layout.mil) if results is None else results
     if not results:
@@ -290,8 +290,8 @@ def export(
     One fold's head goes in (``fold``, else ``export.fold``, else the fold with the lowest loss), with
     its encoder: for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
-    from histotransfer.encoders import frozen_id
-    from histotransfer.export import choose_fold, export_study_model, result_encoder_id
+    from histotransfer.deploy.export import choose_fold, export_study_model, result_encoder_id
+    from histotransfer.features.encoders import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     encoder_id = result_encoder_id(mil_dir)
@@ -325,7 +325,7 @@ def report(
     """``report/index.html`` and ``summary.md``: of ``results``, ``cka`` and ``bundle`` (defaults: every
     finished MIL result and CKA comparison of the study, its one bundle if it has one); ``tracking``:
     also DVC's ``metrics.json`` and ``plots/``."""
-    from histotransfer.mil_stage import MILResult
+    from histotransfer.mil.study import MILResult
     from histotransfer.report import write_report, write_tracking
 
     if results is None:
@@ -341,7 +341,7 @@ def report(
         report_dir=layout.report,
         tiles_dir=layout.tiles,
         cka=layout.cka_results() if cka is None else cka,
-        bundle=bundle if bundle is not None and (bundle / "bundle.json").is_file() else None,
+        bundle=bundle if bundle is not None and (bundle / BUNDLE_SPEC).is_file() else None,
     )
     if tracking:
         write_tracking(results, metrics=layout.tracking_metrics, plots=layout.tracking_plots)
@@ -362,8 +362,8 @@ def predict(
 ) -> StageResult:
     """Classify ``slides`` (a slide, a gs:// URI or a manifest) with the ONNX bundle in ``bundle_dir``
     into ``out`` (see PredictionLayout). Torch-free: ONNX Runtime, OpenSlide and numpy only."""
-    from histotransfer.bundle import load_bundle
-    from histotransfer.predict import BATCH_SIZE, predict_cohort, slides_to_classify
+    from histotransfer.deploy.bundle import load_bundle
+    from histotransfer.deploy.predict import BATCH_SIZE, predict_cohort, slides_to_classify
 
     bundle = load_bundle(bundle_dir, threads=threads)
     spec = bundle.spec

@@ -30,15 +30,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from histotransfer.atomic import atomic_path, write_text_atomic
-from histotransfer.bags import BagStore
 from histotransfer.config import FinetuneConfig
-from histotransfer.encoders import Encoder, leading_modules
-from histotransfer.extraction import TileReader
+from histotransfer.features.bags import BagStore
+from histotransfer.features.encoders import Encoder, leading_modules
+from histotransfer.features.extraction import TileReader
 from histotransfer.layout import FinetuneFoldLayout
-from histotransfer.mil import AttentionMIL
-from histotransfer.slides import local_slide_path
-from histotransfer.tiling import TileSet
-from histotransfer.training import TrainingError, class_weights
+from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.training import TrainingError, class_weights
+from histotransfer.wsi.slides import local_slide_path
+from histotransfer.wsi.tiling import TileSet
 
 
 def select_tiles(

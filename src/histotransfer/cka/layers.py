@@ -9,18 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
-from histotransfer.atomic import atomic_path, write_text_atomic
-from histotransfer.cka import MinibatchCKA
-from histotransfer.encoders import Encoder, block_modules
-from histotransfer.extraction import TileReader
+from histotransfer.atomic import write_text_atomic
+from histotransfer.cka.measures import MinibatchCKA
+from histotransfer.features.encoders import Encoder, block_modules
+from histotransfer.features.extraction import TileReader
 from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
-from histotransfer.slides import local_slide_path
-from histotransfer.tiling import load_tiles
+from histotransfer.plots import cka_matrix
+from histotransfer.wsi.slides import local_slide_path
+from histotransfer.wsi.tiling import load_tiles
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class _Recorder:
             handle.remove()
 
 
-def compare(a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, device: str) -> CKAResult:
+def layer_cka(a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, device: str) -> CKAResult:
     """The layers x layers linear CKA matrix of two encoders on the same tiles (minibatch, unbiased)."""
     blocks_a, blocks_b = block_modules(a.module.model, a.id.arch), block_modules(b.module.model, b.id.arch)
     estimator = MinibatchCKA(len(blocks_a), len(blocks_b))
@@ -105,17 +105,5 @@ def write_cka(
         "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021), GAP per layer",
     }
     json_path = write_text_atomic(Path(json_path), json.dumps(payload, indent=1))
-    fig = Figure(figsize=(1.2 + 0.55 * len(result.layers_b), 1.0 + 0.5 * len(result.layers_a)), dpi=110)
-    ax = fig.subplots()
-    image = ax.imshow(result.matrix, vmin=0, vmax=1, cmap="magma", origin="upper")
-    ax.set_xticks(range(len(result.layers_b)), result.layers_b, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(result.layers_a)), result.layers_a, fontsize=7)
-    ax.set(xlabel=name_b, ylabel=name_a, title="linear CKA")
-    for (i, j), v in np.ndenumerate(result.matrix):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
+    png_path = cka_matrix(png_path, result.matrix, result.layers_a, result.layers_b, name_a, name_b)
     return json_path, png_path

@@ -1,0 +1,1 @@
+"""The ONNX bundle: export with parity checks, loading, and the torch-free `histotransfer predict`."""

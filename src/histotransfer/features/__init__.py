@@ -1,0 +1,2 @@
+"""Patch features: the encoder registry (ARCH[@CUT][+WEIGHTS]), checkpoint loading, extraction,
+and bags of features."""

@@ -1,0 +1,2 @@
+"""Whole-slide images: reading (OpenSlide, local or gs://), tissue detection, tiling with QC, and the
+sample cohort."""
