@@ -59,11 +59,19 @@ def load_session(path):
     return session(path, providers=["CPUExecutionProvider"])
 
 
+def _weight_bytes(path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
 def test_fp16_encoder_keeps_its_interface(tmp_path):
     encoder = build_encoder("efficientnet_lite0@blocks.1")
     fp32 = export_encoder(encoder, tmp_path / "fp32.onnx", tile_px=64)
     fp16 = export_encoder(encoder, tmp_path / "fp16.onnx", tile_px=64, fp16=True)
-    assert fp16.stat().st_size < 0.7 * fp32.stat().st_size  # weights stored in half precision
+    # weights stored in half precision (file sizes would also count the graph's metadata, source paths)
+    assert _weight_bytes(fp16) < 0.6 * _weight_bytes(fp32)
     tiles = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
     parity = encoder_parity(encoder, fp16, [tiles], tolerance=1e-2)
     assert 0 < parity.max_rel <= 1e-2  # not bit-equal: it really computes in float16
