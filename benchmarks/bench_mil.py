@@ -95,7 +95,7 @@ def build(work: Path, *, n_per_class: int, fractions: list[float], encoder_id: s
     cohort = work / name
     layout = StudyLayout.at(cohort, manifest=cohort / "manifest.csv")  # tiles/ and features/ beside it
     sites = plan_sites(config)
-    if not layout.cohort_meta.is_file():
+    if not layout.cohort_files.meta.is_file():
         specs = [SlideSpec(f"neg-{i:03d}", NEGATIVE, site=i % len(sites)) for i in range(n_per_class)]
         for f in fractions:
             specs += [

@@ -71,7 +71,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     layout = StudyLayout.of(cohort=args.out)
     manifest = stages.sample_cohort(layout, config)
-    print(f"sample cohort: {manifest} ({config.sample_data.n_slides} slides, masks in {layout.lesion_masks})")
+    masks = layout.cohort_files.masks
+    print(f"sample cohort: {manifest} ({config.sample_data.n_slides} slides, masks in {masks})")
     return EXIT_OK
 
 

@@ -83,16 +83,6 @@ class CohortLayout:
         return slide_file(self.dir / "artefacts", slide_id, ".png")
 
 
-def cohort_meta(manifest: str | Path) -> Path:
-    """The sample cohort's ``cohort.json`` beside its manifest (a user's cohort has none)."""
-    return CohortLayout(Path(manifest).parent).meta
-
-
-def lesion_masks_dir(manifest: str | Path) -> Path:
-    """The ground-truth lesion masks (``{slide_id}.png``) beside a sample cohort's manifest."""
-    return CohortLayout(Path(manifest).parent).masks
-
-
 @dataclass(frozen=True)
 class MILLayout:
     """One cross-validated MIL result: ``mil/{encoder_id}/``."""
@@ -248,12 +238,9 @@ class StudyLayout:
         return self.manifest.parent
 
     @property
-    def cohort_meta(self) -> Path:
-        return cohort_meta(self.manifest)
-
-    @property
-    def lesion_masks(self) -> Path:
-        return lesion_masks_dir(self.manifest)
+    def cohort_files(self) -> CohortLayout:
+        """The sample cohort's files beside the manifest (a user's cohort has only its manifest)."""
+        return CohortLayout(self.cohort)
 
     # -------------------------------------------------------------------------------------- tiles
     def tiles_file(self, slide_id: str) -> Path:

@@ -101,14 +101,14 @@ def fold_loss(mil_dir: Path, fold: int) -> FoldLoss:
     return FoldLoss(kept["val_loss"], kept["train_loss"])
 
 
-def result_encoder_id(mil_dir: Path) -> str:
-    """The encoder id of the finished MIL result in ``mil_dir``."""
+def finished_result(mil_dir: Path) -> MILResult:
+    """The finished MIL result in ``mil_dir``; an ExportError when there is none."""
     mil = MILLayout(Path(mil_dir))
     if not mil.metrics.is_file():
         raise ExportError(
             f"{mil.dir} has no metrics.json: not a finished MIL result (see `histotransfer train`)"
         )
-    return MILResult.load(mil.dir).encoder_id
+    return MILResult.load(mil.dir)
 
 
 def study_tiling(tiles_dir: Path) -> TilingConfig:
@@ -153,7 +153,6 @@ def export_study_model(
     *,
     out: Path,
     tiles_dir: Path,
-    encoder: Encoder | None = None,
     weights: str | Path | None = None,
     fold: int | None = None,
     fp16: bool = False,
@@ -163,14 +162,14 @@ def export_study_model(
 ) -> ExportResult:
     """Export the MIL result in ``mil_dir`` (one fold's head and its encoder) as a bundle at ``out``.
 
-    ``encoder``: the built encoder, else built from the result's id and ``weights`` (for a fine-tuned
-    id: fold ``fold``'s fine-tuned encoder file, which histotransfer.stages.export finds). ``tiles_dir``:
+    The encoder is built from the result's id and ``weights`` (for a fine-tuned id: fold ``fold``'s
+    fine-tuned encoder file, which histotransfer.stages.export finds). ``tiles_dir``:
     the study's tiles, whose recorded settings the bundle keeps. A bundle already at ``out`` made from
     the same sources and settings is reused.
     """
     mil_dir, out = Path(mil_dir), Path(out)
-    encoder_id = result_encoder_id(mil_dir)
-    result = MILResult.load(mil_dir)
+    result = finished_result(mil_dir)
+    encoder_id = result.encoder_id
     if expect_encoder is not None and str(parse_encoder_id(expect_encoder)) != encoder_id:
         raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for {expect_encoder}")
     if fold is None:
@@ -179,12 +178,9 @@ def export_study_model(
         losses = fold_loss(mil_dir, fold)
     head_file = MILLayout(mil_dir).fold_model(fold)
     tiling = study_tiling(tiles_dir)
-    if encoder is None:
-        if frozen_id(encoder_id) is not None and weights is None:
-            raise ExportError(f"{encoder_id} is fine-tuned per fold: give fold {fold}'s encoder file")
-        encoder = build_encoder(encoder_id, weights=weights)
-    if str(encoder.id) != encoder_id:
-        raise ExportError(f"{mil_dir} is a MIL result for {encoder_id}, not for encoder {encoder.id}")
+    if frozen_id(encoder_id) is not None and weights is None:
+        raise ExportError(f"{encoder_id} is fine-tuned per fold: give fold {fold}'s encoder file")
+    encoder = build_encoder(encoder_id, weights=weights)
     if encoder.dim != result.metrics["feature_dim"]:
         raise ExportError(
             f"encoder {encoder.id} gives {encoder.dim}-d features, the MIL head in {mil_dir} takes "

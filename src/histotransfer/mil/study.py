@@ -27,7 +27,7 @@ from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.features.encoders import parse_encoder_id
-from histotransfer.layout import MILLayout, cohort_meta, lesion_masks_dir, slide_file
+from histotransfer.layout import CohortLayout, MILLayout, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil.evaluation import (
     fold_summary,
@@ -55,10 +55,10 @@ class LesionMasks:
 
     @classmethod
     def beside(cls, manifest: Path) -> LesionMasks | None:
-        meta = cohort_meta(manifest)
-        if not meta.is_file():
+        cohort = CohortLayout(Path(manifest).parent)
+        if not cohort.meta.is_file():
             return None
-        return cls(lesion_masks_dir(manifest), float(json.loads(meta.read_text())["mask_downsample"]))
+        return cls(cohort.masks, float(json.loads(cohort.meta.read_text())["mask_downsample"]))
 
     def tile_labels(
         self, slide_id: str, coords: np.ndarray, patch_size_level0: int, fraction: float

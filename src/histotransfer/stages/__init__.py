@@ -119,7 +119,7 @@ def tile(
         out_dir=layout.tiles,
         tiling=config.tiling,
         overwrite=overwrite,
-        summary_path=summary or layout.tiles / SUMMARY,
+        summary_path=summary,
     )
 
 
@@ -151,7 +151,7 @@ def extract(
         encoder=encoder,
         settings=settings_from(config.extraction),
         overwrite=overwrite,
-        summary_path=summary or folder / SUMMARY,
+        summary_path=summary,
     )
     return Extracted(encoder, result)
 
@@ -193,9 +193,9 @@ def finetune(
     from histotransfer.features.extraction import settings_from
     from histotransfer.finetune.study import finetune_study
 
-    if not layout.mil_result(encoder_id).metrics.is_file():
+    if not (frozen := layout.mil_result(encoder_id)).metrics.is_file():
         raise FeaturesError(
-            f"{layout.mil_result(encoder_id).dir} has no finished MIL result: fine-tuning starts from the "
+            f"{frozen.dir} has no finished MIL result: fine-tuning starts from the "
             f"frozen features' MIL (run extraction and `histotransfer train` for {encoder_id} first)"
         )
     return finetune_study(
@@ -229,8 +229,8 @@ def compare_encoders(
     tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
     device = str(settings_from(config.extraction).device)
     result = layer_cka(a, b, tiles, batch_size=config.cka.batch_size, device=device)
-    files = layout.cka_files(name_a or str(a.id), name_b or str(b.id))
-    return write_cka(*files, name_a or str(a.id), name_b or str(b.id), result)[0]
+    name_a, name_b = name_a or str(a.id), name_b or str(b.id)
+    return write_cka(*layout.cka_files(name_a, name_b), name_a, name_b, result)[0]
 
 
 def cka(
@@ -242,7 +242,7 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
-    from histotransfer.features.encoders import finetuned_id
+    from histotransfer.features.encoders import build_encoder, finetuned_id
 
     fold = config.cka.fold
     tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
@@ -251,8 +251,6 @@ def cka(
             f"no fine-tuned encoder for cka.fold {fold} ({tuned_weights}): fine-tune {encoder_id} first, "
             "or set cka.fold to a fold of the study"
         )
-    from histotransfer.features.encoders import build_encoder
-
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=tuned_weights)
     frozen = build(config, encoder_id, weights)
@@ -280,22 +278,20 @@ def export(
     mil_dir: Path | None = None,
     out: Path | None = None,
     weights: str | Path | None = None,
-    fold: int | None = None,
-    fp16: bool | None = None,
     expect_encoder: str | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """A MIL result (default: the study's best) as an ONNX bundle (default: ``onnx/{export.name}/``).
 
-    One fold's head goes in (``fold``, else ``export.fold``, else the fold with the lowest loss), with
-    its encoder: for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
+    One fold's head goes in (``export.fold``, else the fold with the lowest loss), with its encoder:
+    for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
-    from histotransfer.deploy.export import choose_fold, export_study_model, result_encoder_id
+    from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
     from histotransfer.features.encoders import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
-    encoder_id = result_encoder_id(mil_dir)
-    fold = fold if fold is not None else config.export.fold
+    encoder_id = finished_result(mil_dir).encoder_id
+    fold = config.export.fold
     if fold is None:
         fold = choose_fold(mil_dir)[0]
     if weights is None and (base := frozen_id(encoder_id)) is not None:
@@ -308,7 +304,7 @@ def export(
         weights=weights_for(config, encoder_id, weights),
         fold=fold,
         tiles_dir=layout.tiles,
-        fp16=config.export.fp16 if fp16 is None else fp16,
+        fp16=config.export.fp16,
         overwrite=overwrite,
         expect_encoder=expect_encoder,
     )
