@@ -66,6 +66,33 @@ def small_study(tmp_path_factory) -> SmallStudy:
     return SmallStudy(config, folder / "study", proc)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle of a small random encoder and a random head, written by the exporter (no study)."""
+    from histotransfer.config import MILConfig, TilingConfig
+    from histotransfer.deploy.bundle import AggregatorInfo
+    from histotransfer.deploy.export import write_bundle
+    from histotransfer.deploy.onnx_export import OPSET
+    from histotransfer.features.encoders import build_encoder
+    from histotransfer.mil.training import build_model
+
+    encoder = build_encoder("resnet18@layer1+random")
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    write_bundle(
+        out,
+        encoder=encoder,
+        head=build_model(encoder.dim, 2, MILConfig()),
+        classes=["normal", "tumor"],
+        tiling=TilingConfig(patch_size_px=64),
+        aggregator=AggregatorInfo(mil_dir="none", fold=0, val_loss=None, train_loss=0.5, attention="paper"),
+        probes=None,
+        precision="fp32",
+        opset=OPSET,
+        source_hash="tiny",
+    )
+    return out
+
+
 # Fixtures that run a whole study: a test using one is slow and must be marked integration, so that
 # `make test-fast` (-m "not integration") never builds a study.
 STUDY_FIXTURES = {"small_study"}

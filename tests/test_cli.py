@@ -123,11 +123,11 @@ def test_unavailable_weights_exit_2_with_the_way_out(sample_cohort, tmp_path, ca
             "extract",
             str(sample_cohort),
             "--tiles",
-            str(tmp_path),
+            str(tmp_path / "tiles"),
             "--encoder",
             "resnet18",
             "--out",
-            str(tmp_path),
+            str(tmp_path / "features"),
         ]
     )
     assert code == EXIT_BAD_INPUT

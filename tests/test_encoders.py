@@ -3,9 +3,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from skimage import data
 
 from histotransfer.assets import fetch_asset
+from histotransfer.config import EncoderConfig
 from histotransfer.features.encoders import (
     ARCHS,
     build_encoder,
@@ -196,7 +198,7 @@ def test_missing_tensors_are_listed_and_cut_networks_need_only_theirs(tmp_path):
 def test_wrong_shapes_and_unsafe_pickles_are_refused(tmp_path):
     torch.save(_random_state("resnet50"), tmp_path / "r50.pth")
     with pytest.raises(
-        WeightsError, match=r"wrong shape: conv1\.weight|layer1\.0\.conv1\.weight \(64, 64, 1, 1\)"
+        WeightsError, match=r"not a resnet18 checkpoint: .*it looks like a resnet50 checkpoint"
     ):
         build_encoder("resnet18+r50", weights=tmp_path / "r50.pth")
     torch.save(
@@ -206,6 +208,30 @@ def test_wrong_shapes_and_unsafe_pickles_are_refused(tmp_path):
         build_encoder("resnet18+obj", weights=tmp_path / "obj.pth")
     with pytest.raises(WeightsError, match="not found"):
         build_encoder("resnet18+x", weights=tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("encoder_id", ["resnet18+r34", "resnet18@layer1+r34", "resnet18+ft"])
+def test_a_deeper_network_of_the_same_family_is_refused(tmp_path, encoder_id):
+    """Regression: a ResNet34 state_dict loaded into resnet18 (its every tensor is there, in shape)
+    with exit 0; the extra blocks inside resnet18's stages now say which architecture the file is."""
+    torch.save(_random_state("resnet34"), tmp_path / "r34.pth")
+    with pytest.raises(WeightsError, match=r"trunk tensor\(s\) resnet18 does not have") as err:
+        build_encoder(encoder_id, weights=tmp_path / "r34.pth")
+    assert "layer1.2.conv1.weight" in str(err.value)
+    assert "looks like a resnet34 checkpoint" in str(err.value)
+    encoder = build_encoder("resnet34@layer2+r34", weights=tmp_path / "r34.pth")  # later stages: fine
+    assert {k.split(".")[0] for k in encoder.unused_keys} == {"layer3", "layer4", "fc"}
+
+
+def test_user_weights_never_land_under_the_default_id(tmp_path):
+    torch.save(_random_state("resnet18"), tmp_path / "mine.pth")
+    with pytest.raises(
+        WeightsError, match=r"stored under resnet18@layer3, .* --encoder resnet18@layer3\+mine"
+    ):
+        build_encoder("resnet18@layer3", weights=tmp_path / "mine.pth")
+    with pytest.raises(ValidationError, match=r"name them with a tag, e.g. id: resnet18\+mine"):
+        EncoderConfig(id="resnet18", weights=str(tmp_path / "mine.pth"))
+    assert EncoderConfig(id="resnet18", weights="timm").weights == "timm"  # its default, named
 
 
 # ---- the offline ImageNet weights are real ---------------------------------------------------------

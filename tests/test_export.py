@@ -219,32 +219,6 @@ def test_predict_isolates_bad_slides(small_study, tmp_path, capsys):
     assert (tmp_path / "one" / "slides" / "sample-000.h5").is_file()
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    """A bundle of a small random encoder and a random head, written by the exporter (no study)."""
-    from histotransfer.config import MILConfig, TilingConfig
-    from histotransfer.deploy.bundle import AggregatorInfo
-    from histotransfer.deploy.export import write_bundle
-    from histotransfer.deploy.onnx_export import OPSET
-    from histotransfer.mil.training import build_model
-
-    encoder = build_encoder("resnet18@layer1+random")
-    out = tmp_path_factory.mktemp("tiny") / "bundle"
-    write_bundle(
-        out,
-        encoder=encoder,
-        head=build_model(encoder.dim, 2, MILConfig()),
-        classes=["normal", "tumor"],
-        tiling=TilingConfig(patch_size_px=64),
-        aggregator=AggregatorInfo(mil_dir="none", fold=0, val_loss=None, train_loss=0.5, attention="paper"),
-        probes=None,
-        precision="fp32",
-        opset=OPSET,
-        source_hash="tiny",
-    )
-    return out
-
-
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path):
     copy = tmp_path / "bundle"

@@ -126,3 +126,35 @@ def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
     tile_cohort(records[:1], out_dir=tiles_dir, tiling=TilingConfig(min_tissue_fraction=0.9))  # tiles change
     third = extract_cohort(records, tiles_dir=tiles_dir, out_dir=out, encoder=encoder, settings=CPU)
     assert [o.status for o in third.outcomes] == ["done"] + ["skipped"] * (len(records) - 1)
+
+
+def test_a_damaged_or_mismatched_onnx_cache_entry_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """Regression: a damaged or foreign file in the ONNX encoder cache failed every slide on every
+    rerun (a protobuf or a broadcast error); it is now checked (sha256, inputs and outputs, parity)
+    and exported again with a warning."""
+    from histotransfer.features.extraction import OrtRunner
+
+    monkeypatch.setenv("HISTOTRANSFER_CACHE", str(tmp_path))
+    settings = EngineSettings.resolve(device="cpu", backend="onnxruntime", num_workers=0)
+    encoder = build_encoder("resnet18@layer1+random")
+    tiles = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    reference = OrtRunner(encoder, settings)(tiles)
+    (entry,) = (tmp_path / "onnx").glob("resnet18@layer1+random-*-64px.onnx")
+    digest = entry.with_name(entry.name + ".sha256")
+    assert digest.is_file()
+
+    entry.write_bytes(entry.read_bytes()[:2000])  # damaged (a disk error, a killed copy)
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(OrtRunner(encoder, settings)(tiles), reference)
+    assert "is unusable, exporting it again: its content" in caplog.text
+
+    other = build_encoder("resnet18@layer2+random")  # another encoder's export, digest and all
+    OrtRunner(other, settings)(tiles)
+    (foreign,) = (tmp_path / "onnx").glob("resnet18@layer2+random-*-64px.onnx")
+    shutil.copy(foreign, entry)
+    shutil.copy(foreign.with_name(foreign.name + ".sha256"), digest)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(OrtRunner(encoder, settings)(tiles), reference)
+    assert "output `features` has shape ['batch', 128]" in caplog.text
+    assert OrtRunner(encoder, settings)(tiles).shape == (3, 64)  # the rebuilt entry serves again

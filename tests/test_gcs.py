@@ -136,7 +136,7 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     monkeypatch.setenv("HISTOTRANSFER_GCS_RETRY_S", "2")  # give up quickly
     uri = f"gs://{BUCKET}/faulty/tiles"
     proxy.fail_after = 3  # the 4th upload is cut mid-request, and the storage stays unreachable
-    assert main(["tile", str(sample_cohort), "--out", uri]) == 1
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 2  # an unreachable bucket: exit 2
     err = capsys.readouterr().err
     assert f"upload to {uri} failed after retries" in err
     assert "rerun to resume" in err

@@ -1,13 +1,23 @@
 """The `histotransfer` command line: thin adapters from flags to library calls.
 
-Exit status: 0 success, 1 some slides failed (the rest finished), 2 unusable input (config, manifest).
+Exit status, decided in ``main`` only (the README's table):
+  0    success
+  1    some slides failed, the rest finished (their summary.csv says why); for `run`, also a stage
+       that failed for one encoder while the others finished
+  2    unusable input or usage: one line naming the file, row, key or folder, and the fix
+  70   internal error (a bug): one line, and the traceback in a log file whose path is printed
+  130  interrupted (Ctrl-C): what finished is kept, and a rerun resumes from it
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +27,17 @@ from histotransfer.errors import (
     AssetError,
     BundleError,
     ConfigError,
+    DeviceError,
     ExportError,
     FeaturesError,
+    GeometryError,
+    Interrupted,
     LayoutError,
     ManifestError,
+    OutputError,
+    SlideError,
     SplitError,
+    StorageError,
     TrainingError,
     WeightsError,
 )
@@ -29,9 +45,27 @@ from histotransfer.layout import StudyLayout
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
-from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri, staging_dir, upload_tree
+from histotransfer.storage import fetch_gcs, is_gcs_uri, staging_dir, upload_tree
 
-EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+# What a user can cause and fix: each message names the file, row, key or folder, and the fix.
+USER_ERRORS = (
+    AssetError,
+    BundleError,
+    ConfigError,
+    DeviceError,
+    ExportError,
+    FeaturesError,
+    GeometryError,
+    LayoutError,
+    ManifestError,
+    OutputError,
+    SlideError,
+    SplitError,
+    StorageError,
+    TrainingError,
+    WeightsError,
+)
 
 
 def _config(args: argparse.Namespace, flag_overrides: dict[str, Any]) -> StudyConfig:
@@ -271,10 +305,17 @@ def cmd_cka(args: argparse.Namespace) -> int:
         if not (args.a and args.b and args.tiles and args.out):
             raise ConfigError("give --a ID --b ID --tiles DIR --out DIR, or --study DIR --encoder ID")
         layout = StudyLayout.of(manifest=args.manifest, tiles=args.tiles, cka=args.out)
-        records = read_manifest(layout.manifest)
-        a = stages.build(config, _encoder_id(args.a, "--a"), args.weights_a)
-        b = stages.build(config, _encoder_id(args.b, "--b"), args.weights_b)
-        path = stages.compare_encoders(layout, config, records, a, b, name_a=args.name_a, name_b=args.name_b)
+        path = stages.compare_encoders(
+            layout,
+            config,
+            read_manifest(layout.manifest),
+            _encoder_id(args.a, "--a"),
+            _encoder_id(args.b, "--b"),
+            weights_a=args.weights_a,
+            weights_b=args.weights_b,
+            name_a=args.name_a,
+            name_b=args.name_b,
+        )
     print(f"cka: {path} and {path.with_suffix('.png')}")
     return EXIT_OK
 
@@ -568,33 +609,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def crash_log(argv: list[str]) -> Path:
+    """Write the current exception's traceback to a new log file (in the cache's logs/ folder, else
+    the temporary folder) and return its path."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = f"histotransfer {__version__}\nargv: {argv}\n\n{traceback.format_exc()}"
+    from histotransfer.assets import cache_dir
+
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        path = folder / f"histotransfer-crash-{stamp}-{os.getpid()}.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    raise OSError("no folder to write the crash log to")
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    print(
+        "\ninterrupted: outputs that finished are kept; run the same command again to resume", file=sys.stderr
+    )
+    if isinstance(exc, Interrupted) and exc.result is not None:
+        result = exc.result
+        done = sum(o.status != "failed" for o in result.outcomes)
+        print(
+            f"  {exc.stage}: {done} slide(s) finished, {len(result.failed)} failed, "
+            f"{exc.remaining} left to do (summary: {result.summary_path})",
+            file=sys.stderr,
+        )
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and map every way it can end onto the exit-status contract (module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pipeline"]:  # its own parser (and -h) lives in pipelines/cli.py
         argv = ["pipeline", "--", *argv[1:]]
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
     try:
+        args = build_parser().parse_args(argv)  # usage errors exit 2 here, with argparse's message
+        configure_logging(args.verbose)
         return _run_with_remote_output(args)
-    except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SLIDES_FAILED
-    except (
-        ConfigError,
-        ManifestError,
-        AssetError,
-        WeightsError,
-        FeaturesError,
-        SplitError,
-        BundleError,
-        ExportError,
-        LayoutError,
-    ) as exc:
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_SLIDES_FAILED
+    except OSError as exc:  # a file or folder the user named cannot be read or written
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        try:
+            where = f"the traceback is in {crash_log(argv)}"
+        except OSError:
+            where = "no log file could be written; rerun with -v"
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(
+            f"internal error: {type(exc).__name__}: {first}\n"
+            f"  this is a bug in histotransfer; {where}: please attach it to a bug report",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -129,6 +129,18 @@ class EncoderConfig(_Section):
 
         return str(parse_encoder_id(value))
 
+    @model_validator(mode="after")
+    def _tagged_weights(self) -> EncoderConfig:
+        from histotransfer.features.encoders import ARCHS, EncoderId, parse_encoder_id
+
+        enc = parse_encoder_id(self.id)
+        if self.weights and enc.tag is None and self.weights != ARCHS[enc.arch].default_weights:
+            raise ValueError(
+                f"weights {self.weights} for {enc}: features would be stored under the id of its default "
+                f"weights; name them with a tag, e.g. id: {EncoderId(enc.arch, enc.cut, 'mine')}"
+            )
+        return self
+
 
 # The demo's encoders: real ImageNet weights (they ship in a registry package, so this runs offline),
 # the paper's truncation study on them, and a random-init baseline.
@@ -319,8 +331,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         source = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
         data = loaded or {}
@@ -350,5 +362,12 @@ def parse_assignments(pairs: list[str], *, option: str = "--set") -> dict[str, A
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{option} expects KEY=VALUE (e.g. tiling.target_mpp=1.0), got {pair!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", "") or exc).splitlines()[0]
+            raise ConfigError(
+                f"{option} {pair!r}: the value is not valid YAML ({problem}); quote text and write "
+                "lists as [a, b]"
+            ) from None
     return parsed

@@ -47,6 +47,15 @@ class LayoutError(ValueError):
     """(layout) A stage needs a folder of the study that the command was not given."""
 
 
+class OutputError(ValueError):
+    """(outputs) An output folder cannot be used: a file, not writable, overlapping an input, or
+    holding files histotransfer did not write; the message names it and the fix."""
+
+
+class DeviceError(ValueError):
+    """(features.extraction) The requested device does not exist on this machine."""
+
+
 class GeometryError(ValueError):
     """(wsi.geometry) A slide cannot be tiled at the requested resolution or size."""
 
@@ -57,3 +66,13 @@ class SlideError(RuntimeError):
 
 class StorageError(RuntimeError):
     """(storage) An object could not be located, read or verified."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """(runner) Ctrl-C during a per-slide stage: carries what finished (its summary is written)."""
+
+    def __init__(self, stage: str, result, remaining: int):
+        super().__init__(stage)
+        self.stage = stage
+        self.result = result  # a runner.StageResult of the slides that finished or failed
+        self.remaining = remaining

@@ -8,6 +8,7 @@ columns are kept but ignored. Relative local paths are relative to the manifest'
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,15 @@ def read_manifest(path: str | Path, *, labels: bool = True) -> list[SlideRecord]
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"manifest {path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it "
+            "as UTF-8 CSV (e.g. in Excel: CSV UTF-8; or iconv -f latin1 -t utf-8)"
+        ) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         required = REQUIRED_COLUMNS if labels else tuple(c for c in REQUIRED_COLUMNS if c != "label")

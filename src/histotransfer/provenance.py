@@ -35,6 +35,15 @@ def provenance_attrs(config: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def made_here(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is an h5 file that histotransfer wrote (it carries the version attribute)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "histotransfer_version" in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
 def is_current(path: str | os.PathLike[str], expected_hash: str) -> bool:
     """True when ``path`` exists, is readable and was made with the config whose hash is given.
 

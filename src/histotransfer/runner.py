@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from histotransfer.atomic import atomic_path
+from histotransfer.errors import Interrupted
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import is_current
 
@@ -65,26 +66,34 @@ def run_per_slide(
     ``stats_of`` reads the same stats back from an output that is skipped.
     """
     outcomes: list[SlideOutcome] = []
-    with logging_redirect_tqdm():  # warnings print above the bar, not through it
-        bar = tqdm(records, desc=stage, unit="slide", dynamic_ncols=True)
-        for record in bar:
-            bar.set_postfix_str(record.slide_id)
-            output = output_for(record)
-            if not overwrite and is_current(output, config_hash_for(record)):
-                outcomes.append(SlideOutcome(record.slide_id, "skipped", stats=stats_of(output)))
-                continue
-            start = time.perf_counter()
-            try:
-                stats = work(record)
-            except Exception as exc:  # one bad slide must not sink the cohort
-                reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-                log.warning("%s failed on %s: %s", stage, record.slide_id, reason)
-                log.debug("traceback of the failure", exc_info=True)
-                outcomes.append(SlideOutcome(record.slide_id, "failed", reason, time.perf_counter() - start))
-                continue
-            outcomes.append(SlideOutcome(record.slide_id, "done", "", time.perf_counter() - start, stats))
+    try:
+        with logging_redirect_tqdm():  # warnings print above the bar, not through it
+            bar = tqdm(records, desc=stage, unit="slide", dynamic_ncols=True)
+            for record in bar:
+                bar.set_postfix_str(record.slide_id)
+                output = output_for(record)
+                if not overwrite and is_current(output, config_hash_for(record)):
+                    outcomes.append(SlideOutcome(record.slide_id, "skipped", stats=stats_of(output)))
+                    continue
+                outcomes.append(_run_one(record, stage, work))
+    except KeyboardInterrupt:  # the slide being worked on leaves nothing (atomic writes): say what did
+        write_summary(summary_path, outcomes)
+        remaining = len(records) - len(outcomes)
+        raise Interrupted(stage, StageResult(outcomes, summary_path), remaining) from None
     write_summary(summary_path, outcomes)
     return StageResult(outcomes, summary_path)
+
+
+def _run_one(record: SlideRecord, stage: str, work: Callable[[SlideRecord], dict[str, Any]]) -> SlideOutcome:
+    start = time.perf_counter()
+    try:
+        stats = work(record)
+    except Exception as exc:  # one bad slide must not sink the cohort
+        reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        log.warning("%s failed on %s: %s", stage, record.slide_id, reason)
+        log.debug("traceback of the failure", exc_info=True)
+        return SlideOutcome(record.slide_id, "failed", reason, time.perf_counter() - start)
+    return SlideOutcome(record.slide_id, "done", "", time.perf_counter() - start, stats)
 
 
 def write_summary(path: Path, outcomes: Sequence[SlideOutcome]) -> None:

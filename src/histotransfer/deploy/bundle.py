@@ -148,7 +148,7 @@ def session(path: Path, *, threads: int | None = None, providers: list[str] | No
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 
 
-def _check_io(name: Path, sess, inputs: dict[str, tuple[str, list]], outputs: dict[str, list]) -> None:
+def check_io(name: Path, sess, inputs: dict[str, tuple[str, list]], outputs: dict[str, list]) -> None:
     """Input/output names, element types and fixed dimensions are the ones the bundle promises."""
     got_in = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     got_out = {o.name: o.shape for o in sess.get_outputs()}
@@ -189,13 +189,13 @@ def load_bundle(
         except Exception as exc:  # onnxruntime raises its own, unexported error types
             raise BundleError(f"{folder / name}: ONNX Runtime cannot load it ({exc})") from exc
     p, dim = spec.tiling.patch_size_px, spec.encoder.dim
-    _check_io(
+    check_io(
         folder / ENCODER_FILE,
         sessions[ENCODER_FILE],
         {ENCODER_INPUT: ("tensor(uint8)", [None, 3, p, p])},
         {ENCODER_OUTPUT: [None, dim]},
     )
-    _check_io(
+    check_io(
         folder / AGGREGATOR_FILE,
         sessions[AGGREGATOR_FILE],
         {AGGREGATOR_INPUT: ("tensor(float)", [None, dim])},

@@ -177,6 +177,11 @@ def export_study_model(
     else:
         losses = fold_loss(mil_dir, fold)
     head_file = MILLayout(mil_dir).fold_model(fold)
+    if not head_file.is_file():
+        raise ExportError(
+            f"{head_file} not found: fold {fold} of {mil_dir} has no MIL head (rerun `histotransfer "
+            "train` for this encoder with --overwrite, or export another fold with --fold)"
+        )
     tiling = study_tiling(tiles_dir)
     if frozen_id(encoder_id) is not None and weights is None:
         raise ExportError(f"{encoder_id} is fine-tuned per fold: give fold {fold}'s encoder file")

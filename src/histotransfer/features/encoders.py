@@ -13,7 +13,6 @@ fallback to random.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from histotransfer.assets import AssetError, fetch_asset
+from histotransfer.errors import ConfigError
 from histotransfer.features.weights import (
     WeightsError,
     load_strict,
@@ -31,6 +31,7 @@ from histotransfer.features.weights import (
     read_checkpoint,
     state_sha256,
 )
+from histotransfer.layout import ENCODER_ID
 from histotransfer.provenance import sha256_file
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 STEM_MODULES = frozenset({"conv1", "bn1", "act1", "maxpool", "conv0", "norm0", "pool0", "conv_stem"})
 HEAD_MODULES = frozenset({"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "head_dist"})
 RANDOM = "random"
-# ARCH[@CUT][+WEIGHTS][+ft]: a fine-tuned copy of an id is the id with "+ft" (`finetuned_id`)
-_ID = re.compile(
-    r"^(?P<arch>[a-z0-9_]+)(?:@(?P<cut>[A-Za-z0-9_.]+))?(?:\+(?P<tag>[A-Za-z0-9_.-]+(?:\+ft)?))?$"
-)
 FT_TAG = "ft"
 
 
@@ -97,17 +94,17 @@ def list_encoders() -> list[str]:
 
 
 def parse_encoder_id(text: str) -> EncoderId:
-    match = _ID.match(text)
+    match = ENCODER_ID.match(text)
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"malformed encoder id {text!r}: expected ARCH[@CUT][+WEIGHTS], e.g. resnet18@layer3+random"
         )
     enc = EncoderId(match["arch"], match["cut"], match["tag"])
     if enc.arch not in ARCHS:
-        raise ValueError(f"unknown architecture {enc.arch!r} in {text!r}; known: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown architecture {enc.arch!r} in {text!r}; known: {', '.join(ARCHS)}")
     if enc.cut is not None and enc.cut not in list_cut_points(enc.arch):
         valid = ", ".join(list_cut_points(enc.arch)) or "none"
-        raise ValueError(f"unknown cut point {enc.cut!r} for {enc.arch}; valid: {valid}")
+        raise ConfigError(f"unknown cut point {enc.cut!r} for {enc.arch}; valid: {valid}")
     return enc
 
 
@@ -116,7 +113,7 @@ def finetuned_id(encoder_id: str) -> str:
     ``densenet121+kimianet+ft``), so a DVC stage can name it by appending ``+ft``."""
     enc = parse_encoder_id(encoder_id)
     if frozen_id(encoder_id) is not None:
-        raise ValueError(f"{encoder_id} is already a fine-tuned id")
+        raise ConfigError(f"{encoder_id} is already a fine-tuned id")
     return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}+{FT_TAG}" if enc.tag else FT_TAG))
 
 
@@ -164,7 +161,7 @@ _CUT_CACHE: dict[str, list[str]] = {}
 def list_cut_points(arch: str) -> list[str]:
     """Block boundaries the network can be cut after (layer1..4, denseblock1, transition1, blocks.3)."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     if arch not in _CUT_CACHE:
         with torch.device("meta"):
             path = trunk_path(_timm_model(arch), ARCHS[arch])
@@ -198,7 +195,7 @@ def block_modules(model: nn.Module, arch: str) -> dict[str, nn.Module]:
     """The blocks (cut points) a built network still has, in forward order, by cut-point name."""
     path = trunk_path(model, ARCHS[arch])
     if path is None:
-        raise ValueError(f"{arch} is not a chain of blocks: it has no named layers to compare")
+        raise ConfigError(f"{arch} is not a chain of blocks: it has no named layers to compare")
     blocks = {}
     for p in path:
         module = model.get_submodule(p)
@@ -211,11 +208,11 @@ def leading_modules(model: nn.Module, arch: str, n_blocks: int) -> list[nn.Modul
     """The stem and the first ``n_blocks`` cut-point blocks of a trunk: what "freeze N blocks" freezes."""
     path = trunk_path(model, ARCHS[arch])
     if path is None:
-        raise ValueError(f"{arch} is not a chain of blocks: freezing the first blocks is not defined for it")
+        raise ConfigError(f"{arch} is not a chain of blocks: freezing the first blocks is not defined for it")
     names = [_cut_name(p) for p in path]
     blocks = [n for n in names if n not in STEM_MODULES]
     if not 0 <= n_blocks <= len(blocks):
-        raise ValueError(f"{arch} has {len(blocks)} blocks ({', '.join(blocks)}); cannot freeze {n_blocks}")
+        raise ConfigError(f"{arch} has {len(blocks)} blocks ({', '.join(blocks)}); cannot freeze {n_blocks}")
     end = names.index(blocks[n_blocks - 1]) + 1 if n_blocks else 0
     return [model.get_submodule(p) for p in path[:end]]
 
@@ -266,6 +263,13 @@ def _weights_for(enc: EncoderId, weights: str | Path | None) -> str | Path | Non
         raise WeightsError(
             f"--weights random needs the id to say so: use {EncoderId(enc.arch, enc.cut, RANDOM)}"
         )
+    default = ARCHS[enc.arch].default_weights
+    if weights is not None and enc.tag is None and str(weights) != default:
+        tagged = EncoderId(enc.arch, enc.cut, "mine")
+        raise WeightsError(
+            f"--weights {weights} with {enc}: features would be stored under {enc}, the id of its default "
+            f"weights ({default}); name these weights with a tag, e.g. --encoder {tagged}"
+        )
     if weights is not None:
         return weights
     if enc.tag is not None:
@@ -277,6 +281,72 @@ def _reference_state(arch: str) -> dict[str, torch.Tensor]:
     """Names and shapes (no memory) of the full timm model with its ImageNet head: mapping targets."""
     with torch.device("meta"):
         return _timm_model(arch, num_classes=1000).state_dict()
+
+
+# Architectures a checkpoint is compared with when it does not fit the one asked for (timm names).
+NEIGHBOURS = (
+    *(f"resnet{n}" for n in (18, 34, 50, 101, 152)),
+    *(f"densenet{n}" for n in (121, 161, 169, 201)),
+    *(f"efficientnet_lite{n}" for n in range(5)),
+    *(f"efficientnet_b{n}" for n in range(5)),
+    *(f"vit_{size}_patch16_224" for size in ("small", "base", "large")),
+)
+
+
+def _trunk(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k.split(".")[0] not in HEAD_MODULES}
+
+
+def looks_like(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The architecture (timm name) whose every trunk tensor the checkpoint has, in the same shape,
+    with no trunk tensor left over; None when no known one fits."""
+    for name in dict.fromkeys([*(spec.timm_name for spec in ARCHS.values()), *NEIGHBOURS]):
+        with torch.device("meta"):
+            trunk = _trunk(timm.create_model(name, num_classes=0).state_dict())
+        tops = {k.split(".")[0] for k in trunk}
+        mine = {k: v for k, v in tensors.items() if k.split(".")[0] in tops}
+        needed = {k for k in trunk if not k.endswith("num_batches_tracked")}
+        if needed <= set(mine) <= set(trunk) and all(mine[k].shape == trunk[k].shape for k in mine):
+            return name
+    return None
+
+
+def check_architecture(
+    tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], enc: EncoderId, *, source: str
+) -> None:
+    """Refuse a checkpoint of another architecture: every tensor in the architecture's trunk modules
+    (stem and blocks, later stages included) must be one the architecture has, in its shape. Heads
+    (fc, classifier, ...) and modules the architecture does not have (projection heads) may differ."""
+    trunk = _trunk(reference)
+    tops = {k.split(".")[0] for k in trunk}
+    extra = [k for k in tensors if k.split(".")[0] in tops and k not in trunk]
+    wrong = [k for k in tensors if k in trunk and tensors[k].shape != trunk[k].shape]
+    if not extra and not wrong:
+        return
+    problems = []
+    if extra:
+        problems.append(
+            f"{len(extra)} trunk tensor(s) {enc.arch} does not have ({', '.join(extra[:4])}, ...)"
+        )
+    if wrong:
+        shown = ", ".join(f"{k} {tuple(tensors[k].shape)} != {tuple(trunk[k].shape)}" for k in wrong[:4])
+        problems.append(f"{len(wrong)} of another shape ({shown})")
+    guess = looks_like(tensors)
+    hint = (
+        f"it looks like a {guess} checkpoint" if guess else "it matches no architecture histotransfer knows"
+    )
+    raise WeightsError(
+        f"{source} is not a {enc.arch} checkpoint: {'; '.join(problems)}; {hint}. Give weights of "
+        f"{enc.arch}, or an encoder id of the file's architecture"
+    )
+
+
+def _by_module(keys: list[str]) -> str:
+    """``fc (2), layer4 (60)``: checkpoint keys counted by their top-level module."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + 1
+    return ", ".join(f"{top} ({n})" for top, n in counts.items())
 
 
 def _hub_model(enc: EncoderId, source: str) -> nn.Module:
@@ -319,7 +389,9 @@ def build_encoder(
         source_text = str(source) if source != "timm" else f"timm:{model.pretrained_cfg.get('hf_hub_id', '')}"
     else:
         source_file = _checkpoint_file(enc, source)
-        tensors = map_to_model(read_checkpoint(source_file), _reference_state(enc.arch))
+        reference = _reference_state(enc.arch)
+        tensors = map_to_model(read_checkpoint(source_file), reference)
+        check_architecture(tensors, reference, enc, source=str(source_file))
         model = _timm_model(enc.arch)
         source_text = f"file:{source_file.name} (sha256 {sha256_file(source_file)[:16]})"
     spec = ARCHS[enc.arch]
@@ -331,9 +403,7 @@ def build_encoder(
         cut_path = path[: keep + 1]
     unused = load_strict(model, tensors, source=str(source_file)) if tensors is not None else []
     if unused:
-        log.info(
-            "%s: %d checkpoint tensor(s) not used by the network (heads, later blocks)", enc, len(unused)
-        )
+        log.info("%s: checkpoint tensors the network does not use: %s", enc, _by_module(unused))
     cfg = timm.data.resolve_data_config({}, model=model)
     input_size = int(cfg["input_size"][-1])
     fixed = bool(model.pretrained_cfg.get("fixed_input_size", False))

@@ -9,6 +9,7 @@ encoder itself; channels_last; autocast (bf16 by default) on CUDA; pinned memory
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -24,19 +25,28 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
-from histotransfer.atomic import atomic_path
+from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import ExtractionConfig
+from histotransfer.deploy.bundle import check_io
 from histotransfer.deploy.bundle import session as ort_session
-from histotransfer.deploy.onnx_export import TOLERANCE, encoder_parity, export_encoder, run_session
-from histotransfer.errors import ExportError
+from histotransfer.deploy.onnx_export import (
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    TOLERANCE,
+    encoder_parity,
+    export_encoder,
+    run_session,
+)
+from histotransfer.errors import BundleError, DeviceError, ExportError
 from histotransfer.features.encoders import Encoder
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
-from histotransfer.provenance import config_hash, provenance_attrs
+from histotransfer.provenance import config_hash, provenance_attrs, sha256_file
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide
 from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
 
+log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,7 +116,7 @@ class EngineSettings:
         backend = backend or schema["backend"].default
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = check_device(device)
         cuda = dev.type == "cuda"
         if backend == "auto":
             backend = "torch" if cuda else "onnxruntime"
@@ -121,6 +131,30 @@ class EngineSettings:
         cpus = os.cpu_count() or 1
         workers = num_workers if num_workers is not None else min(16, cpus)  # tile decoding is the bottleneck
         return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists on this machine, else a DeviceError saying what does."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(
+            f"extraction.device {device!r} is not a device: use auto, cpu, cuda or cuda:N ({exc})"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(
+                f"extraction.device {device!r}: this machine has no CUDA GPU that torch can use "
+                "(use --device cpu, or auto to take a GPU only when there is one)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(
+                f"extraction.device {device!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type != "cpu":
+        raise DeviceError(f"extraction.device {device!r}: only cpu and cuda devices are supported")
+    return dev
 
 
 def settings_from(extraction: ExtractionConfig) -> EngineSettings:
@@ -168,15 +202,38 @@ class OrtRunner:
         )
 
     def _session(self, tile_px: int):
+        """The encoder's session for ``tile_px`` tiles, from the cache when the cached export is the
+        one written (sha256 recorded beside it), has this encoder's inputs and outputs and agrees with
+        torch; otherwise the entry is exported again, with a warning."""
         if tile_px not in self._sessions:
             enc = self.encoder
             path = cache_dir() / "onnx" / f"{enc.id}-{enc.weights_sha256[:16]}-{tile_px}px.onnx"
-            if not path.is_file():
+            session = None
+            if path.is_file():
+                try:
+                    session = self._verified(path, tile_px)
+                except (BundleError, ExportError) as exc:
+                    log.warning("ONNX encoder cache entry %s is unusable, exporting it again: %s", path, exc)
+            if session is None:
                 export_encoder(enc, path, tile_px=tile_px)
-            session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
-            self._check_parity(tile_px, path, session)
+                write_text_atomic(_digest_file(path), sha256_file(path))
+                session = self._verified(path, tile_px)
             self._sessions[tile_px] = session
         return self._sessions[tile_px]
+
+    def _verified(self, path: Path, tile_px: int):
+        digest = _digest_file(path)
+        recorded = digest.read_text(encoding="utf-8").strip() if digest.is_file() else None
+        if recorded != (actual := sha256_file(path)):
+            raise BundleError(f"its content (sha256 {actual[:12]}...) is not what was written ({recorded})")
+        try:
+            session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own, unexported error types
+            raise BundleError(f"ONNX Runtime cannot load it ({type(exc).__name__})") from exc
+        inputs = {ENCODER_INPUT: ("tensor(uint8)", [None, 3, tile_px, tile_px])}
+        check_io(path, session, inputs, {ENCODER_OUTPUT: [None, self.encoder.dim]})
+        self._check_parity(tile_px, path, session)
+        return session
 
     def _check_parity(self, tile_px: int, path: Path, session) -> None:
         """The session extraction will use, checked against torch (one session per file, not two)."""
@@ -189,6 +246,10 @@ class OrtRunner:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
         tiles = np.ascontiguousarray(batch.numpy())
         return torch.from_numpy(run_session(self._session(tiles.shape[-1]), tiles))
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def make_runner(encoder: Encoder, settings: EngineSettings) -> TorchRunner | OrtRunner:

@@ -10,7 +10,7 @@ arbitrary pickled objects. Known layouts are mapped onto timm's parameter names:
 - KimiaNet's PyTorch DenseNet121 (``module.model.features.*`` + ``fc_4``);
 - lukemelas EfficientNet (``_conv_stem``, ``_blocks.N.*``), mapped in order and shape onto timm.
 Loading is strict: every tensor of the (cut) network must come from the file, or the error lists what
-is missing.
+is missing; ``features.encoders.check_architecture`` also refuses a file of another architecture.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from histotransfer.errors import WeightsError
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "resnet.")
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _OLD_DENSENET = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 _LUKEMELAS_MARKERS = ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight")
 _STATE_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

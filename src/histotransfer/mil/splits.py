@@ -63,11 +63,40 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     folds = []
     for k, (train_idx, test_idx) in enumerate(splitter.split(ids, labels, groups)):
         if val_fraction > 0:
+            if len(np.unique(groups[train_idx])) < 2:
+                raise SplitError(
+                    f"fold {k}: its training part has a single patient, which cannot also give validation "
+                    f"slides; use fewer mil.folds (now {n_folds}), mil.selection: last, or a `split` column"
+                )
             fit, val = _holdout(ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k)
         else:
             fit, val = ids[train_idx], ids[:0]
         folds.append(Fold(k, _ids(fit), _ids(val), _ids(ids[test_idx])))
+    label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
+    fix = f"use fewer mil.folds (now {n_folds}) or a `split` column in the manifest" + (
+        ", or mil.selection: last (no validation holdout), or a larger mil.val_fraction"
+        if val_fraction > 0
+        else ""
+    )
+    for fold in folds:
+        check_fold(fold, label_of, fix=fix)
     return folds
+
+
+def check_fold(fold: Fold, label_of: dict[str, object], *, fix: str) -> None:
+    """Every class of the cohort must be in a fold's training part, and in its validation part when
+    it has one: a model cannot learn a class it never sees, nor be selected on a loss without it.
+    ``fix``: what the user can change, said in the error."""
+    for part, ids in (("training", fold.train), ("validation", fold.val)):
+        present = {str(label_of[i]) for i in ids}
+        if part == "validation" and not ids:
+            continue
+        for label in sorted({str(v) for v in label_of.values()} - present):
+            n = sum(str(v) == label for v in label_of.values())
+            raise SplitError(
+                f"fold {fold.index}: class {label!r} has no slide in the {part} part ({n} slide(s) of "
+                f"it in the cohort); {fix}"
+            )
 
 
 def _manifest_fold(records: Sequence[SlideRecord]) -> Fold:
@@ -85,4 +114,8 @@ def _manifest_fold(records: Sequence[SlideRecord]) -> Fold:
         raise SplitError(f"patients in more than one split: {', '.join(leaking[:10])}")
     if not parts["train"] or not parts["test"]:
         raise SplitError("a manifest split needs train and test slides (val slides are optional)")
-    return Fold(0, parts["train"], parts["val"], parts["test"])
+    fold = Fold(0, parts["train"], parts["val"], parts["test"])
+    check_fold(
+        fold, {r.slide_id: r.label for r in records}, fix="give it slides of that class in the split column"
+    )
+    return fold

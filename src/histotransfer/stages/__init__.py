@@ -24,11 +24,13 @@ from histotransfer.config import StudyConfig
 from histotransfer.errors import ExportError, FeaturesError
 from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout
 from histotransfer.manifest import SlideRecord, read_manifest
+from histotransfer.outputs import claim_output
 from histotransfer.runner import StageResult
 
 if TYPE_CHECKING:  # the heavy modules are imported by the stage that needs them
     from histotransfer.deploy.export import ExportResult
     from histotransfer.features.encoders import Encoder
+    from histotransfer.features.extraction import EngineSettings
     from histotransfer.finetune.study import FinetuneOutputs
     from histotransfer.mil.study import MILResult
 
@@ -73,6 +75,13 @@ def weights_for(config: StudyConfig, encoder_id: str, weights: str | Path | None
     return weights if weights else config.extraction.weights_for(encoder_id)
 
 
+def engine(config: StudyConfig) -> EngineSettings:
+    """The extraction engine the config asks for, its device checked: call before building models."""
+    from histotransfer.features.extraction import settings_from
+
+    return settings_from(config.extraction)
+
+
 def build(config: StudyConfig, encoder_id: str, weights: str | Path | None = None) -> Encoder:
     from histotransfer.features.encoders import build_encoder
 
@@ -92,6 +101,7 @@ def sample_cohort(layout: StudyLayout, config: StudyConfig) -> Path:
     """The sample cohort (slides, masks, manifest) in the layout's cohort folder, reused when current."""
     from histotransfer.wsi.sample_data import build_sample_cohort
 
+    claim_output(layout.cohort, "cohort")
     log.info("building the sample cohort under %s", layout.cohort)
     return build_sample_cohort(layout.cohort, config=config.sample_data)
 
@@ -114,6 +124,7 @@ def tile(
     """Tiles and QC pictures of every slide under ``layout.tiles``."""
     from histotransfer.wsi.tiling import tile_cohort
 
+    claim_output(layout.tiles, "tiles", inputs=[layout.manifest])
     return tile_cohort(
         records,
         out_dir=layout.tiles,
@@ -140,8 +151,10 @@ def extract(
     summary: Path | None = None,
 ) -> Extracted:
     """Features of the tiled slides with one encoder under ``features/{encoder_id}/``."""
-    from histotransfer.features.extraction import extract_cohort, settings_from
+    from histotransfer.features.extraction import extract_cohort
 
+    claim_output(layout.features, "features", inputs=[layout.tiles])
+    settings = engine(config)
     encoder = build(config, encoder_id, weights)
     folder = layout.features_dir(str(encoder.id))
     result = extract_cohort(
@@ -149,7 +162,7 @@ def extract(
         tiles_dir=layout.tiles,
         out_dir=folder,
         encoder=encoder,
-        settings=settings_from(config.extraction),
+        settings=settings,
         overwrite=overwrite,
         summary_path=summary,
     )
@@ -167,13 +180,15 @@ def train(
     """Cross-validated attention-MIL on one encoder's features: ``mil/{encoder_id}/``."""
     from histotransfer.mil.study import train_mil
 
+    tiles = layout.tiles if layout.has("tiles") else None
+    claim_output(layout.mil, "mil", inputs=[layout.features_dir(encoder_id), tiles])
     return train_mil(
         featured(layout, records, encoder_id),
         features_dir=layout.features_dir(encoder_id),
         out_dir=layout.mil,
         mil=config.mil,
         evaluation=config.evaluation,
-        tiles_dir=layout.tiles if layout.has("tiles") else None,  # without: no heatmaps, no localisation
+        tiles_dir=tiles,  # without: no heatmaps, no localisation
         lesion_masks=lesion_masks(layout),
         overwrite=overwrite,
     )
@@ -190,7 +205,6 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
-    from histotransfer.features.extraction import settings_from
     from histotransfer.finetune.study import finetune_study
 
     if not (frozen := layout.mil_result(encoder_id)).metrics.is_file():
@@ -198,6 +212,9 @@ def finetune(
             f"{frozen.dir} has no finished MIL result: fine-tuning starts from the "
             f"frozen features' MIL (run extraction and `histotransfer train` for {encoder_id} first)"
         )
+    for section in ("finetune", "features", "mil"):  # it reads these sections too: no input check
+        claim_output(getattr(layout, section), section)
+    settings = engine(config)
     return finetune_study(
         featured(layout, records, encoder_id),
         encoder=build(config, encoder_id, weights),
@@ -205,7 +222,7 @@ def finetune(
         mil=config.mil,
         cfg=config.finetune,
         evaluation=config.evaluation,
-        settings=settings_from(config.extraction),
+        settings=settings,
         lesion_masks=lesion_masks(layout),
         overwrite=overwrite,
     )
@@ -215,19 +232,28 @@ def compare_encoders(
     layout: StudyLayout,
     config: StudyConfig,
     records: Sequence[SlideRecord],
-    a: Encoder,
-    b: Encoder,
+    a: str,
+    b: str,
     *,
+    weights_a: str | Path | None = None,
+    weights_b: str | Path | None = None,
     name_a: str | None = None,
     name_b: str | None = None,
 ) -> Path:
-    """Layer-by-layer CKA of two built encoders on ``cka.tiles`` tiles of the study: ``cka/{a}__{b}.json``
-    (and its heatmap), on the config's extraction device."""
+    """Layer-by-layer CKA of encoders ``a`` and ``b`` (ids, with their weights) on ``cka.tiles`` tiles of
+    the study: ``cka/{a}__{b}.json`` (and its heatmap), on the config's extraction device."""
+    claim_output(layout.cka, "cka", inputs=[layout.tiles])
+    engine(config)  # the device exists, before models are built
+    return _compare(
+        layout, config, records, build(config, a, weights_a), build(config, b, weights_b), name_a, name_b
+    )
+
+
+def _compare(layout, config, records, a: Encoder, b: Encoder, name_a: str | None, name_b: str | None) -> Path:
     from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
-    from histotransfer.features.extraction import settings_from
 
     tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
-    device = str(settings_from(config.extraction).device)
+    device = str(engine(config).device)
     result = layer_cka(a, b, tiles, batch_size=config.cka.batch_size, device=device)
     name_a, name_b = name_a or str(a.id), name_b or str(b.id)
     return write_cka(*layout.cka_files(name_a, name_b), name_a, name_b, result)[0]
@@ -245,6 +271,8 @@ def cka(
     from histotransfer.features.encoders import build_encoder, finetuned_id
 
     fold = config.cka.fold
+    claim_output(layout.cka, "cka", inputs=[layout.tiles])
+    engine(config)
     tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
     if not tuned_weights.is_file():
         raise FeaturesError(
@@ -254,7 +282,7 @@ def cka(
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=tuned_weights)
     frozen = build(config, encoder_id, weights)
-    return compare_encoders(layout, config, records, frozen, tuned, name_b=f"{tuned_id}-fold{fold}")
+    return _compare(layout, config, records, frozen, tuned, None, f"{tuned_id}-fold{fold}")
 
 
 def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = None) -> Path:
@@ -290,6 +318,8 @@ def export(
     from histotransfer.features.encoders import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
+    out = Path(out) if out is not None else layout.bundle(config.export.name)
+    claim_output(out, "bundle", inputs=[mil_dir, layout.tiles])
     encoder_id = finished_result(mil_dir).encoder_id
     fold = config.export.fold
     if fold is None:
@@ -300,7 +330,7 @@ def export(
             raise ExportError(f"{weights} not found: the fine-tuned encoder of fold {fold} is missing")
     return export_study_model(
         mil_dir,
-        out=out if out is not None else layout.bundle(config.export.name),
+        out=out,
         weights=weights_for(config, encoder_id, weights),
         fold=fold,
         tiles_dir=layout.tiles,
@@ -332,6 +362,9 @@ def report(
             )
         if bundle is None and len(bundles := layout.bundles()) == 1:
             bundle = bundles[0]
+    claim_output(layout.report, "report", inputs=[layout.mil])
+    if tracking:
+        claim_output(layout.tracking_plots, "plots")
     path = write_report(
         results,
         report_dir=layout.report,
@@ -360,7 +393,10 @@ def predict(
     into ``out`` (see PredictionLayout). Torch-free: ONNX Runtime, OpenSlide and numpy only."""
     from histotransfer.deploy.bundle import load_bundle
     from histotransfer.deploy.predict import BATCH_SIZE, predict_cohort, slides_to_classify
+    from histotransfer.storage import is_gcs_uri
 
+    local_input = None if is_gcs_uri(slides) else Path(slides)
+    claim_output(out, "predictions", inputs=[bundle_dir, local_input])
     bundle = load_bundle(bundle_dir, threads=threads)
     spec = bundle.spec
     log.info(

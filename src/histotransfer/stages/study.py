@@ -14,6 +14,7 @@ from histotransfer import stages
 from histotransfer.config import StudyConfig
 from histotransfer.errors import ExportError, FeaturesError, SplitError, TrainingError, WeightsError
 from histotransfer.layout import StudyLayout
+from histotransfer.outputs import claim_output
 from histotransfer.runner import StageResult
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,23 @@ def study_layout(config: StudyConfig) -> StudyLayout:
     return StudyLayout.at(config.output_dir, manifest=config.manifest)
 
 
+def preflight(layout: StudyLayout, config: StudyConfig) -> None:
+    """Claim every folder the study will write before the first slide is touched (see outputs)."""
+    claims = {"tiles": layout.tiles, "features": layout.features, "mil": layout.mil, "report": layout.report}
+    if config.manifest is None:
+        claims["cohort"] = layout.cohort
+    if config.finetune.encoders:
+        claims |= {"finetune": layout.finetune, "cka": layout.cka}
+    if config.export.enabled:
+        claims["bundle"] = layout.bundle(config.export.name)
+    for kind, folder in claims.items():
+        claim_output(folder, kind)
+
+
 def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     """Run every configured stage under ``config.output_dir``; failed slides are reported, not raised."""
     layout = study_layout(config)
+    preflight(layout, config)
     outputs = StudyOutputs(layout)
     records = stages.cohort(layout, config)
     outputs.stages["tile"] = stages.tile(layout, config, records, overwrite=overwrite)
