@@ -259,6 +259,20 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "overlaps the input",
     ),
+    "extract from a tiles folder that does not exist": Case(
+        lambda w, t: [
+            "extract",
+            str(w.manifest),
+            "--tiles",
+            str(t / "none"),
+            "--encoder",
+            "resnet18+random",
+            "--out",
+            str(t / "f"),
+        ],
+        EXIT_BAD_INPUT,
+        "not found: tile the cohort first",
+    ),
     "train --out the features it reads": Case(
         lambda w, t: ["train", str(w.small), "--features", str(w.features), "--out", str(w.features.parent)],
         EXIT_BAD_INPUT,

@@ -118,6 +118,7 @@ def test_three_class_study_with_a_manifest_split_and_with_folds(tmp_path, capsys
 
 
 def test_unavailable_weights_exit_2_with_the_way_out(sample_cohort, tmp_path, capsys):
+    (tmp_path / "tiles").mkdir()
     code = main(
         [
             "extract",

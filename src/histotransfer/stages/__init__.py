@@ -63,6 +63,16 @@ def tiled(layout: StudyLayout, records: Sequence[SlideRecord]) -> list[SlideReco
     return going_on(records, layout.tiles / SUMMARY, "tiling")
 
 
+def tiles_folder(layout: StudyLayout) -> Path:
+    """The layout's tiles folder, which a stage reading tiles needs to exist."""
+    if not layout.tiles.is_dir():
+        raise FeaturesError(
+            f"tiles folder {layout.tiles} not found: tile the cohort first "
+            f"(`histotransfer tile MANIFEST --out {layout.tiles}`), or give --tiles the folder it wrote"
+        )
+    return layout.tiles
+
+
 def featured(layout: StudyLayout, records: Sequence[SlideRecord], encoder_id: str) -> list[SlideRecord]:
     """The tiled slides whose feature extraction with ``encoder_id`` did not fail."""
     folder = layout.features_dir(encoder_id)
@@ -153,7 +163,7 @@ def extract(
     """Features of the tiled slides with one encoder under ``features/{encoder_id}/``."""
     from histotransfer.features.extraction import extract_cohort
 
-    claim_output(layout.features, "features", inputs=[layout.tiles])
+    claim_output(layout.features, "features", inputs=[tiles_folder(layout)])
     settings = engine(config)
     encoder = build(config, encoder_id, weights)
     folder = layout.features_dir(str(encoder.id))
@@ -242,7 +252,7 @@ def compare_encoders(
 ) -> Path:
     """Layer-by-layer CKA of encoders ``a`` and ``b`` (ids, with their weights) on ``cka.tiles`` tiles of
     the study: ``cka/{a}__{b}.json`` (and its heatmap), on the config's extraction device."""
-    claim_output(layout.cka, "cka", inputs=[layout.tiles])
+    claim_output(layout.cka, "cka", inputs=[tiles_folder(layout)])
     engine(config)  # the device exists, before models are built
     return _compare(
         layout, config, records, build(config, a, weights_a), build(config, b, weights_b), name_a, name_b
