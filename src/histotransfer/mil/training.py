@@ -168,8 +168,8 @@ def _train_once(
         if by_val:
             if not math.isfinite(val_loss):
                 raise TrainingError(
-                    f"fold {fold.index}: validation loss is {val_loss} (a class without training slides?); "
-                    "use mil.selection: last, or add slides"
+                    f"fold {fold.index}, epoch {epoch}: validation loss is {val_loss}; check the validation "
+                    f"slides' features ({', '.join(fold.val[:5])}) for NaN or inf, or use mil.selection: last"
                 )
             if val_loss < best_loss:
                 best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
