@@ -453,6 +453,17 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "tiling.mpp",
     ),
+    "a flag out of range": Case(
+        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--patch-size", "7"],
+        EXIT_BAD_INPUT,
+        "invalid config (defaults with the command's flags and --set):\n  tiling.patch_size_px:",
+    ),
+    "a pipeline config that is not YAML": Case(
+        lambda w, t: ["pipeline", "run-local", "--config", str(t / "bad.yaml")],
+        EXIT_BAD_INPUT,
+        "cannot read config",
+        setup=lambda w, t: (t / "bad.yaml").write_text("tiling: [1"),
+    ),
     "a manifest that is not UTF-8": Case(
         lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
         EXIT_BAD_INPUT,

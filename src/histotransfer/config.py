@@ -336,6 +336,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of sections, not {type(loaded).__name__}")
         data = loaded or {}
+    if overrides:
+        with_flags = "with the command's flags and --set"
+        source = f"{path} {with_flags}" if path is not None else f"(defaults {with_flags})"
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
