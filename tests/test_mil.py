@@ -127,6 +127,22 @@ def test_manifest_split_is_one_fold_and_checked():
         )
 
 
+def test_every_class_must_be_in_every_fold_s_training_and_validation_part():
+    """Regression: a validation holdout that took a class's only training slide gave a NaN loss and a
+    fold without a model (TypeError); the folds are now checked before training."""
+    records = [SlideRecord(f"s{i}", "x", "ab"[i % 2], f"p{i}") for i in range(6)]
+    with pytest.raises(
+        SplitError, match=r"fold \d: class '[ab]' has no slide in the validation part .*val_fraction"
+    ):
+        make_folds(records, n_folds=2, val_fraction=0.2, seed=0)
+    assert len(make_folds(records, n_folds=2, val_fraction=0.0, seed=0)) == 2  # no holdout: fine
+    split = [
+        SlideRecord(f"s{i}", "x", "ab"[i % 2], f"p{i}", split="test" if i % 2 else "train") for i in range(6)
+    ]
+    with pytest.raises(SplitError, match=r"fold 0: class 'b' has no slide in the training part"):
+        make_folds(split, n_folds=5, val_fraction=0.2, seed=0)
+
+
 @pytest.mark.parametrize("selection", ["last", "val_loss"])
 def test_model_selection_never_sees_the_test_fold(tmp_path, monkeypatch, selection):
     records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from histotransfer import __version__
+from histotransfer.assets import cache_dir
 from histotransfer.config import StudyConfig, load_config, parse_assignments
 from histotransfer.errors import (
     AssetError,
@@ -614,8 +615,6 @@ def crash_log(argv: list[str]) -> Path:
     the temporary folder) and return its path."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = f"histotransfer {__version__}\nargv: {argv}\n\n{traceback.format_exc()}"
-    from histotransfer.assets import cache_dir
-
     for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
         path = folder / f"histotransfer-crash-{stamp}-{os.getpid()}.log"
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from histotransfer.errors import OutputError
 from histotransfer.layout import BUNDLE_SPEC, COHORT_META, ENCODER_ID, MANIFEST, SUMMARY
 
+OURS_SAMPLE = 32  # files opened to tell our tiles files from another tool's of the same names
 _PARTIAL = re.compile(r"^\..+\.[0-9a-f]{8}(\.old)?\.partial$")  # histotransfer.atomic's temporary names
 
 
@@ -62,7 +63,7 @@ class Kind:
     entries: tuple[str, ...] = ()
     marks: tuple[str, ...] = ()
     predicate: Callable[[Path], bool] | None = None  # entries recognised by more than their name
-    ours: Callable[[Path], bool] | None = None  # of the files named like ours, is this one ours?
+    ours: Callable[[Path], bool] | None = None  # of the files named like ours, is this one ours? (sampled)
     unfinished: Callable[[Path], bool] | None = None  # the folder is an interrupted first run of ours
     whole: bool = False  # the command replaces the folder as a whole: nothing else may be in it
 
@@ -72,7 +73,7 @@ class Kind:
                 if entry.is_dir() and fnmatch.fnmatchcase(entry.name, pattern[:-1]):
                     return True
             elif not entry.is_dir() and fnmatch.fnmatchcase(entry.name, pattern):
-                return self.ours is None or self.ours(entry)
+                return True
         return self.predicate is not None and self.predicate(entry)
 
     def foreign(self, folder: Path) -> list[str]:
@@ -83,7 +84,10 @@ class Kind:
             entries = [e for e in entries if not e.name.startswith(".")]
         else:
             entries = [e for e in entries if e not in partial]
-        foreign = [e.name for e in entries if not self.matches(e, self.entries)]
+        named = [e for e in entries if self.matches(e, self.entries)]
+        foreign = [e.name for e in entries if e not in named]
+        if self.ours is not None:  # the first files say whose folder it is; a mixed one is not expected
+            foreign += [e.name for e in named[:OURS_SAMPLE] if not self.ours(e)]
         marked = (
             partial
             or any(self.matches(e, self.marks) for e in entries)
@@ -132,7 +136,6 @@ def claim_output(
     kind: str,
     *,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
-    flag: str = "the output folder",
 ) -> Path:
     """Check that ``folder`` may receive a ``kind`` artifact, create it and prove it writable.
 
@@ -141,7 +144,7 @@ def claim_output(
     """
     spec = KINDS[kind]
     folder = Path(folder)
-    where = f"{flag} {folder}"
+    where = f"the output folder {folder}"
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"

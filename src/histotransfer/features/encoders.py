@@ -298,11 +298,14 @@ def _trunk(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def looks_like(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The architecture (timm name) whose every trunk tensor the checkpoint has, in the same shape,
-    with no trunk tensor left over; None when no known one fits."""
-    for name in dict.fromkeys([*(spec.timm_name for spec in ARCHS.values()), *NEIGHBOURS]):
+    """The architecture (a registry name, else a timm name) whose every trunk tensor the checkpoint
+    has, in the same shape, with no trunk tensor left over; None when no known one fits."""
+    registered = {spec.timm_name for spec in ARCHS.values() if not spec.create_kwargs}
+    candidates = [*ARCHS, *(name for name in NEIGHBOURS if name not in registered)]
+    for name in candidates:
         with torch.device("meta"):
-            trunk = _trunk(timm.create_model(name, num_classes=0).state_dict())
+            model = _timm_model(name) if name in ARCHS else timm.create_model(name, num_classes=0)
+        trunk = _trunk(model.state_dict())
         tops = {k.split(".")[0] for k in trunk}
         mine = {k: v for k, v in tensors.items() if k.split(".")[0] in tops}
         needed = {k for k in trunk if not k.endswith("num_batches_tracked")}

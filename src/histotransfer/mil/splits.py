@@ -83,11 +83,11 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     return folds
 
 
-def check_fold(fold: Fold, label_of: dict[str, object], *, fix: str) -> None:
-    """Every class of the cohort must be in a fold's training part, and in its validation part when
-    it has one: a model cannot learn a class it never sees, nor be selected on a loss without it.
-    ``fix``: what the user can change, said in the error."""
-    for part, ids in (("training", fold.train), ("validation", fold.val)):
+def check_fold(fold: Fold, label_of: dict[str, object], *, fix: str, validation: bool = True) -> None:
+    """Every class of the cohort must be in a fold's training part, and (``validation``) in its
+    validation part when it has one: a model cannot learn a class it never sees, nor be selected on a
+    loss without it. ``fix``: what the user can change, said in the error."""
+    for part, ids in (("training", fold.train), ("validation", fold.val if validation else ())):
         present = {str(label_of[i]) for i in ids}
         if part == "validation" and not ids:
             continue
@@ -115,7 +115,6 @@ def _manifest_fold(records: Sequence[SlideRecord]) -> Fold:
     if not parts["train"] or not parts["test"]:
         raise SplitError("a manifest split needs train and test slides (val slides are optional)")
     fold = Fold(0, parts["train"], parts["val"], parts["test"])
-    check_fold(
-        fold, {r.slide_id: r.label for r in records}, fix="give it slides of that class in the split column"
-    )
+    labels = {r.slide_id: r.label for r in records}  # the user chose the val part: it is not checked
+    check_fold(fold, labels, fix="give the train part slides of that class", validation=False)
     return fold
