@@ -9,6 +9,7 @@ REGISTRY ?= ghcr.io/histotransfer
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_CPU := $(REGISTRY)/histotransfer:$(VERSION)
 IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
+IMAGE_BUILD_ARGS ?=
 
 .PHONY: setup test test-fast demo lint format bench clean image image-gpu push pipeline-compile pipeline-local \
 	dvc-repro dvc-remote
@@ -43,11 +44,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_onnx.py
 	$(BIN)/python benchmarks/bench_cka.py
 
+# IMAGE_BUILD_ARGS: options for docker build, e.g. --build-arg PIP_INDEX_URL=... for an internal mirror
 image:
-	docker build -f containers/Dockerfile --target cpu -t $(IMAGE_CPU) .
+	containers/build.sh cpu $(IMAGE_CPU) $(IMAGE_BUILD_ARGS)
 
 image-gpu:
-	docker build -f containers/Dockerfile --target gpu -t $(IMAGE_GPU) .
+	containers/build.sh gpu $(IMAGE_GPU) $(IMAGE_BUILD_ARGS)
 
 push: image image-gpu
 	docker push $(IMAGE_CPU)

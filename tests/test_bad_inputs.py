@@ -31,6 +31,7 @@ class World:
     root: Path
     manifest: Path  # four real-tissue slides
     tiles: Path  # an empty tiles folder
+    tiled: Path  # the tiles of the four slides
     r18: Path  # a resnet18 state_dict
     r34: Path  # a resnet34 state_dict
     small: Path  # a manifest of six synthetic bags (3 per class)
@@ -46,6 +47,7 @@ def world(tmp_path_factory, sample_cohort, tiny_bundle) -> World:
 
     root = tmp_path_factory.mktemp("world")
     (root / "tiles").mkdir()
+    assert main(["tile", str(sample_cohort), "--out", str(root / "tiled")]) == EXIT_OK
     torch.save(timm.create_model("resnet18").state_dict(), root / "r18.pth")
     torch.save(timm.create_model("resnet34").state_dict(), root / "r34.pth")
     records, _, features = synthetic_cohort(root / "syn", n_bags=6)
@@ -71,6 +73,7 @@ def world(tmp_path_factory, sample_cohort, tiny_bundle) -> World:
         root,
         sample_cohort,
         root / "tiles",
+        root / "tiled",
         root / "r18.pth",
         root / "r34.pth",
         small,
@@ -293,6 +296,27 @@ CASES: dict[str, Case] = {
         ],
         EXIT_BAD_INPUT,
         "is the input",
+    ),
+    "CKA on fewer tiles than one minibatch": Case(
+        lambda w, t: [
+            "cka",
+            str(w.manifest),
+            "--a",
+            "resnet18@layer1+random",
+            "--b",
+            "resnet18@layer2+random",
+            "--tiles",
+            str(w.tiled),
+            "--out",
+            str(t / "c"),
+            "--n-tiles",
+            "8",
+            "--batch-size",
+            "64",
+        ],
+        EXIT_BAD_INPUT,
+        "fewer than one minibatch (cka.batch_size 64): lower cka.batch_size or raise cka.tiles",
+        out="c",
     ),
     "predict --out its bundle": Case(
         lambda w, t: ["predict", str(w.manifest), "--bundle", str(w.bundle), "--out", str(w.bundle)],

@@ -80,9 +80,9 @@ def test_makefile_builds_and_pushes_the_tag_the_components_use():
     out = subprocess.run(
         ["make", "-n", "image-gpu", "push"], capture_output=True, text=True, cwd=REPO, check=True
     )
-    assert f"--target gpu -t {IMAGE} ." in out.stdout
+    assert f"containers/build.sh gpu {IMAGE}" in out.stdout
     assert f"docker push {IMAGE}" in out.stdout
-    assert f"--target cpu -t {IMAGE.removesuffix('-gpu')} ." in out.stdout
+    assert f"containers/build.sh cpu {IMAGE.removesuffix('-gpu')}" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -92,6 +92,7 @@ def test_makefile_builds_and_pushes_the_tag_the_components_use():
         (["tile", "m.csv", "--out", "t"], "histotransfer-called tile m.csv --out t"),
         ([], "histotransfer-called"),
         (["echo", "plain"], "plain"),
+        (["export", "--study", "s"], "histotransfer-called export --study s"),  # a builtin, not a program
     ],
 )
 def test_entrypoint_runs_histotransfer_or_the_given_program(args, expected, tmp_path):

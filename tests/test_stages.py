@@ -116,7 +116,7 @@ def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
 
     monkeypatch.setattr(finetune_stage, "finetune_study", fake_finetune)
     monkeypatch.setattr(cka_stage, "layer_cka", fake_compare)
-    monkeypatch.setattr(cka_stage, "sample_tiles", lambda *args, **kwargs: [])
+    monkeypatch.setattr(cka_stage, "sample_tiles", lambda *args, **kwargs: [None] * 512)  # never read
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # extraction.device auto -> cuda
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     common = [str(sample_cohort), "--study", str(study), "--encoder", encoder_id, "--config", str(config)]

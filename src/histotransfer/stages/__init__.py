@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histotransfer.config import StudyConfig
-from histotransfer.errors import ExportError, FeaturesError
+from histotransfer.errors import ConfigError, ExportError, FeaturesError
 from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout
 from histotransfer.manifest import SlideRecord, read_manifest
 from histotransfer.outputs import claim_output
@@ -192,8 +192,14 @@ def train(
 
     tiles = layout.tiles if layout.has("tiles") else None
     claim_output(layout.mil, "mil", inputs=[layout.features_dir(encoder_id), tiles])
+    usable = featured(layout, records, encoder_id)
+    if records and not usable:
+        raise FeaturesError(
+            f"no slide has features for {encoder_id}: every one failed in tiling or extraction (see the "
+            f"summary.csv in {tiles or 'the tiles folder'} and {layout.features_dir(encoder_id)})"
+        )
     return train_mil(
-        featured(layout, records, encoder_id),
+        usable,
         features_dir=layout.features_dir(encoder_id),
         out_dir=layout.mil,
         mil=config.mil,
@@ -254,15 +260,28 @@ def compare_encoders(
     the study: ``cka/{a}__{b}.json`` (and its heatmap), on the config's extraction device."""
     claim_output(layout.cka, "cka", inputs=[tiles_folder(layout)])
     engine(config)  # the device exists, before models are built
+    tiles = _cka_tiles(layout, config, records)
     return _compare(
-        layout, config, records, build(config, a, weights_a), build(config, b, weights_b), name_a, name_b
+        layout, config, tiles, build(config, a, weights_a), build(config, b, weights_b), name_a, name_b
     )
 
 
-def _compare(layout, config, records, a: Encoder, b: Encoder, name_a: str | None, name_b: str | None) -> Path:
-    from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
+def _cka_tiles(layout: StudyLayout, config: StudyConfig, records: Sequence[SlideRecord]):
+    """The tiles CKA is measured on; at least one whole minibatch (the unbiased estimator needs one)."""
+    from histotransfer.cka.layers import sample_tiles
 
     tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
+    if len(tiles) < config.cka.batch_size:
+        raise ConfigError(
+            f"CKA gets {len(tiles)} tile(s) (cka.tiles {config.cka.tiles}, of {layout.tiles}), fewer than "
+            f"one minibatch (cka.batch_size {config.cka.batch_size}): lower cka.batch_size or raise cka.tiles"
+        )
+    return tiles
+
+
+def _compare(layout, config, tiles, a: Encoder, b: Encoder, name_a: str | None, name_b: str | None) -> Path:
+    from histotransfer.cka.layers import layer_cka, write_cka
+
     device = str(engine(config).device)
     result = layer_cka(a, b, tiles, batch_size=config.cka.batch_size, device=device)
     name_a, name_b = name_a or str(a.id), name_b or str(b.id)
@@ -289,10 +308,11 @@ def cka(
             f"no fine-tuned encoder for cka.fold {fold} ({tuned_weights}): fine-tune {encoder_id} first, "
             "or set cka.fold to a fold of the study"
         )
+    tiles = _cka_tiles(layout, config, records)
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=tuned_weights)
     frozen = build(config, encoder_id, weights)
-    return _compare(layout, config, records, frozen, tuned, None, f"{tuned_id}-fold{fold}")
+    return _compare(layout, config, tiles, frozen, tuned, None, f"{tuned_id}-fold{fold}")
 
 
 def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = None) -> Path:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The air-gapped recipe: a Python base image made from Debian packages, for machines that cannot pull
+# the default base (python:3.11-slim-bookworm) from an image registry but reach a Debian mirror.
+#
+#   containers/base-image.sh [TAG]          (default TAG: histotransfer-base:bookworm)
+#   make image BASE_IMAGE=histotransfer-base:bookworm
+#
+# Environment: DEBIAN_MIRROR (default: the first deb.debian.org-style URI of this machine's apt
+# sources, else http://deb.debian.org/debian), SUITE (bookworm). Needs root, debootstrap and a Docker
+# engine. The machine's CA certificates go into the image, so that pip inside a build trusts the package
+# index this machine trusts (an internal mirror behind a TLS-inspecting proxy, say); no other file of
+# the machine does.
+set -euo pipefail
+
+tag="${1:-histotransfer-base:bookworm}"
+suite="${SUITE:-bookworm}"
+mirror="${DEBIAN_MIRROR:-$(grep -rhoE '^URIs: +\S+/debian$' /etc/apt/sources.list.d/ 2>/dev/null | head -1 | awk '{print $2}')}"
+mirror="${mirror:-http://deb.debian.org/debian}"
+
+root="$(mktemp -d)"
+trap 'rm -rf "$root"' EXIT
+echo "base image $tag: debootstrap $suite from $mirror" >&2
+debootstrap --variant=minbase \
+    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
+    "$suite" "$root" "$mirror" >&2
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+tar -C "$root" -c . | docker import \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'CMD ["/bin/bash"]' \
+    - "$tag" >&2
+echo "$tag"
