@@ -518,7 +518,11 @@ CASES: dict[str, Case] = {
         ],
         EXIT_BAD_INPUT,
         "this machine has no CUDA GPU",
-        out="f",
+    ),
+    "run --device cuda without a GPU, before any work": Case(
+        lambda w, t: ["run", "--output-dir", str(t / "s"), "--set", "extraction.device=cuda"],
+        EXIT_BAD_INPUT,
+        "this machine has no CUDA GPU",
     ),
     "--device that is no device": Case(
         lambda w, t: [
@@ -537,7 +541,6 @@ CASES: dict[str, Case] = {
         ],
         EXIT_BAD_INPUT,
         "'tpu' is not a device",
-        out="c",
     ),
     "an unknown encoder": Case(
         lambda w, t: [

@@ -163,8 +163,8 @@ def extract(
     """Features of the tiled slides with one encoder under ``features/{encoder_id}/``."""
     from histotransfer.features.extraction import extract_cohort
 
+    settings = engine(config)  # devices first, then folders: a bad device leaves nothing behind
     claim_output(layout.features, "features", inputs=[tiles_folder(layout)])
-    settings = engine(config)
     encoder = build(config, encoder_id, weights)
     folder = layout.features_dir(str(encoder.id))
     result = extract_cohort(
@@ -228,9 +228,9 @@ def finetune(
             f"{frozen.dir} has no finished MIL result: fine-tuning starts from the "
             f"frozen features' MIL (run extraction and `histotransfer train` for {encoder_id} first)"
         )
+    settings = engine(config)
     for section in ("finetune", "features", "mil"):  # it reads these sections too: no input check
         claim_output(getattr(layout, section), section)
-    settings = engine(config)
     return finetune_study(
         featured(layout, records, encoder_id),
         encoder=build(config, encoder_id, weights),
@@ -258,8 +258,8 @@ def compare_encoders(
 ) -> Path:
     """Layer-by-layer CKA of encoders ``a`` and ``b`` (ids, with their weights) on ``cka.tiles`` tiles of
     the study: ``cka/{a}__{b}.json`` (and its heatmap), on the config's extraction device."""
+    engine(config)  # the device exists, before folders are made and models built
     claim_output(layout.cka, "cka", inputs=[tiles_folder(layout)])
-    engine(config)  # the device exists, before models are built
     tiles = _cka_tiles(layout, config, records)
     return _compare(
         layout, config, tiles, build(config, a, weights_a), build(config, b, weights_b), name_a, name_b
@@ -300,8 +300,8 @@ def cka(
     from histotransfer.features.encoders import build_encoder, finetuned_id
 
     fold = config.cka.fold
-    claim_output(layout.cka, "cka", inputs=[layout.tiles])
     engine(config)
+    claim_output(layout.cka, "cka", inputs=[layout.tiles])
     tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
     if not tuned_weights.is_file():
         raise FeaturesError(

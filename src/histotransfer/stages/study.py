@@ -42,7 +42,7 @@ def study_layout(config: StudyConfig) -> StudyLayout:
 
 
 def preflight(layout: StudyLayout, config: StudyConfig) -> None:
-    """Claim every folder the study will write before the first slide is touched (see outputs)."""
+    """Claim every folder the study will write, and check its device, before the first slide is touched."""
     claims = {"tiles": layout.tiles, "features": layout.features, "mil": layout.mil, "report": layout.report}
     if config.manifest is None:
         claims["cohort"] = layout.cohort
@@ -50,6 +50,7 @@ def preflight(layout: StudyLayout, config: StudyConfig) -> None:
         claims |= {"finetune": layout.finetune, "cka": layout.cka}
     if config.export.enabled:
         claims["bundle"] = layout.bundle(config.export.name)
+    stages.engine(config)  # the extraction device exists (before any folder is made)
     for kind, folder in claims.items():
         claim_output(folder, kind)
 
