@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.atomic import atomic_path
 from histotransfer.errors import AssetError
-from histotransfer.provenance import sha256_file
+from histotransfer.provenance import record_sha256, recorded_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,9 @@ def fetch_asset(name: str) -> Path:
         raise KeyError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
     out = cache_dir() / "assets" / asset.sha256[:16] / Path(asset.member).name
-    digest_file = out.with_name(out.name + ".sha256")
     archive = cache_dir() / "archives" / asset.archive
     if out.is_file():
-        recorded = digest_file.read_text(encoding="utf-8").strip() if digest_file.is_file() else None
+        recorded = recorded_sha256(out)
         if recorded is None and not archive.is_file():
             return out  # extracted before checksums were recorded, and nothing to extract it from again
         if recorded == sha256_file(out):
@@ -154,5 +153,5 @@ def fetch_asset(name: str) -> Path:
                 if member is None:
                     raise AssetError(f"{asset.member} is not a file in {archive}")
                 tmp.write_bytes(member.read())
-    write_text_atomic(digest_file, sha256_file(out))
+    record_sha256(out)
     return out

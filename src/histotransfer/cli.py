@@ -24,24 +24,7 @@ from typing import Any
 from histotransfer import __version__
 from histotransfer.assets import cache_dir
 from histotransfer.config import StudyConfig, load_config, parse_assignments
-from histotransfer.errors import (
-    AssetError,
-    BundleError,
-    ConfigError,
-    DeviceError,
-    ExportError,
-    FeaturesError,
-    GeometryError,
-    Interrupted,
-    LayoutError,
-    ManifestError,
-    OutputError,
-    SlideError,
-    SplitError,
-    StorageError,
-    TrainingError,
-    WeightsError,
-)
+from histotransfer.errors import USER_ERRORS, ConfigError, Interrupted
 from histotransfer.layout import StudyLayout
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import read_manifest
@@ -49,24 +32,6 @@ from histotransfer.runner import StageResult
 from histotransfer.storage import fetch_gcs, is_gcs_uri, staging_dir, upload_tree
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
-# What a user can cause and fix: each message names the file, row, key or folder, and the fix.
-USER_ERRORS = (
-    AssetError,
-    BundleError,
-    ConfigError,
-    DeviceError,
-    ExportError,
-    FeaturesError,
-    GeometryError,
-    LayoutError,
-    ManifestError,
-    OutputError,
-    SlideError,
-    SplitError,
-    StorageError,
-    TrainingError,
-    WeightsError,
-)
 
 
 def _config(args: argparse.Namespace, flag_overrides: dict[str, Any]) -> StudyConfig:

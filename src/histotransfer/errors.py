@@ -76,3 +76,24 @@ class Interrupted(KeyboardInterrupt):
         self.stage = stage
         self.result = result  # a runner.StageResult of the slides that finished or failed
         self.remaining = remaining
+
+
+# What a user can cause and fix (each message names the file, row, key or folder, and the fix): the
+# CLI turns these into exit status 2.
+USER_ERRORS = (
+    AssetError,
+    BundleError,
+    ConfigError,
+    DeviceError,
+    ExportError,
+    FeaturesError,
+    GeometryError,
+    LayoutError,
+    ManifestError,
+    OutputError,
+    SlideError,
+    SplitError,
+    StorageError,
+    TrainingError,
+    WeightsError,
+)

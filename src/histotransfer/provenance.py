@@ -11,6 +11,7 @@ from typing import Any
 import h5py
 
 from histotransfer import __version__
+from histotransfer.atomic import write_text_atomic
 
 CONFIG_HASH_ATTR = "config_hash"
 CONFIG_ATTR = "config_json"
@@ -74,3 +75,20 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256"):
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file."""
     return file_digest(path, "sha256").hexdigest()
+
+
+def recorded_sha256_file(path: str | os.PathLike[str]) -> Path:
+    """Where the sha256 a cache recorded for ``path`` when it wrote it lies: ``{path}.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def record_sha256(path: str | os.PathLike[str]) -> None:
+    """Record ``path``'s sha256 beside it once ``path`` is complete; ``recorded_sha256`` reads it back."""
+    write_text_atomic(recorded_sha256_file(path), sha256_file(path))
+
+
+def recorded_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The sha256 recorded for ``path`` by ``record_sha256``; None when none was."""
+    record = recorded_sha256_file(path)
+    return record.read_text(encoding="utf-8").strip() if record.is_file() else None

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histotransfer.assets import cache_dir
-from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer.atomic import atomic_path
 from histotransfer.config import ExtractionConfig
 from histotransfer.deploy.bundle import check_io
 from histotransfer.deploy.bundle import session as ort_session
@@ -41,7 +41,13 @@ from histotransfer.errors import BundleError, DeviceError, ExportError
 from histotransfer.features.encoders import Encoder
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
-from histotransfer.provenance import config_hash, provenance_attrs, sha256_file
+from histotransfer.provenance import (
+    config_hash,
+    provenance_attrs,
+    record_sha256,
+    recorded_sha256,
+    sha256_file,
+)
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide
 from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
@@ -216,14 +222,13 @@ class OrtRunner:
                     log.warning("ONNX encoder cache entry %s is unusable, exporting it again: %s", path, exc)
             if session is None:
                 export_encoder(enc, path, tile_px=tile_px)
-                write_text_atomic(_digest_file(path), sha256_file(path))
+                record_sha256(path)
                 session = self._verified(path, tile_px)
             self._sessions[tile_px] = session
         return self._sessions[tile_px]
 
     def _verified(self, path: Path, tile_px: int):
-        digest = _digest_file(path)
-        recorded = digest.read_text(encoding="utf-8").strip() if digest.is_file() else None
+        recorded = recorded_sha256(path)
         if recorded != (actual := sha256_file(path)):
             raise BundleError(f"its content (sha256 {actual[:12]}...) is not what was written ({recorded})")
         try:
@@ -246,10 +251,6 @@ class OrtRunner:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
         tiles = np.ascontiguousarray(batch.numpy())
         return torch.from_numpy(run_session(self._session(tiles.shape[-1]), tiles))
-
-
-def _digest_file(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
 
 
 def make_runner(encoder: Encoder, settings: EngineSettings) -> TorchRunner | OrtRunner:
