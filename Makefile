@@ -9,9 +9,10 @@ REGISTRY ?= ghcr.io/histotransfer
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_CPU := $(REGISTRY)/histotransfer:$(VERSION)
 IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
+IMAGE_PREDICT := $(REGISTRY)/histotransfer:$(VERSION)-predict
 IMAGE_BUILD_ARGS ?=
 
-.PHONY: setup test test-fast demo lint format bench clean image image-gpu push pipeline-compile pipeline-local \
+.PHONY: setup test test-fast demo lint format bench clean image image-gpu image-predict push pipeline-compile pipeline-local \
 	dvc-repro dvc-remote
 
 setup: $(STAMP)
@@ -25,7 +26,7 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not integration"
+	$(BIN)/python -m pytest -m "not integration and not docker"
 
 demo: setup
 	$(BIN)/histotransfer run --config params.yaml --output-dir $(DEMO_DIR)
@@ -51,9 +52,13 @@ image:
 image-gpu:
 	containers/build.sh gpu $(IMAGE_GPU) $(IMAGE_BUILD_ARGS)
 
-push: image image-gpu
+image-predict:
+	containers/build.sh predict $(IMAGE_PREDICT) $(IMAGE_BUILD_ARGS)
+
+push: image image-gpu image-predict
 	docker push $(IMAGE_CPU)
 	docker push $(IMAGE_GPU)
+	docker push $(IMAGE_PREDICT)
 
 pipeline-compile: setup
 	$(BIN)/histotransfer pipeline compile

@@ -6,6 +6,11 @@
 # nor pullable (an air-gapped site), containers/base-image.sh makes one from the Debian mirror instead,
 # and the build says so. The build uses the host's network, so that it reaches what the host reaches
 # (a mirror, a package index served on 127.0.0.1).
+#
+# Package sources: the sources this machine's pip is configured with (`pip config list`: an internal
+# index, local wheel folders) are given to the build, local folders served on 127.0.0.1 for its
+# duration (containers/pip_sources.py); HOST_PIP_SOURCES=no builds with the Dockerfile's defaults.
+# Options given here come after them and win.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="$1"
@@ -23,6 +28,43 @@ if ! docker image inspect "$base" >/dev/null 2>&1 && ! docker pull "$base" >/dev
     fi
     base="$fallback"
 fi
+sources=()
+if [ "${HOST_PIP_SOURCES:-yes}" != no ]; then
+    serve="$(mktemp -d)"
+    # a fixed port: the sources are build arguments, and a changed value would miss the layer cache
+    port="$(python3 -c '
+import socket
+for port in range(38765, 38800):
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+        print(port)
+        break
+    except OSError:
+        continue
+')"
+    mapfile -t sources < <(python3 containers/pip_sources.py "$serve" "$port")
+    if [ -n "$(ls -A "$serve")" ]; then
+        python3 -m http.server "$port" --bind 127.0.0.1 --directory "$serve" >/dev/null 2>&1 &
+        server=$!
+        trap 'kill "$server" 2>/dev/null; rm -rf "$serve"' EXIT
+        echo "build: serving this machine's pip folders on 127.0.0.1:$port for the build" >&2
+    else
+        rm -rf "$serve"
+    fi
+    [ "${#sources[@]}" -eq 0 ] || echo "build: package sources from pip's configuration: ${sources[*]}" >&2
+fi
+# The legacy builder keeps a stage's layers as untagged images, which `docker image prune` would take
+# for garbage: the stages before the target are tagged histotransfer-stage:NAME, so that pruning
+# removes only what no build uses any more (containers/engine.sh down). Each is one cached pass.
+build() {
+    docker build --network host -f containers/Dockerfile --build-arg "PYTHON_IMAGE=$base" \
+        "${sources[@]}" "$@" .
+}
+for stage in $(sed -n 's/^FROM .* AS \([a-z-]*\)$/\1/p' containers/Dockerfile); do
+    [ "$stage" != "$target" ] || break
+    case "$stage" in base | runtime | cpu | predict | gpu) continue ;; esac
+    echo "build: stage $stage" >&2
+    build --target "$stage" -t "histotransfer-stage:$stage" "$@" >/dev/null
+done
 echo "build: $tag (target $target) on $base" >&2
-exec docker build --network host -f containers/Dockerfile --target "$target" -t "$tag" \
-    --build-arg "PYTHON_IMAGE=$base" "$@" .
+build --target "$target" -t "$tag" "$@"

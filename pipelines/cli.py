@@ -1,7 +1,8 @@
 """`histotransfer pipeline compile | run-local | submit`: a command this package adds to the CLI.
 
 compile     write pipelines/study.yaml and pipelines/inference.yaml (the committed, versioned YAML)
-run-local   the whole study pipeline in this environment with kfp.local's SubprocessRunner
+run-local   a pipeline on this machine with kfp.local: in this environment (SubprocessRunner) or every
+            step in the image under Docker (DockerRunner), as a cluster runs it
 submit      compile and start a run on a Kubeflow Pipelines endpoint with kfp.Client
 """
 
@@ -60,12 +61,66 @@ def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str
     return args
 
 
-def run_local(pipeline: str, config: Path | None, params: list[str], pipeline_root: Path) -> Path | None:
-    """Run a pipeline with kfp.local in this environment; the study returns its report page."""
+def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: list[Path]):
+    """kfp.local's DockerRunner for ``image``: each step runs in it as the image's user (uid 10001, as
+    on a cluster) or ``user``, with the pipeline root and ``mounts`` (read-only, same path) mounted."""
+    import docker
+    from docker.types import Mount
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
-    task = build(pipeline, PipelineOptions())(**arguments(config, params, pipeline))
+    from histotransfer.errors import ConfigError
+
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as exc:
+        raise ConfigError(f"--runner docker needs a Docker engine, and none answers: {exc}") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise ConfigError(
+            f"image {image} is not on this machine: build it (make image, make image-gpu) and pass its tag "
+            "with --image"
+        ) from None
+    finally:
+        client.close()
+    for folder in mounts:
+        if not folder.is_dir():
+            raise ConfigError(f"--mount {folder}: not a folder")
+    if user is None:  # the image's user must write the artifacts: the root is shared like /tmp
+        pipeline_root.chmod(0o1777)
+    return local.DockerRunner(
+        user=user,
+        mounts=[Mount(str(f), str(f), type="bind", read_only=True) for f in mounts],
+    )
+
+
+def run_local(
+    pipeline: str,
+    config: Path | None,
+    params: list[str],
+    pipeline_root: Path,
+    *,
+    runner: str = "subprocess",
+    image: str | None = None,
+    user: str | None = None,
+    mounts: list[Path] = (),
+) -> Path | None:
+    """Run a pipeline with kfp.local, in this environment or under Docker; the study returns its report
+    page."""
+    from kfp import local
+
+    from components.image import IMAGE
+
+    run_arguments = arguments(config, params, pipeline)  # fails before anything is made
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    if runner == "docker":
+        image = image or IMAGE
+        engine = docker_runner(image, pipeline_root, user, [m.resolve() for m in mounts])
+        options = PipelineOptions(image=image)
+    else:
+        engine, options = local.SubprocessRunner(use_venv=False), PipelineOptions()
+    local.init(runner=engine, pipeline_root=str(pipeline_root))
+    task = build(pipeline, options)(**run_arguments)
     return Path(task.output.path) if pipeline == "study" else None
 
 
@@ -103,11 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compile", help="compile the pipelines to YAML")
     p.add_argument("--out-dir", type=Path, default=REPO / "pipelines")
     add_options(p)
-    p = sub.add_parser("run-local", help="run a pipeline here (kfp.local SubprocessRunner)")
+    p = sub.add_parser("run-local", help="run a pipeline here with kfp.local (this environment, or Docker)")
     p.add_argument("--pipeline", choices=PIPELINES, default="study")
     p.add_argument("--config", type=Path, default=PARAMS, help="params.yaml schema (default: the demo)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="pipeline parameter (YAML value)")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs/kfp-local"))
+    p.add_argument(
+        "--runner",
+        choices=["subprocess", "docker"],
+        default="subprocess",
+        help="subprocess: every step in this environment; docker: every step in the image, as on a cluster",
+    )
+    p.add_argument("--image", help="docker: the image every step runs in (default: the components' image)")
+    p.add_argument(
+        "--docker-user",
+        metavar="UID:GID",
+        help="docker: run the steps as this user (default: the image's, uid 10001, with the pipeline root "
+        "made writable for it; give $(id -u):$(id -g) to own the artifacts)",
+    )
+    p.add_argument(
+        "--mount",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="docker: a folder the steps read (slides, a manifest, a bundle), mounted read-only at its path",
+    )
     p = sub.add_parser("submit", help="compile and start a run on a KFP endpoint")
     p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--pipeline", choices=PIPELINES, default="study")
@@ -126,7 +202,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compiled {compile_pipeline(name, args.out_dir / f'{name}.yaml', options)}")
     elif args.command == "run-local":
         root = args.pipeline_root.resolve()
-        report = run_local(args.pipeline, args.config, args.param or [], root)
+        if args.runner != "docker" and (args.image or args.docker_user or args.mount):
+            parser.error("--image, --docker-user and --mount go with --runner docker")
+        report = run_local(
+            args.pipeline,
+            args.config,
+            args.param or [],
+            root,
+            runner=args.runner,
+            image=args.image,
+            user=args.docker_user,
+            mounts=args.mount,
+        )
         print(f"pipeline {args.pipeline} finished; artifacts under {root}")
         if report is not None:
             print(f"  report (single page): {report}")

@@ -26,10 +26,13 @@ class PipelineOptions:
     gcs_secret: str | None = None  # a Kubernetes secret with key.json; None: workload identity
     cpu: str = "4"  # CPU request of every step
     memory: str = "16G"  # memory request of every step
+    image: str | None = None  # every step's image instead of components.image.IMAGE (local Docker runs)
 
     def step(self, task: dsl.PipelineTask, *, gpu: bool = False, cache: bool = True) -> dsl.PipelineTask:
         """Apply resources, caching and GCS credentials to a task; ``gpu`` adds the accelerator."""
         task.set_cpu_request(self.cpu).set_memory_request(self.memory).set_caching_options(cache)
+        if self.image:
+            task.set_container_image(self.image)
         if gpu and self.gpu:
             task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
             if self.gpu_node_selector:

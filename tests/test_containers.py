@@ -1,5 +1,6 @@
-"""The Dockerfile (no Docker engine here: linted with hadolint, read with dockerfile-parse), the image
-tag the components use, the package version and the Makefile agree; the entrypoint dispatches."""
+"""The Dockerfile (linted with hadolint, read with dockerfile-parse; tests/test_docker.py builds and runs
+it), the image tag the components use, the package version and the Makefile agree; the install extras;
+the entrypoint dispatches."""
 
 import os
 import re
@@ -38,22 +39,58 @@ def test_hadolint_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_cpu_and_gpu_targets_run_histotransfer_as_non_root():
+def test_every_target_runs_histotransfer_as_non_root():
     all_stages = stages()
-    assert {"cpu", "gpu", "runtime"} <= set(all_stages)
+    assert {"cpu", "gpu", "predict", "runtime"} <= set(all_stages)
     runtime = {i["instruction"]: i["value"] for i in all_stages["runtime"]}
-    assert runtime["USER"] == "10001:10001"
     assert runtime["ENTRYPOINT"] == '["/usr/local/bin/entrypoint.sh"]'
-    for target in ("cpu", "gpu"):
+    for target in ("cpu", "gpu", "predict"):
         instructions = [(i["instruction"], i["value"]) for i in all_stages[target]]
-        assert instructions[0] == ("FROM", f"runtime AS {target}")  # inherits user and entrypoint
-        assert not any(name in ("USER", "RUN") for name, _ in instructions)  # nothing runs as root after
+        assert instructions[0] == ("FROM", f"runtime AS {target}")  # inherits the entrypoint
+        user = [n for n, (name, _) in enumerate(instructions) if name == "USER"]
+        assert user
+        assert instructions[user[-1]][1] == "10001:10001"
+        assert not any(name == "RUN" for name, _ in instructions[user[-1] :])  # nothing runs as root after
+        runs = [value for name, value in instructions if name == "RUN"]
+        assert runs == ["pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels"]  # the package only
 
     def runs(stage: str) -> str:
         return " ".join(i["value"] for i in all_stages[stage] if i["instruction"] == "RUN")
 
-    assert "onnxruntime-gpu==" in runs("build-gpu")
-    assert "onnxruntime-gpu" not in runs("build-cpu")
+    assert "onnxruntime-gpu<=$ort" in runs("deps-gpu")
+    assert "containers/check_gpu.py" in runs("deps-gpu")  # CUDA of torch and onnxruntime-gpu agree
+    assert "onnxruntime-gpu" not in runs("deps-study")
+    assert "requirements.py study pipelines" in runs("deps-study")
+    assert "requirements.py >" in runs("deps-predict")  # the core: no torch
+
+
+def test_the_core_install_has_no_torch_and_the_study_extra_has_it():
+    from containers.requirements import requirements
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = requirements(project, [])
+    names = {re.match(r"[\w.-]+", r).group(0).lower() for r in core}
+    assert not names & {"torch", "torchvision", "timm", "scikit-learn", "onnx", "kfp"}
+    assert {"onnxruntime", "openslide-python", "h5py"} <= names
+    full = requirements(project, ["dev"])  # dev names histotransfer[study,pipelines]: expanded
+    assert "torch==2.14.1" in full
+    assert "kfp==2.17.3" in full
+    assert "pytest>=8,<10" in full
+    assert not any(r.startswith("histotransfer") for r in full)
+
+
+def test_a_study_command_without_the_study_extra_says_which_extra(tmp_path):
+    # torch made unimportable, as in the predict image: exit 2 naming the extra, no traceback
+    code = (
+        "import sys; sys.modules['torch'] = None; from histotransfer.cli import main; "
+        "sys.exit(main(['extract', 'm.csv', '--tiles', 't', '--encoder', 'resnet18', '--out', "
+        f"{str(tmp_path / 'f')!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "the 'study' extra" in proc.stderr
+    assert "pip install 'histotransfer[study]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_base_image_and_versions_are_pinned_and_agree():
@@ -62,7 +99,9 @@ def test_base_image_and_versions_are_pinned_and_agree():
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base  # an exact release, never :latest
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     pins = dict(
-        re.match(r"([\w-]+)==(\S+)", d).groups() for d in pyproject["project"]["dependencies"] if "==" in d
+        re.match(r"([\w-]+)==(\S+)", d).groups()
+        for d in pyproject["project"]["optional-dependencies"]["study"]
+        if "==" in d
     )
     for package in ("torch", "torchvision"):
         assert f"{package}=={pins[package]}" in text
@@ -83,6 +122,7 @@ def test_makefile_builds_and_pushes_the_tag_the_components_use():
     assert f"containers/build.sh gpu {IMAGE}" in out.stdout
     assert f"docker push {IMAGE}" in out.stdout
     assert f"containers/build.sh cpu {IMAGE.removesuffix('-gpu')}" in out.stdout
+    assert f"containers/build.sh predict {IMAGE.removesuffix('-gpu')}-predict" in out.stdout
 
 
 @pytest.mark.parametrize(

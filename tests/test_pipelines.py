@@ -226,3 +226,17 @@ def test_inference_pipeline_runs_locally_on_a_bundle(small_study, tmp_path, caps
     assert len(rows) == 7
     assert all(",done," in r for r in rows[1:])
     assert (step / "summary").read_text().startswith("# Predictions")
+
+
+def test_docker_options_need_the_docker_runner(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pipeline_main(["run-local", "--image", "x:1", "--pipeline-root", str(tmp_path / "kfp")])
+    assert exit_.value.code == 2
+    assert "--image, --docker-user and --mount go with --runner docker" in capsys.readouterr().err
+    assert not (tmp_path / "kfp").exists()
+
+
+def test_an_image_option_sets_every_steps_image(tmp_path):
+    path = compile_pipeline("study", tmp_path / "s.yaml", PipelineOptions(image="local/histotransfer:dev"))
+    executors = next(yaml.safe_load_all(path.read_text()))["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"local/histotransfer:dev"}

@@ -33,6 +33,26 @@ from histotransfer.storage import fetch_gcs, is_gcs_uri, staging_dir, upload_tre
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 
+# The modules of the install extras (pyproject.toml): the core installs predict only (the slim image).
+EXTRAS = {
+    **dict.fromkeys(
+        ("torch", "torchvision", "timm", "sklearn", "imagecodecs", "onnx", "onnxscript"), "study"
+    ),
+    **dict.fromkeys(("kfp", "docker"), "pipelines"),
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The message for a command that needs an install extra this installation lacks, else None."""
+    extra = EXTRAS.get((exc.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return (
+        f"this command needs {exc.name} (the {extra!r} extra), which this installation lacks: "
+        f"pip install 'histotransfer[{extra}]', or run it in the full image (this is the predict-only one "
+        "if you are in a container)"
+    )
+
 
 def _config(args: argparse.Namespace, flag_overrides: dict[str, Any]) -> StudyConfig:
     overrides = parse_assignments(getattr(args, "set", None) or [])
@@ -620,22 +640,31 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ModuleNotFoundError as exc:  # a command of the study run where only predict is installed
+        if (message := missing_extra(exc)) is None:
+            return _internal_error(argv, exc)
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as exc:  # a file or folder the user named cannot be read or written
         name = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
-        try:
-            where = f"the traceback is in {crash_log(argv)}"
-        except OSError:
-            where = "no log file could be written; rerun with -v"
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        print(
-            f"internal error: {type(exc).__name__}: {first}\n"
-            f"  this is a bug in histotransfer; {where}: please attach it to a bug report",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        return _internal_error(argv, exc)
+
+
+def _internal_error(argv: list[str], exc: Exception) -> int:
+    try:
+        where = f"the traceback is in {crash_log(argv)}"
+    except OSError:
+        where = "no log file could be written; rerun with -v"
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    print(
+        f"internal error: {type(exc).__name__}: {first}\n"
+        f"  this is a bug in histotransfer; {where}: please attach it to a bug report",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
