@@ -142,3 +142,13 @@ def test_entrypoint_runs_histotransfer_or_the_given_program(args, expected, tmp_
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     proc = subprocess.run(["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, env=env, check=True)
     assert proc.stdout.strip() == expected
+
+
+def test_the_gpu_check_fails_on_a_cpu_onnxruntime():
+    # .venv has the CPU onnxruntime, as the cpu image does: the GPU image's build step must refuse it
+    check = REPO / "containers" / "check_gpu.py"
+    proc = subprocess.run([sys.executable, str(check)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "GPU image check failed" in proc.stderr
+    assert "is not a CUDA build" in proc.stderr
+    assert "no CUDAExecutionProvider" in proc.stderr
