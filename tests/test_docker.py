@@ -180,7 +180,7 @@ def test_the_stage_chain_in_containers_matches_venv_and_leaves_the_users_files(c
     bundle = json.loads((docker_study / "onnx" / "best" / "bundle.json").read_text())
     assert bundle["encoder"]["id"].startswith(ENCODER)  # frozen or fine-tuned: the study's best
     assert "<html" in (docker_study / "report" / "index.html").read_text().lower()
-    assert owned_by_user(chain) == []  # every file the containers wrote is the invoking user's
+    assert owned_by_user(docker_study) == []  # every file the containers wrote is the invoking user's
     assert not list(chain.rglob("*.partial"))
 
 
@@ -234,3 +234,20 @@ def test_the_docker_runner_names_an_image_that_is_not_built(engine, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "image histotransfer-missing:0 is not on this machine: build it" in proc.stderr
+
+
+def test_the_inference_pipeline_runs_under_the_docker_runner(chain, tmp_path):
+    # the bundle and the slides are the user's folder, mounted read-only into the step
+    bundle = chain / "docker" / "onnx" / "best"
+    proc = subprocess.run(
+        [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--runner", "docker",
+         "--pipeline", "inference", "--image", CPU, "--mount", str(chain),
+         "--pipeline-root", str(tmp_path / "kfp"),
+         "--param", f"bundle_uri={bundle}", "--param", f"slides={chain / 'cohort' / 'manifest.csv'}"],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    step = next((tmp_path / "kfp").iterdir()) / "predict-step"
+    rows = (step / "predictions" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 5
+    assert all(",done," in r for r in rows[1:])

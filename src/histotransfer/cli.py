@@ -48,9 +48,9 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     if extra is None:
         return None
     return (
-        f"this command needs {exc.name} (the {extra!r} extra), which this installation lacks: "
-        f"pip install 'histotransfer[{extra}]', or run it in the full image (this is the predict-only one "
-        "if you are in a container)"
+        f"this command needs {exc.name} (the {extra!r} extra), which this installation lacks (the core "
+        f"install, or the predict image, serves predict only): pip install 'histotransfer[{extra}]', or "
+        "use the full image"
     )
 
 
