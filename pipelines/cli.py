@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -115,7 +116,7 @@ def run_local(
     pipeline_root.mkdir(parents=True, exist_ok=True)
     if runner == "docker":
         image = image or IMAGE
-        engine = docker_runner(image, pipeline_root, user, [m.resolve() for m in mounts])
+        engine = docker_runner(image, pipeline_root, user, [m.absolute() for m in mounts])
         options = PipelineOptions(image=image)
     else:
         engine, options = local.SubprocessRunner(use_venv=False), PipelineOptions()
@@ -204,16 +205,25 @@ def main(argv: list[str] | None = None) -> int:
         root = args.pipeline_root.resolve()
         if args.runner != "docker" and (args.image or args.docker_user or args.mount):
             parser.error("--image, --docker-user and --mount go with --runner docker")
-        report = run_local(
-            args.pipeline,
-            args.config,
-            args.param or [],
-            root,
-            runner=args.runner,
-            image=args.image,
-            user=args.docker_user,
-            mounts=args.mount,
-        )
+        try:
+            report = run_local(
+                args.pipeline,
+                args.config,
+                args.param or [],
+                root,
+                runner=args.runner,
+                image=args.image,
+                user=args.docker_user,
+                mounts=args.mount,
+            )
+        except RuntimeError as exc:  # kfp.local: a step failed; its own output, above, says why
+            if "finished with status" not in str(exc):
+                raise
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+            print(
+                f"error: {message} Its output above has the reason; artifacts under {root}", file=sys.stderr
+            )
+            return 1
         print(f"pipeline {args.pipeline} finished; artifacts under {root}")
         if report is not None:
             print(f"  report (single page): {report}")

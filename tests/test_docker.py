@@ -237,17 +237,38 @@ def test_the_docker_runner_names_an_image_that_is_not_built(engine, tmp_path):
 
 
 def test_the_inference_pipeline_runs_under_the_docker_runner(chain, tmp_path):
-    # the bundle and the slides are the user's folder, mounted read-only into the step
-    bundle = chain / "docker" / "onnx" / "best"
+    # the bundle and the slides are the user's folder (mode 0700), mounted read-only into the step,
+    # which runs as that user (--docker-user), as do the pipeline root's files
+    bundle, root = chain / "docker" / "onnx" / "best", tmp_path / "kfp"
+    root.mkdir()
+    if os.geteuid() == 0:
+        os.chown(root, *(int(x) for x in USER.split(":")))
     proc = subprocess.run(
         [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--runner", "docker",
-         "--pipeline", "inference", "--image", CPU, "--mount", str(chain),
-         "--pipeline-root", str(tmp_path / "kfp"),
+         "--pipeline", "inference", "--image", CPU, "--mount", str(chain), "--docker-user", USER,
+         "--pipeline-root", str(root),
          "--param", f"bundle_uri={bundle}", "--param", f"slides={chain / 'cohort' / 'manifest.csv'}"],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    step = next((tmp_path / "kfp").iterdir()) / "predict-step"
+    step = next(root.iterdir()) / "predict-step"
     rows = (step / "predictions" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 5
     assert all(",done," in r for r in rows[1:])
+    assert owned_by_user(step) == []
+
+
+def test_a_failed_step_is_exit_1_with_the_steps_reason(chain, tmp_path):
+    # the image's user cannot read the user's 0700 folder: the step fails and says so, no "internal error"
+    bundle, manifest = chain / "docker" / "onnx" / "best", chain / "cohort" / "manifest.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--runner", "docker",
+         "--pipeline", "inference", "--image", CPU, "--mount", str(chain),
+         "--pipeline-root", str(tmp_path / "kfp"),
+         "--param", f"bundle_uri={bundle}", "--param", f"slides={manifest}"],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Permission denied" in proc.stdout
+    assert "Inner task failed: 'predict-step'. Its output above has the reason" in proc.stderr
+    assert "internal error" not in proc.stderr
