@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +158,57 @@ def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys):
 def test_set_requires_key_value(capsys):
     assert main(["run", "--set", "tiling.target_mpp"]) == EXIT_BAD_INPUT
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
+
+
+# Commands that never build an encoder import neither torch nor timm (start-up time, the slim image):
+# torch and timm are made unimportable, the command must still succeed and leave them unimported.
+TORCH_FREE = """
+import sys
+BLOCKED = {"torch", "timm", "torchvision"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from histotransfer.cli import main
+rc = main(sys.argv[1:])
+print("heavy modules:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
+sys.exit(rc)
+"""
+
+
+def torch_free(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy modules: []" in proc.stdout
+    return proc
+
+
+def test_sample_data_tile_and_encoders_import_no_torch(tmp_path):
+    torch_free(
+        "sample-data", str(tmp_path / "cohort"), "--n-slides", "2", "--tissue-pieces", "1", "--artefacts", "0"
+    )
+    proc = torch_free("tile", str(tmp_path / "cohort" / "manifest.csv"), "--out", str(tmp_path / "tiles"))
+    assert "tiles: 2 of 2 slide(s) ready" in proc.stdout
+    assert "blocks.3, blocks.4" in torch_free("encoders").stdout
+    # a config naming an encoder is validated without torch too
+    config = tmp_path / "c.yaml"
+    config.write_text("extraction: {encoders: [{id: resnet50@layer3}]}\n")
+    torch_free(
+        "tile",
+        str(tmp_path / "cohort" / "manifest.csv"),
+        "--out",
+        str(tmp_path / "t2"),
+        "--config",
+        str(config),
+    )
+
+
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
+def test_report_imports_no_torch(small_study, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(small_study.root, study, ignore=shutil.ignore_patterns("report"))
+    torch_free("report", str(study))
+    assert (study / "report" / "index.html").is_file()

@@ -255,3 +255,11 @@ def test_efficientnet_lite0_imagenet_weights_classify_real_photos():
             features = encoder.module(_center_tile(image))  # (1, 1280)
             logits = features @ head["classifier.weight"].T + head["classifier.bias"]
             assert int(logits.argmax()) in classes
+
+
+def test_the_registrys_static_cut_points_are_the_models():
+    # config validation reads the torch-free registry; the models must have exactly those cut points
+    from histotransfer.features.encoders import ARCHS, list_cut_points, trunk_cut_points
+
+    for arch in ARCHS:
+        assert list_cut_points(arch) == trunk_cut_points(arch), arch

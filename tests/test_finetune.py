@@ -32,7 +32,7 @@ def test_top_k_picks_exactly_the_highest_attention():
     [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet+ft")],
 )
 def test_finetuned_encoder_ids(frozen, tuned):
-    from histotransfer.features.encoders import finetuned_id, frozen_id
+    from histotransfer.features.registry import finetuned_id, frozen_id
     from histotransfer.report import family
 
     assert finetuned_id(frozen) == tuned

@@ -71,7 +71,8 @@ def test_unchecked_ids_never_become_paths(tmp_path, bad):
 def _tagged_study(tmp_path: Path, sample_cohort: Path) -> tuple[Path, Path, str]:
     """A study folder whose config gives the tagged encoder's weights (as params.yaml does under DVC),
     with the frozen MIL result and a fold's fine-tuned encoder that finetune and cka start from."""
-    from histotransfer.features.encoders import build_encoder, finetuned_id
+    from histotransfer.features.encoders import build_encoder
+    from histotransfer.features.registry import finetuned_id
 
     encoder_id = "resnet18@layer1+mine"
     weights = tmp_path / "mine.pt"

@@ -144,7 +144,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _encoder_id(value: str, flag: str) -> str:
-    from histotransfer.features.encoders import parse_encoder_id
+    from histotransfer.features.registry import parse_encoder_id
 
     try:
         return str(parse_encoder_id(value))
@@ -153,7 +153,7 @@ def _encoder_id(value: str, flag: str) -> str:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
-    from histotransfer.features.encoders import ARCHS, list_cut_points
+    from histotransfer.features.registry import ARCHS, list_cut_points
 
     for name, spec in ARCHS.items():
         cuts = ", ".join(list_cut_points(name)) or "(none: not a chain of blocks)"

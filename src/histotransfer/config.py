@@ -125,13 +125,13 @@ class EncoderConfig(_Section):
     @field_validator("id")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from histotransfer.features.encoders import parse_encoder_id  # torch/timm only when an id is checked
+        from histotransfer.features.registry import parse_encoder_id
 
         return str(parse_encoder_id(value))
 
     @model_validator(mode="after")
     def _tagged_weights(self) -> EncoderConfig:
-        from histotransfer.features.encoders import ARCHS, EncoderId, parse_encoder_id
+        from histotransfer.features.registry import ARCHS, EncoderId, parse_encoder_id
 
         enc = parse_encoder_id(self.id)
         if self.weights and enc.tag is None and self.weights != ARCHS[enc.arch].default_weights:
@@ -241,7 +241,7 @@ class FinetuneConfig(_Section):
     def _known_encoders(cls, value: Any) -> Any:
         """Ids as text or as ``{id: ...}`` (the form dvc.yaml's foreach needs: it names stages by
         list values, and an id's ``@`` would break the name)."""
-        from histotransfer.features.encoders import parse_encoder_id
+        from histotransfer.features.registry import parse_encoder_id
 
         if not isinstance(value, list):
             return value

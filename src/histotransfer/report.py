@@ -14,9 +14,9 @@ import numpy as np
 
 from histotransfer.atomic import write_text_atomic
 from histotransfer.deploy.bundle import read_spec
-from histotransfer.features.encoders import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
+from histotransfer.features.registry import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
 from histotransfer.layout import BUNDLE_SPEC, MILLayout
-from histotransfer.mil.study import MILResult, class_rocs, roc_points
+from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.plots import roc_curves, truncation_curves
 
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}

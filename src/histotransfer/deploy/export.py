@@ -42,10 +42,11 @@ from histotransfer.deploy.onnx_export import (
     export_encoder,
 )
 from histotransfer.errors import BundleError, ExportError
-from histotransfer.features.encoders import Encoder, build_encoder, frozen_id, parse_encoder_id
+from histotransfer.features.encoders import Encoder, build_encoder
+from histotransfer.features.registry import frozen_id, parse_encoder_id
 from histotransfer.layout import MILLayout
 from histotransfer.mil.model import AttentionMIL
-from histotransfer.mil.study import MILResult
+from histotransfer.mil.results import MILResult
 from histotransfer.provenance import CONFIG_ATTR, config_hash, sha256_file
 from histotransfer.wsi.slides import local_slide_path, open_slide
 from histotransfer.wsi.tiling import load_tiles, read_tile

@@ -24,6 +24,20 @@ from torch.nn import functional as F
 
 from histotransfer.assets import AssetError, fetch_asset
 from histotransfer.errors import ConfigError
+from histotransfer.features.registry import (  # the torch-free part of the registry, re-exported
+    ARCHS,
+    HEAD_MODULES,
+    RANDOM,
+    STEM_MODULES,
+    ArchSpec,
+    EncoderId,
+    parse_encoder_id,
+)
+from histotransfer.features.registry import FT_TAG as FT_TAG
+from histotransfer.features.registry import finetuned_id as finetuned_id
+from histotransfer.features.registry import frozen_id as frozen_id
+from histotransfer.features.registry import list_cut_points as list_cut_points
+from histotransfer.features.registry import list_encoders as list_encoders
 from histotransfer.features.weights import (
     WeightsError,
     load_strict,
@@ -31,100 +45,9 @@ from histotransfer.features.weights import (
     read_checkpoint,
     state_sha256,
 )
-from histotransfer.layout import ENCODER_ID
 from histotransfer.provenance import sha256_file
 
 log = logging.getLogger(__name__)
-
-# The stem (before the first block) is a chain too, but no study cuts there.
-STEM_MODULES = frozenset({"conv1", "bn1", "act1", "maxpool", "conv0", "norm0", "pool0", "conv_stem"})
-HEAD_MODULES = frozenset({"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "head_dist"})
-RANDOM = "random"
-FT_TAG = "ft"
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How to build one architecture with timm, and where its default weights come from."""
-
-    timm_name: str
-    default_weights: str  # "timm" (timm's pretrained tag), "hf-hub:ORG/NAME" or "asset:NAME"
-    flatten: tuple[str, ...] = ()  # sequential containers whose children are cut points
-    sequential: bool = True  # the trunk is a chain of modules (CNNs); transformers have no cut points
-    create_kwargs: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "resnet18": ArchSpec("resnet18", "timm", description="ImageNet ResNet18 (paper)"),
-    "resnet34": ArchSpec("resnet34", "timm", description="ImageNet ResNet34 (paper)"),
-    "resnet50": ArchSpec("resnet50", "timm", description="ImageNet ResNet50 (paper; @layer3 is CLAM's)"),
-    "densenet121": ArchSpec(
-        "densenet121", "timm", flatten=("features",), description="ImageNet DenseNet121 (paper; KimiaNet's)"
-    ),
-    "efficientnet_lite0": ArchSpec(
-        "efficientnet_lite0",
-        "asset:efficientnet_lite0_imagenet",
-        flatten=("blocks",),
-        description="ImageNet EfficientNet-Lite0 (weights from a registry package: works offline)",
-    ),
-    "uni": ArchSpec(
-        "vit_large_patch16_224",
-        "hf-hub:MahmoodLab/uni",
-        sequential=False,
-        create_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
-        description="UNI pathology foundation model, ViT-L/16 (gated on Hugging Face)",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class EncoderId:
-    arch: str
-    cut: str | None = None
-    tag: str | None = None  # None: default pretrained weights
-
-    def __str__(self) -> str:
-        return self.arch + (f"@{self.cut}" if self.cut else "") + (f"+{self.tag}" if self.tag else "")
-
-
-def list_encoders() -> list[str]:
-    """Every architecture and every cut point, as encoder ids with default weights."""
-    return [str(EncoderId(a, c)) for a in ARCHS for c in (None, *list_cut_points(a))]
-
-
-def parse_encoder_id(text: str) -> EncoderId:
-    match = ENCODER_ID.match(text)
-    if not match:
-        raise ConfigError(
-            f"malformed encoder id {text!r}: expected ARCH[@CUT][+WEIGHTS], e.g. resnet18@layer3+random"
-        )
-    enc = EncoderId(match["arch"], match["cut"], match["tag"])
-    if enc.arch not in ARCHS:
-        raise ConfigError(f"unknown architecture {enc.arch!r} in {text!r}; known: {', '.join(ARCHS)}")
-    if enc.cut is not None and enc.cut not in list_cut_points(enc.arch):
-        valid = ", ".join(list_cut_points(enc.arch)) or "none"
-        raise ConfigError(f"unknown cut point {enc.cut!r} for {enc.arch}; valid: {valid}")
-    return enc
-
-
-def finetuned_id(encoder_id: str) -> str:
-    """The id of a fine-tuned copy: the id with ``+ft`` (``resnet18@layer3+ft``,
-    ``densenet121+kimianet+ft``), so a DVC stage can name it by appending ``+ft``."""
-    enc = parse_encoder_id(encoder_id)
-    if frozen_id(encoder_id) is not None:
-        raise ConfigError(f"{encoder_id} is already a fine-tuned id")
-    return str(EncoderId(enc.arch, enc.cut, f"{enc.tag}+{FT_TAG}" if enc.tag else FT_TAG))
-
-
-def frozen_id(encoder_id: str) -> str | None:
-    """The inverse of finetuned_id: ``X+ft`` -> ``X``; None for an id that is not fine-tuned."""
-    enc = parse_encoder_id(encoder_id)
-    if enc.tag == FT_TAG:
-        return str(EncoderId(enc.arch, enc.cut, None))
-    if enc.tag is not None and enc.tag.endswith(f"+{FT_TAG}"):
-        return str(EncoderId(enc.arch, enc.cut, enc.tag.removesuffix(f"+{FT_TAG}")))
-    return None
 
 
 def _timm_model(arch: str, *, pretrained: bool | str = False, num_classes: int = 0) -> nn.Module:
@@ -155,18 +78,12 @@ def _cut_name(module_path: str) -> str:
     return module_path if child.isdigit() else (child or container)
 
 
-_CUT_CACHE: dict[str, list[str]] = {}
-
-
-def list_cut_points(arch: str) -> list[str]:
-    """Block boundaries the network can be cut after (layer1..4, denseblock1, transition1, blocks.3)."""
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    if arch not in _CUT_CACHE:
-        with torch.device("meta"):
-            path = trunk_path(_timm_model(arch), ARCHS[arch])
-        _CUT_CACHE[arch] = [_cut_name(p) for p in path or [] if _cut_name(p) not in STEM_MODULES]
-    return _CUT_CACHE[arch]
+def trunk_cut_points(arch: str) -> list[str]:
+    """The cut points of ``arch`` as its timm model has them (built on the meta device): what the
+    registry's static ``ArchSpec.cuts`` must equal (a test checks it)."""
+    with torch.device("meta"):
+        path = trunk_path(_timm_model(arch), ARCHS[arch])
+    return [_cut_name(p) for p in path or [] if _cut_name(p) not in STEM_MODULES]
 
 
 class PatchEncoder(nn.Module):

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
 from histotransfer.features.bags import BagStore, FeaturesError
-from histotransfer.features.encoders import Encoder, build_encoder, finetuned_id
+from histotransfer.features.encoders import Encoder, build_encoder
 from histotransfer.features.extraction import EngineSettings, extract_cohort
+from histotransfer.features.registry import finetuned_id
 from histotransfer.finetune.training import finetune, make_bags, save_finetuned, save_selection
 from histotransfer.layout import SUMMARY, MILLayout, StudyLayout
 from histotransfer.manifest import SlideRecord

@@ -20,13 +20,12 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.features.bags import BagStore, FeaturesError
-from histotransfer.features.encoders import parse_encoder_id
+from histotransfer.features.registry import parse_encoder_id
 from histotransfer.layout import CohortLayout, MILLayout, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil.evaluation import (
@@ -36,6 +35,7 @@ from histotransfer.mil.evaluation import (
     seed_summary,
     with_confidence,
 )
+from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.mil.splits import Fold, make_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
@@ -72,49 +72,6 @@ class LesionMasks:
             mask, mask_downsample=(d, d), coords_lv0=coords, patch_size_lv0=patch_size_level0
         )
         return inside >= fraction
-
-
-@dataclass
-class MILResult:
-    encoder_id: str
-    out_dir: Path
-    metrics: dict[str, Any]
-    reused: bool
-
-    @classmethod
-    def load(cls, out_dir: Path) -> MILResult:
-        """A finished MIL result from its folder (``metrics.json`` is written last)."""
-        metrics = json.loads(MILLayout(Path(out_dir)).metrics.read_text())
-        return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
-
-    def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Out-of-fold (labels, probabilities (n, classes), predicted classes) from predictions.csv,
-        class indices in ``metrics["classes"]`` order."""
-        classes = self.metrics["classes"]
-        with MILLayout(self.out_dir).predictions.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        y = np.array([classes.index(row["label"]) for row in rows], dtype=int)
-        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]).reshape(len(rows), -1)
-        predicted = np.array([classes.index(row["prediction"]) for row in rows], dtype=int)
-        return y, probs, predicted
-
-    @classmethod
-    def load_all(cls, mil_dir: Path) -> list[MILResult]:
-        """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
-        return [cls.load(m.dir) for m in MILLayout.finished(mil_dir)]
-
-    def rank_key(self) -> tuple[float, float, float]:
-        """Sort key, best first: pooled AUC, then balanced accuracy, then attention localisation."""
-
-        def value(x: float | None) -> float:
-            return -(x if x is not None else -1.0)
-
-        pooled = self.metrics["pooled"]
-        return (
-            value(pooled["auc"]["value"]),
-            value(pooled["balanced_accuracy"]["value"]),
-            value(self.metrics["localisation"]["mean_auroc"]),
-        )
 
 
 def _stage_config(
@@ -165,32 +122,6 @@ def _write_attention(path: Path, pred: SlidePrediction, coords: np.ndarray) -> N
         f.create_dataset("attention", data=pred.attention.astype(np.float32))  # (n_tiles,)
         f.create_dataset("coords", data=coords)  # (n_tiles, 2), same order as tiles and features
         f.attrs.update(slide_id=pred.slide_id, fold=pred.fold)
-
-
-def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(fpr, tpr, thresholds) of the positive (second) class; None when a class is absent or there are >2."""
-    if probs.shape[1] != 2 or len(np.unique(y_true)) < 2:
-        return None
-    return roc_curve(y_true, probs[:, 1])
-
-
-def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(fpr, tpr) of binary_roc."""
-    roc = binary_roc(y_true, probs)
-    return None if roc is None else (roc[0], roc[1])
-
-
-def class_rocs(
-    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
-) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """One-vs-rest (fpr, tpr, auc) per class present with others (a multi-class study's curves)."""
-    curves = {}
-    for k, name in enumerate(classes):
-        positive = y_true == k
-        if positive.any() and not positive.all():
-            fpr, tpr, _ = roc_curve(positive, probs[:, k])
-            curves[name] = (fpr, tpr, float(roc_auc_score(positive, probs[:, k])))
-    return curves
 
 
 def _encoder_id(recorded: str, features_dir: Path) -> str:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the heavy modules are imported by the stage that needs them
     from histotransfer.features.encoders import Encoder
     from histotransfer.features.extraction import EngineSettings
     from histotransfer.finetune.study import FinetuneOutputs
-    from histotransfer.mil.study import MILResult
+    from histotransfer.mil.results import MILResult
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,8 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
-    from histotransfer.features.encoders import build_encoder, finetuned_id
+    from histotransfer.features.encoders import build_encoder
+    from histotransfer.features.registry import finetuned_id
 
     fold = config.cka.fold
     engine(config)
@@ -319,7 +320,7 @@ def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = N
     """The best of ``results`` (default: every finished MIL result of the study), as the report ranks
     them (its first row)."""
     from histotransfer.deploy.export import best_result
-    from histotransfer.mil.study import MILResult
+    from histotransfer.mil.results import MILResult
 
     results = MILResult.load_all(layout.mil) if results is None else results
     if not results:
@@ -345,7 +346,7 @@ def export(
     for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
     from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
-    from histotransfer.features.encoders import frozen_id
+    from histotransfer.features.registry import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     out = Path(out) if out is not None else layout.bundle(config.export.name)
@@ -381,7 +382,7 @@ def report(
     """``report/index.html`` and ``summary.md``: of ``results``, ``cka`` and ``bundle`` (defaults: every
     finished MIL result and CKA comparison of the study, its one bundle if it has one); ``tracking``:
     also DVC's ``metrics.json`` and ``plots/``."""
-    from histotransfer.mil.study import MILResult
+    from histotransfer.mil.results import MILResult
     from histotransfer.report import write_report, write_tracking
 
     if results is None:

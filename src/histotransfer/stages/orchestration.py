@@ -304,7 +304,7 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     import numpy as np
     from sklearn.metrics import confusion_matrix
 
-    from histotransfer.mil.study import MILResult, binary_roc
+    from histotransfer.mil.results import MILResult, binary_roc
 
     result = MILResult.load(mil_dir)
     metrics, classes = result.metrics, result.metrics["classes"]

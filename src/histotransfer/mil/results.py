@@ -1,0 +1,86 @@
+"""A finished MIL result and its ROC curves, read back from the files the MIL stage wrote. Torch-free:
+the report, export's choice of model and the pipelines' metrics read results without importing torch
+(histotransfer.mil.study, which trains them, re-exports all of this)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from histotransfer.layout import MILLayout
+
+
+@dataclass
+class MILResult:
+    encoder_id: str
+    out_dir: Path
+    metrics: dict[str, Any]
+    reused: bool
+
+    @classmethod
+    def load(cls, out_dir: Path) -> MILResult:
+        """A finished MIL result from its folder (``metrics.json`` is written last)."""
+        metrics = json.loads(MILLayout(Path(out_dir)).metrics.read_text())
+        return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
+
+    def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Out-of-fold (labels, probabilities (n, classes), predicted classes) from predictions.csv,
+        class indices in ``metrics["classes"]`` order."""
+        classes = self.metrics["classes"]
+        with MILLayout(self.out_dir).predictions.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        y = np.array([classes.index(row["label"]) for row in rows], dtype=int)
+        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]).reshape(len(rows), -1)
+        predicted = np.array([classes.index(row["prediction"]) for row in rows], dtype=int)
+        return y, probs, predicted
+
+    @classmethod
+    def load_all(cls, mil_dir: Path) -> list[MILResult]:
+        """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
+        return [cls.load(m.dir) for m in MILLayout.finished(mil_dir)]
+
+    def rank_key(self) -> tuple[float, float, float]:
+        """Sort key, best first: pooled AUC, then balanced accuracy, then attention localisation."""
+
+        def value(x: float | None) -> float:
+            return -(x if x is not None else -1.0)
+
+        pooled = self.metrics["pooled"]
+        return (
+            value(pooled["auc"]["value"]),
+            value(pooled["balanced_accuracy"]["value"]),
+            value(self.metrics["localisation"]["mean_auroc"]),
+        )
+
+
+def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(fpr, tpr, thresholds) of the positive (second) class; None when a class is absent or there are >2."""
+    if probs.shape[1] != 2 or len(np.unique(y_true)) < 2:
+        return None
+    return roc_curve(y_true, probs[:, 1])
+
+
+def roc_points(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fpr, tpr) of binary_roc."""
+    roc = binary_roc(y_true, probs)
+    return None if roc is None else (roc[0], roc[1])
+
+
+def class_rocs(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """One-vs-rest (fpr, tpr, auc) per class present with others (a multi-class study's curves)."""
+    curves = {}
+    for k, name in enumerate(classes):
+        positive = y_true == k
+        if positive.any() and not positive.all():
+            fpr, tpr, _ = roc_curve(positive, probs[:, k])
+            curves[name] = (fpr, tpr, float(roc_auc_score(positive, probs[:, k])))
+    return curves
