@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str
     return args
 
 
-def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: list[Path]):
+def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: Sequence[Path]):
     """kfp.local's DockerRunner for ``image``: each step runs in it as the image's user (uid 10001, as
     on a cluster) or ``user``, with the pipeline root and ``mounts`` (read-only, same path) mounted."""
     import docker
@@ -87,6 +88,7 @@ def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: lis
     for folder in mounts:
         if not folder.is_dir():
             raise ConfigError(f"--mount {folder}: not a folder")
+    pipeline_root.mkdir(parents=True, exist_ok=True)  # only once the run can start
     if user is None:  # the image's user must write the artifacts: the root is shared like /tmp
         pipeline_root.chmod(0o1777)
     return local.DockerRunner(
@@ -104,7 +106,7 @@ def run_local(
     runner: str = "subprocess",
     image: str | None = None,
     user: str | None = None,
-    mounts: list[Path] = (),
+    mounts: Sequence[Path] = (),
 ) -> Path | None:
     """Run a pipeline with kfp.local, in this environment or under Docker; the study returns its report
     page."""
@@ -113,12 +115,12 @@ def run_local(
     from components.image import IMAGE
 
     run_arguments = arguments(config, params, pipeline)  # fails before anything is made
-    pipeline_root.mkdir(parents=True, exist_ok=True)
     if runner == "docker":
         image = image or IMAGE
         engine = docker_runner(image, pipeline_root, user, [m.absolute() for m in mounts])
         options = PipelineOptions(image=image)
     else:
+        pipeline_root.mkdir(parents=True, exist_ok=True)
         engine, options = local.SubprocessRunner(use_venv=False), PipelineOptions()
     local.init(runner=engine, pipeline_root=str(pipeline_root))
     task = build(pipeline, options)(**run_arguments)

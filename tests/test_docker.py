@@ -234,6 +234,7 @@ def test_the_docker_runner_names_an_image_that_is_not_built(engine, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "image histotransfer-missing:0 is not on this machine: build it" in proc.stderr
+    assert not (tmp_path / "kfp").exists()
 
 
 def test_the_inference_pipeline_runs_under_the_docker_runner(chain, tmp_path):
