@@ -276,6 +276,11 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "not found: tile the cohort first",
     ),
+    "cka of a study that was never tiled": Case(
+        lambda w, t: ["cka", str(w.manifest), "--study", str(t / "s"), "--encoder", "resnet18+random"],
+        EXIT_BAD_INPUT,
+        "not found: tile the cohort first",
+    ),
     "train --out the features it reads": Case(
         lambda w, t: ["train", str(w.small), "--features", str(w.features), "--out", str(w.features.parent)],
         EXIT_BAD_INPUT,

@@ -83,6 +83,7 @@ def _tagged_study(tmp_path: Path, sample_cohort: Path) -> tuple[Path, Path, str]
         f"finetune: {{encoders: [{encoder_id}]}}\ncka: {{fold: 0, tiles: 8, batch_size: 4}}\n"
     )
     layout = StudyLayout.at(tmp_path / "study")
+    layout.tiles.mkdir(parents=True)  # cka reads tiles (sampled by a fake in the test below)
     layout.mil_result(encoder_id).dir.mkdir(parents=True)
     layout.mil_result(encoder_id).metrics.write_text("{}")
     tuned = layout.finetune_fold(encoder_id, 0).encoder

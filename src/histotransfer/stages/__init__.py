@@ -302,7 +302,7 @@ def cka(
 
     fold = config.cka.fold
     engine(config)
-    claim_output(layout.cka, "cka", inputs=[layout.tiles])
+    claim_output(layout.cka, "cka", inputs=[tiles_folder(layout)])
     tuned_weights = layout.finetune_fold(encoder_id, fold).encoder
     if not tuned_weights.is_file():
         raise FeaturesError(
