@@ -219,3 +219,24 @@ def test_killed_run_leaves_no_half_file_and_rerun_finishes(sample_cohort, tmp_pa
     assert not list(out.glob("*.partial"))
     with h5py.File(out / "sample-000.h5", "r") as f:
         assert f["coords"].shape[0] == f["tissue_fraction"].shape[0] > 0
+
+
+def test_qc_picture_is_the_mask_level_with_tiles_drawn_and_can_be_switched_off(tmp_path):
+    """The QC picture comes from the mask's own read (no second read of the slide), at most
+    qc_max_side_px, tissue outlined in green and kept tiles in blue; qc_image=false writes none and
+    leaves the tiles and their config hash as they were."""
+    rgb = synthetic_slide_rgb(GOLDEN_SIZE, [GOLDEN_TISSUE])
+    slide = write_aperio_svs(tmp_path / "golden.svs", rgb, mpp=GOLDEN_MPP, downsamples=(4, 16))
+    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "golden", "path": str(slide), "label": "x"}])
+    records = read_manifest(manifest)
+    tile_cohort(records, out_dir=tmp_path / "qc", tiling=TilingConfig(qc_max_side_px=100))
+    qc = np.asarray(Image.open(tmp_path / "qc" / "golden.png"))
+    assert max(qc.shape[:2]) <= 100
+    assert ((qc == (30, 60, 220)).all(axis=2)).sum() > 50  # kept tiles' outlines
+    assert ((qc == (0, 170, 0)).all(axis=2)).sum() > 20  # the tissue outline
+    off_config = TilingConfig(qc_max_side_px=100, qc_image=False)
+    tile_cohort(records, out_dir=tmp_path / "off", tiling=off_config)
+    assert not (tmp_path / "off" / "golden.png").exists()
+    on, off = load_tiles(tmp_path / "qc" / "golden.h5"), load_tiles(tmp_path / "off" / "golden.h5")
+    assert np.array_equal(on.coords, off.coords)
+    assert on.config_hash == off.config_hash  # the switch changes no tile: no re-tiling, no re-extraction

@@ -58,3 +58,42 @@ def test_black_ink_is_dark_grey_and_dark_stained_tissue_is_not():
 def test_optical_density_of_glass_is_low_and_of_dark_tissue_high():
     od = optical_density(np.array([[[240, 240, 240], [60, 20, 80]]], dtype=np.uint8))
     assert od[0, 0] < 0.1 < 1.0 < od[0, 1]
+
+
+def _h_and_e_like(shape, seed):
+    """Random pixels over every hue and saturation, with runs of glass and of equal colours (ties)."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    rgb[: shape[0] // 4] = rng.integers(230, 256, size=(shape[0] // 4, shape[1], 1), dtype=np.uint8)
+    rgb[-8:, :, 1] = rgb[-8:, :, 0]  # red and green tied for brightest
+    rgb[-16:-8, :, 2] = rgb[-16:-8, :, 0]  # red and blue tied
+    return rgb
+
+
+def test_fast_paths_equal_the_plain_formulas_bit_for_bit():
+    """Saturation by table, optical density by table, the median by rank filter and the hue only where
+    it can fall in the pen range: the same values as the formulas they replace (tiles stay identical)."""
+    from scipy import ndimage
+    from skimage.color import rgb2hsv
+
+    from histotransfer.wsi.tissue import median_filter
+
+    rgb = _h_and_e_like((203, 157), seed=0)
+    wide = rgb.astype(np.int32)
+    cmax, cmin = wide.max(axis=2), wide.min(axis=2)
+    plain_sat = np.zeros(cmax.shape, dtype=np.int32)
+    np.divide((cmax - cmin) * 255, cmax, out=plain_sat, where=cmax > 0, casting="unsafe")
+    assert np.array_equal(saturation(rgb), plain_sat.astype(np.uint8))
+    plain_od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0).mean(axis=2)
+    assert np.array_equal(optical_density(rgb), plain_od)
+    sat = saturation(rgb)
+    for size in (3, 4, 5, 7):
+        for threads in (1, 3):  # 203 rows: one band, or three of 67-68 rows
+            plain = ndimage.median_filter(sat, size=size)
+            assert np.array_equal(median_filter(sat, size, threads=threads), plain), (size, threads)
+    for hue_range in ((60.0, 245.0), (10.0, 350.0), (200.0, 320.0)):  # inside and beyond red's sector
+        hue = rgb2hsv(rgb)[..., 0] * 360.0
+        plain = ((hue >= hue_range[0]) & (hue <= hue_range[1]) & (sat > 20)) | (
+            (rgb.max(axis=2) < 90) & (sat < 80)
+        )
+        assert np.array_equal(pen_mask(rgb, hue_deg=hue_range, min_saturation=20), plain), hue_range

@@ -48,7 +48,8 @@ class TilingConfig(_Section):
         description="drop tiles more saturated than this times the slide's median tile (folds); None: keep",
     )
     mpp_tolerance: float = Field(0.1, ge=0.0, le=1.0, description="see docs/adr/0001")
-    qc_max_side_px: int = Field(1200, ge=64)
+    qc_image: bool = Field(True, description="write the QC picture tiles/{slide_id}.png")
+    qc_max_side_px: int = Field(1200, ge=64, description="QC picture's longest side, at most")
     tissue: TissueConfig = TissueConfig()
 
 

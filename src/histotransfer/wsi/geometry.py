@@ -127,7 +127,8 @@ def footprint_means(
     """
     h, w = values.shape
     sat = np.zeros((h + 1, w + 1), dtype=np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(values.astype(np.float64), axis=0), axis=1)
+    np.cumsum(values, axis=0, dtype=np.float64, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
     dx, dy = downsample
     x0 = np.clip(np.rint(coords_lv0[:, 0] / dx).astype(np.int64), 0, w - 1)
     y0 = np.clip(np.rint(coords_lv0[:, 1] / dy).astype(np.int64), 0, h - 1)

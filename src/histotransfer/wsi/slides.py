@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,23 +99,35 @@ def slide_info(slide: openslide.OpenSlide, manifest_mpp: float | None, *, name: 
 def read_rgb(
     slide: openslide.OpenSlide, xy_lv0: tuple[int, int], level: int, size: tuple[int, int]
 ) -> np.ndarray:
-    """(h, w, 3) uint8 region; transparent pixels (outside the scanned area) become white."""
-    rgba = np.asarray(slide.read_region((int(xy_lv0[0]), int(xy_lv0[1])), level, size))
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255
+    """(h, w, 3) uint8 region, writable; transparent pixels (outside the scanned area) become white."""
+    rgba = slide.read_region((int(xy_lv0[0]), int(xy_lv0[1])), level, size)
+    rgb = np.array(rgba.convert("RGB"))  # Pillow splits the bands contiguously: ~3x numpy's strided copy
+    clear = np.asarray(rgba.getchannel("A")) == 0
+    if clear.any():
+        rgb[clear] = 255
     return rgb
+
+
+def read_level_reductions(
+    slide: openslide.OpenSlide, level: int, factors: Sequence[int], strip_px: int = 4096
+) -> list[np.ndarray]:
+    """A whole level, box-downscaled by each integer factor, from one read in strips (bounded memory)."""
+    width, height = slide.level_dimensions[level]
+    downsample = slide.level_downsamples[level]
+    step = math.lcm(*factors)  # every strip boundary falls on a whole output row of every factor
+    strip = max(step, strip_px - strip_px % step)
+    rows: list[list[np.ndarray]] = [[] for _ in factors]
+    for y in range(0, height, strip):
+        h = min(strip, height - y)
+        region = read_rgb(slide, (0, round(y * downsample)), level, (width, h))
+        image = Image.fromarray(region)
+        for out, factor in zip(rows, factors, strict=True):
+            out.append(np.asarray(image.reduce(factor)) if factor > 1 else region)
+    return [np.concatenate(out, axis=0) for out in rows]
 
 
 def read_level_reduced(
     slide: openslide.OpenSlide, level: int, factor: int, strip_px: int = 4096
 ) -> np.ndarray:
     """A whole level, box-downscaled by an integer factor, read in strips to bound memory."""
-    width, height = slide.level_dimensions[level]
-    downsample = slide.level_downsamples[level]
-    strip = max(factor, strip_px - strip_px % factor)
-    rows = []
-    for y in range(0, height, strip):
-        h = min(strip, height - y)
-        region = read_rgb(slide, (0, round(y * downsample)), level, (width, h))
-        rows.append(np.asarray(Image.fromarray(region).reduce(factor)) if factor > 1 else region)
-    return np.concatenate(rows, axis=0)
+    return read_level_reductions(slide, level, [factor], strip_px)[0]
