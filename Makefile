@@ -41,7 +41,9 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_tiling.py
-	$(BIN)/python benchmarks/bench_extract.py --encoder efficientnet_lite0 --encoder resnet18+random
+	$(BIN)/python benchmarks/bench_extract.py --encoder efficientnet_lite0 --encoder resnet50@layer3+random \
+		--encoder resnet18+random
+	$(BIN)/python benchmarks/bench_finetune.py
 	$(BIN)/python benchmarks/bench_onnx.py
 	$(BIN)/python benchmarks/bench_cka.py
 

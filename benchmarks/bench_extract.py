@@ -26,6 +26,12 @@ from histotransfer.manifest import SlideRecord
 from histotransfer.wsi.tiling import load_tiles, tile_slide
 
 
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,7 +58,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--pieces", type=int, default=4, help="tissue pieces of the benchmark slide")
+    parser.add_argument("--pieces", type=int, default=12, help="tissue pieces of the benchmark slide")
+    parser.add_argument("--backend", action="append", choices=["torch", "onnxruntime"], help="default: both")
     args = parser.parse_args()
     slide = benchmark_slide(args.pieces)
     with tempfile.TemporaryDirectory() as out:
@@ -66,17 +73,25 @@ def main() -> None:
     rows = []
     for encoder_id in args.encoder or ["efficientnet_lite0"]:
         encoder = build_encoder(encoder_id)
-        for backend in ("torch", "onnxruntime"):
+        for backend in args.backend or ("torch", "onnxruntime"):
             settings = EngineSettings.resolve(
                 device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, backend=backend
             )
-            if backend == "onnxruntime" and settings.device.type == "cuda":
-                continue  # the GPU path is torch; ONNX on GPU is measured by bench_onnx (issue 7)
+            if backend == "onnxruntime" and settings.device.type == "cuda" and not _ort_cuda():
+                print(f"{encoder_id}: onnxruntime offers no CUDAExecutionProvider here (onnxruntime-gpu)")
+                continue
             runner = make_runner(encoder, settings)
             ceiling = model_only(runner, encoder, len(tiles.coords), settings.batch_size, tiles.patch_size_px)
             start = time.perf_counter()
-            extract_tiles(runner, encoder, slide, tiles, settings)
+            split: dict = {}
+            extract_tiles(runner, encoder, slide, tiles, settings, split=split)
             e2e = len(tiles.coords) / (time.perf_counter() - start)
+            if split:
+                print(
+                    f"{encoder_id} {backend}: reading {split['read_ms']:.2f} ms/tile on one thread, "
+                    f"model {split['model_ms']:.2f} ms/tile on {split['cpus']} cores -> "
+                    f"{split['readers']} reader thread(s)"
+                )
             rows.append((encoder_id, backend, settings, ceiling, e2e))
     print(
         f"{'encoder':<26}{'backend':<13}{'device':<8}{'batch':>6}{'workers':>8}{'model-only':>12}"
@@ -84,12 +99,13 @@ def main() -> None:
     )
     for encoder_id, backend, s, ceiling, e2e in rows:
         print(
-            f"{encoder_id:<26}{backend:<13}{s.device.type:<8}{s.batch_size:>6}{s.num_workers:>8}"
+            f"{encoder_id:<26}{backend:<13}{s.device.type:<8}{s.batch_size:>6}"
+            f"{s.num_workers or 'auto'!s:>8}"
             f"{ceiling:>12.1f}{e2e:>12.1f}{e2e / ceiling:>10.2f}"
         )
     by_key = {(r[0], r[1]): r for r in rows}
     for encoder_id in args.encoder or ["efficientnet_lite0"]:
-        if (encoder_id, "onnxruntime") in by_key:
+        if (encoder_id, "onnxruntime") in by_key and (encoder_id, "torch") in by_key:
             t, o = by_key[(encoder_id, "torch")], by_key[(encoder_id, "onnxruntime")]
             ratio_model, ratio_e2e = o[3] / t[3], o[4] / t[4]
             print(f"{encoder_id}: ONNX Runtime / torch: model-only {ratio_model:.2f}x, e2e {ratio_e2e:.2f}x")

@@ -16,7 +16,7 @@ Then the command itself (``histotransfer tile`` on all the slides, a fresh proce
 minus our per-slide times is the fixed start-up cost. Prints seconds per slide, the ratio ours /
 CLAM-equivalent, and how far the two tile sets agree (Jaccard).
 
-    python benchmarks/bench_tiling.py [--repeat 3]
+    python benchmarks/bench_tiling.py [--repeat 3] [--pieces 42] [--small-slides 6]
 """
 
 from __future__ import annotations
@@ -122,11 +122,13 @@ def command_wall(slides: list[Path], work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pieces", type=int, default=42, help="tissue pieces of the large 40x slide")
+    parser.add_argument("--small-slides", type=int, default=len(SMALL_SLIDES), help="how many small slides")
     args = parser.parse_args()
     tiling = TilingConfig()
     no_qc = tiling.model_copy(update={"qc_image": False})
-    slides = [("40x, 42 pieces", benchmark_slide(42))]
-    for pieces, artefacts in SMALL_SLIDES:
+    slides = [(f"40x, {args.pieces} pieces", benchmark_slide(args.pieces))]
+    for pieces, artefacts in SMALL_SLIDES[: args.small_slides]:
         name = f"{pieces} pieces {'+'.join(artefacts) or 'clean'}"
         slides.append((name, benchmark_slide(pieces, artefacts=artefacts)))
     header = f"{'slide':<24}{'level 0 px':>14}{'tiles':>7}{'ours':>8}{'no QC':>8}{'CLAM-eq':>9}{'read':>7}"

@@ -48,8 +48,10 @@ def _reference_tile(path: str, tiles, index: int, tmp_path) -> torch.Tensor:
     with openslide.OpenSlide(path) as slide:
         size = tiles.read_size_px
         image = slide.read_region((x, y), tiles.read_level, (size, size)).convert("RGB")
-    if size != tiles.patch_size_px:
-        image = image.resize((tiles.patch_size_px, tiles.patch_size_px), Image.Resampling.BILINEAR)
+    if size != tiles.patch_size_px:  # the area filter: each output pixel the rounded mean of a block
+        p, f = tiles.patch_size_px, size // tiles.patch_size_px
+        blocks = np.asarray(image).reshape(p, f, p, f, 3).astype(np.int64).sum(axis=(1, 3))
+        image = Image.fromarray(((blocks + f * f // 2) // (f * f)).astype(np.uint8))
     png = tmp_path / f"tile-{index}.png"
     image.save(png)
     return torch.from_numpy(np.asarray(Image.open(png)).copy()).permute(2, 0, 1)

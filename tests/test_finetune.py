@@ -4,6 +4,7 @@ import json
 
 import h5py
 import numpy as np
+import openslide
 import pytest
 import torch
 from torch import nn
@@ -95,6 +96,46 @@ def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
     assert losses[-1] < losses[0]
     assert result.best_epoch == int(np.argmin([h["val_loss"] for h in result.history])) + 1
     assert torch.equal(encoder.module.model.conv1.weight, before["conv1.weight"])  # the original is untouched
+
+
+def test_top_k_tiles_are_read_once_and_augmented_per_tile(small_bags, monkeypatch):
+    """Three epochs read each bag from its slide once; an augmented bag holds each tile turned and
+    perhaps mirrored (never another tile's pixels), and the history reports tiles/s per epoch."""
+    from histotransfer.finetune import training
+    from histotransfer.wsi.tiling import read_tile
+
+    reads = []
+    real = training.read_bag
+    monkeypatch.setattr(training, "read_bag", lambda bag, **kw: reads.append(bag.slide_id) or real(bag, **kw))
+    encoder = build_encoder("resnet18@layer1+random")
+    cfg = FinetuneConfig(k=4, epochs=3, lr=1e-3, patience=None)
+    result = finetune(
+        encoder,
+        AttentionMIL(encoder.dim, 2),
+        small_bags,
+        [],
+        n_classes=2,
+        cfg=cfg,
+        device=torch.device("cpu"),
+    )
+    assert sorted(reads) == sorted(b.slide_id for b in small_bags)  # once each, for all three epochs
+    assert all(h["tiles_per_s"] > 0 for h in result.history)
+    assert result.read["tiles"] == 4 * len(small_bags)
+    data = training.BagDataset(small_bags[:1], augment=True, seed=0)
+    bag = small_bags[0]
+    with openslide.OpenSlide(bag.slide_path) as slide:
+        plain = [torch.from_numpy(read_tile(slide, bag.tiles, j)).permute(2, 0, 1) for j in range(4)]
+    seen_turned = False
+    for epoch in range(4):
+        data.epoch = epoch
+        tiles, _ = data[0]
+        for j, tile in enumerate(tiles):
+            variants = [torch.rot90(plain[j], r, dims=(1, 2)) for r in range(4)]
+            variants += [v.flip(2) for v in variants]
+            assert any(torch.equal(tile, v) for v in variants), (epoch, j)
+            seen_turned |= not torch.equal(tile, plain[j])
+    assert seen_turned
+    assert torch.equal(data.tiles[0][0], plain[0])  # the decoded tiles themselves are never changed
 
 
 def test_without_validation_bags_the_last_epoch_is_kept(small_bags):

@@ -160,7 +160,12 @@ class ExtractionConfig(_Section):
     )
     device: str = Field("auto", description="auto: CUDA when present, else CPU")
     batch_size: int | None = Field(None, ge=1, description="None: 256 on GPU, 32 on CPU")
-    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; None: one per core (max 16)")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="tile readers: DataLoader workers on a GPU, threads on the CPU; None: one per core "
+        "(max 16) on a GPU, a split of the cores measured on each slide on the CPU",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: torch on GPU, ONNX Runtime on CPU (faster there)"

@@ -136,13 +136,17 @@ def verify_files(folder: Path, spec: BundleSpec) -> None:
             )
 
 
-def session(path: Path, *, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session: CUDA when the installed runtime offers it (onnxruntime-gpu), else CPU."""
+def session(path: Path, *, threads: int | None = None, providers: list[str] | None = None, spin: bool = True):
+    """An ONNX Runtime session: CUDA when the installed runtime offers it (onnxruntime-gpu), else CPU.
+    ``spin=False``: its threads sleep between operators instead of spinning, for when tile readers
+    share the cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     chosen = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)

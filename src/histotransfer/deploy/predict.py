@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,9 @@ from histotransfer.plots import attention_heatmap
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.storage import fetch_gcs, is_gcs_uri
-from histotransfer.wsi.slides import local_slide_path, open_slide
-from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tile_slide
+from histotransfer.wsi.batches import tile_batches
+from histotransfer.wsi.slides import local_slide_path
+from histotransfer.wsi.tiling import TileSet, load_tiles, tile_slide
 
 
 def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRecord]:
@@ -51,39 +50,6 @@ def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRe
             )
         path = str(local)
     return [SlideRecord(slide_id, path, label="", patient_id=slide_id, mpp=mpp)]
-
-
-def tile_batches(slide_path: Path, tiles: TileSet, *, batch_size: int, readers: int) -> Iterator[np.ndarray]:
-    """uint8 batches (b, 3, p, p) in tile order; the next batch is read while the caller works."""
-    local = threading.local()
-    handles = []
-    lock = threading.Lock()
-
-    def read(index: int) -> np.ndarray:
-        if not hasattr(local, "slide"):
-            local.slide = open_slide(slide_path)
-            with lock:
-                handles.append(local.slide)
-        return read_tile(local.slide, tiles, index)
-
-    n = len(tiles.coords)
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader") as pool:
-
-        def submit(start: int) -> list:
-            return [pool.submit(read, i) for i in range(start, min(n, start + batch_size))]
-
-        pending: list = []
-        try:
-            pending = submit(0)
-            for start in range(0, n, batch_size):
-                current, pending = pending, submit(start + batch_size)  # read ahead one batch
-                yield np.stack([f.result() for f in current]).transpose(0, 3, 1, 2)  # (b, 3, p, p)
-        finally:
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
-            for handle in handles:
-                handle.close()
 
 
 def classify_tiles(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
 from histotransfer.config import ExtractionConfig
+from histotransfer.cpus import available_cpus
 from histotransfer.deploy.bundle import check_io
 from histotransfer.deploy.bundle import session as ort_session
 from histotransfer.deploy.onnx_export import (
@@ -49,8 +50,10 @@ from histotransfer.provenance import (
     sha256_file,
 )
 from histotransfer.runner import StageResult, run_per_slide
+from histotransfer.wsi.batches import measured_batches
+from histotransfer.wsi.regions import RegionReader, open_regions
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide
-from histotransfer.wsi.tiling import TileSet, load_tiles, read_tile, tiles_config_hash
+from histotransfer.wsi.tiling import TILE_RESIZE, TileSet, load_tiles, read_tile, tiles_config_hash
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,9 +71,9 @@ class TileReader(Dataset):
     def __len__(self) -> int:
         return len(self.tiles.coords)
 
-    def _handle(self):
+    def _handle(self) -> RegionReader:
         if self._pid != os.getpid():  # a handle per process: OpenSlide handles do not survive fork
-            self._slide, self._pid = open_slide(self.slide_path), os.getpid()
+            self._slide, self._pid = open_regions(open_slide(self.slide_path), self.slide_path), os.getpid()
         return self._slide
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -99,7 +102,7 @@ BACKENDS = ("torch", "onnxruntime")
 class EngineSettings:
     device: torch.device
     batch_size: int
-    num_workers: int
+    num_workers: int | None  # tile readers; None on the CPU: split measured per slide (wsi.batches)
     precision: str  # "fp32", "bf16" or "fp16"; always fp32 on the CPU and with onnxruntime
     backend: str  # "torch" or "onnxruntime"
 
@@ -115,7 +118,8 @@ class EngineSettings:
     ) -> EngineSettings:
         """Settings from the extraction section's fields (None: the schema's default). Its "auto"s:
         CUDA with torch and bf16 when present; else the CPU with ONNX Runtime (faster there, see
-        benchmarks/bench_extract.py); batch 256 on GPU, 32 on CPU; a worker per core."""
+        benchmarks/bench_extract.py); batch 256 on GPU, 32 on CPU; on a GPU a DataLoader worker per
+        core (at most 16), on the CPU reader threads split from the cores by measurement (None)."""
         schema = ExtractionConfig.model_fields
         device = device or schema["device"].default
         precision = precision or schema["precision"].default
@@ -134,8 +138,9 @@ class EngineSettings:
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
         if not cuda or backend == "onnxruntime":
             precision = "fp32"
-        cpus = os.cpu_count() or 1
-        workers = num_workers if num_workers is not None else min(16, cpus)  # tile decoding is the bottleneck
+        workers = num_workers
+        if workers is None and cuda:
+            workers = min(16, available_cpus())  # the GPU waits on tile decoding: every core reads
         return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend)
 
 
@@ -232,7 +237,8 @@ class OrtRunner:
         if recorded != (actual := sha256_file(path)):
             raise BundleError(f"its content (sha256 {actual[:12]}...) is not what was written ({recorded})")
         try:
-            session = ort_session(path, threads=torch.get_num_threads(), providers=self._providers)
+            # Every core, sleeping rather than spinning between operators: reader threads share them.
+            session = ort_session(path, threads=available_cpus(), providers=self._providers, spin=False)
         except Exception as exc:  # onnxruntime raises its own, unexported error types
             raise BundleError(f"ONNX Runtime cannot load it ({type(exc).__name__})") from exc
         inputs = {ENCODER_INPUT: ("tensor(uint8)", [None, 3, tile_px, tile_px])}
@@ -274,12 +280,29 @@ def encode_batches(runner, batches, n_tiles: int, dim: int, desc: str = "") -> n
 
 
 def extract_tiles(
-    runner, encoder: Encoder, slide_path: Path, tiles: TileSet, settings: EngineSettings
+    runner,
+    encoder: Encoder,
+    slide_path: Path,
+    tiles: TileSet,
+    settings: EngineSettings,
+    split: dict | None = None,
 ) -> np.ndarray:
-    """Features (n_tiles, dim) of one slide's tiles, read on the fly."""
+    """Features (n_tiles, dim) of one slide's tiles, read on the fly: on the CPU by reader threads
+    beside the model (``measured_batches``), on a GPU by DataLoader worker processes into pinned
+    memory. ``split``: receives the CPU split measured (see ``measured_batches``)."""
     with open_slide(slide_path):  # fail here, with a short message, before workers start
         pass
-    workers = settings.num_workers
+    n = len(tiles.coords)
+    if settings.device.type == "cpu":
+        batches = measured_batches(
+            slide_path,
+            tiles,
+            batch_size=settings.batch_size,
+            readers=settings.num_workers or None,
+            split=split,
+        )
+        return encode_batches(runner, map(torch.from_numpy, batches), n, encoder.dim, desc=tiles.slide_id)
+    workers = settings.num_workers or 0
     loader = DataLoader(
         TileReader(slide_path, tiles),
         batch_size=settings.batch_size,
@@ -290,7 +313,7 @@ def extract_tiles(
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
     )
-    return encode_batches(runner, loader, len(tiles.coords), encoder.dim, desc=tiles.slide_id)
+    return encode_batches(runner, loader, n, encoder.dim, desc=tiles.slide_id)
 
 
 def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[str, Any]:
@@ -299,6 +322,7 @@ def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[s
         "encoder": encoder.provenance(),
         "tiles_config_hash": tiles_hash,
         "precision": precision,
+        "tile_resize": TILE_RESIZE,
     }
 
 
@@ -314,6 +338,7 @@ def write_features(
         f.attrs.update(mean=encoder.mean, std=encoder.std, precision=precision, backend=settings.backend)
         f.attrs.update(slide_id=tiles.slide_id)
         f.attrs.update(patch_size_px=tiles.patch_size_px, target_mpp=tiles.target_mpp)
+        f.attrs.update(tile_resize=TILE_RESIZE)
         f.create_dataset("features", data=features.astype(np.float32))  # (n_tiles, dim)
         f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2) same order as the tiles file
 

@@ -104,7 +104,6 @@ def finetune_study(
                 n_classes=len(classes),
                 cfg=cfg,
                 device=settings.device,
-                num_workers=min(settings.num_workers, 4),
             )
             parts = {"train": list(fold.train), "val": list(fold.val), "test": list(fold.test)}
             save_finetuned(out, result, parts, cfg, expected)

@@ -23,13 +23,13 @@ from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
+from histotransfer.wsi.regions import RegionReader, SlideRegions
 from histotransfer.wsi.slides import (
     SlideError,
     SlideInfo,
     local_slide_path,
     open_slide,
     read_level_reductions,
-    read_rgb,
     slide_info,
 )
 from histotransfer.wsi.tissue import detect_tissue, optical_density, pen_mask, saturation
@@ -303,21 +303,34 @@ def load_tiles(path: Path) -> TileSet:
         )
 
 
-def read_tile(slide: openslide.OpenSlide, tiles: TileSet, index: int) -> np.ndarray:
-    """Tile ``index`` as uint8 (patch, patch, 3): read at the tiles file's level, resized to the tile size.
+# How a tile read at a level finer than the target becomes a tile: an area (box) filter, Image.reduce
+# for whole factors (the usual 2x of a 40x scan read for 0.5 um/px). Recorded in the features'
+# provenance; until issue 17 it was a bilinear resize (see docs/adr/0014-read-path.md).
+TILE_RESIZE = "area"
 
-    Raises SlideError naming the slide and the tile when OpenSlide cannot read it.
+
+def read_tile(regions: RegionReader | openslide.OpenSlide, tiles: TileSet, index: int) -> np.ndarray:
+    """Tile ``index`` as writable uint8 (patch, patch, 3): read at the tiles file's level (through
+    ``regions``, see histotransfer.wsi.regions, or an OpenSlide handle), area-filtered to the tile size.
+
+    Raises SlideError naming the slide and the tile when it cannot be read.
     """
+    if isinstance(regions, openslide.OpenSlide):
+        regions = SlideRegions(regions)
     size, (x, y) = tiles.read_size_px, tiles.coords[index]
     try:
-        rgb = read_rgb(slide, (x, y), tiles.read_level, (size, size))  # (s, s, 3)
-    except openslide.OpenSlideError as exc:
+        rgb = regions.read((x, y), tiles.read_level, (size, size))  # (s, s, 3)
+    except (openslide.OpenSlideError, OSError, RuntimeError, ValueError) as exc:
         raise SlideError(
             f"{tiles.slide_path}: cannot read the tile at ({x}, {y}) level {tiles.read_level}: {exc}"
         ) from exc
-    if size != tiles.patch_size_px:
-        p = tiles.patch_size_px
-        rgb = np.array(Image.fromarray(rgb).resize((p, p), Image.Resampling.BILINEAR))  # writable copy
+    p = tiles.patch_size_px
+    if size != p:
+        image = Image.fromarray(rgb)
+        if size % p == 0:
+            rgb = np.array(image.reduce(size // p))  # the mean of each factor x factor block
+        else:
+            rgb = np.array(image.resize((p, p), Image.Resampling.BOX))
     return rgb
 
 
