@@ -34,6 +34,8 @@ from histotransfer.wsi.slides import (
 )
 from histotransfer.wsi.tissue import detect_tissue, optical_density, pen_mask, saturation
 
+STRIP_PX = 4096  # rows of a level read at once for the mask (read_level_reductions)
+
 
 def mask_source(info: SlideInfo, mask_mpp: float) -> tuple[int, int]:
     """(level, integer reduction factor) giving an image close to ``mask_mpp`` without upsampling."""
@@ -77,8 +79,11 @@ def compute_tissue_mask(
     level, factor = mask_source(info, config.mask_mpp)
     factors = [factor]
     if picture_side_px is not None:
-        factors.append(max(1, math.ceil(max(info.level_dimensions[level]) / picture_side_px)))
-    low, *picture = read_level_reductions(slide, level, factors)  # (h, w, 3)
+        reduce_by = max(1, math.ceil(max(info.level_dimensions[level]) / picture_side_px))
+        if math.lcm(factor, reduce_by) > STRIP_PX:  # strips hold whole rows of both: keep them small
+            reduce_by = math.ceil(reduce_by / factor) * factor
+        factors.append(reduce_by)
+    low, *picture = read_level_reductions(slide, level, factors, STRIP_PX)  # (h, w, 3)
     image_mpp = info.mpp * info.level_downsamples[level] * factor
     sat = saturation(low)
     ink = np.zeros(low.shape[:2], dtype=bool)
