@@ -89,7 +89,9 @@ def test_measured_batches_are_the_tiles_in_order(slide_path, tmp_path):
     split: dict = {}
     measured = np.concatenate(list(measured_batches(slide_path, tiles, batch_size=3, split=split)))
     fixed = np.concatenate(list(tile_batches(slide_path, tiles, batch_size=5, readers=2)))
+    inline = np.concatenate(list(tile_batches(slide_path, tiles, batch_size=4, readers=0, start=2)))
     assert measured.shape == (len(tiles.coords), 3, 224, 224)
     np.testing.assert_array_equal(measured, fixed)
+    np.testing.assert_array_equal(inline, fixed[2:])
     assert split["readers"] >= 1
     assert split["cpus"] >= 1

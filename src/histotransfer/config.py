@@ -163,8 +163,9 @@ class ExtractionConfig(_Section):
     num_workers: int | None = Field(
         None,
         ge=0,
-        description="tile readers: DataLoader workers on a GPU, threads on the CPU; None: one per core "
-        "(max 16) on a GPU, a split of the cores measured on each slide on the CPU",
+        description="tile readers: DataLoader workers on a GPU, threads on the CPU (0: none, the model's "
+        "thread reads); None: one per core (max 16) on a GPU, a split of the cores measured on each slide "
+        "on the CPU",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime"] = Field(

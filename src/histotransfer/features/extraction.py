@@ -298,7 +298,7 @@ def extract_tiles(
             slide_path,
             tiles,
             batch_size=settings.batch_size,
-            readers=settings.num_workers or None,
+            readers=settings.num_workers,  # None: measured; 0: read in this thread
             split=split,
         )
         return encode_batches(runner, map(torch.from_numpy, batches), n, encoder.dim, desc=tiles.slide_id)

@@ -32,7 +32,20 @@ def tile_batches(
     slide_path: Path, tiles: TileSet, *, batch_size: int, readers: int, start: int = 0
 ) -> Iterator[np.ndarray]:
     """uint8 batches (b, 3, p, p) in tile order from tile ``start`` on; ``readers`` threads (each with
-    its own slide handle) read the next batch while the caller works on this one."""
+    its own slide handle) read the next batch while the caller works on this one; 0: the caller's
+    thread reads each batch when it asks for it."""
+    n = len(tiles.coords)
+    if readers == 0:
+        slide = open_slide(slide_path)
+        regions = open_regions(slide, slide_path)
+        try:
+            for first in range(start, n, batch_size):
+                batch = [read_tile(regions, tiles, i) for i in range(first, min(n, first + batch_size))]
+                yield np.stack(batch).transpose(0, 3, 1, 2)
+        finally:
+            regions.close()
+            slide.close()
+        return
     local = threading.local()
     handles = []
     lock = threading.Lock()
@@ -45,7 +58,6 @@ def tile_batches(
                 handles.extend([local.regions, slide])
         return read_tile(local.regions, tiles, index)
 
-    n = len(tiles.coords)
     with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="tile-reader") as pool:
 
         def submit(first: int) -> list:
