@@ -100,16 +100,14 @@ def measured_batches(
     n, cpus = len(tiles.coords), cpus or available_cpus()
     first = 0
     if readers is None:
-        slide = open_slide(slide_path)
-        regions = open_regions(slide, slide_path)
+        inline = tile_batches(slide_path, tiles, batch_size=batch_size, readers=0)
         read_s = model_s = 0.0
         try:
             for probe in range(2):
-                if first >= n:
-                    return
                 started = time.perf_counter()
-                indices = range(first, min(n, first + batch_size))
-                batch = np.stack([read_tile(regions, tiles, i) for i in indices]).transpose(0, 3, 1, 2)
+                batch = next(inline, None)
+                if batch is None:
+                    return
                 read_s = (time.perf_counter() - started) / len(batch)
                 handed = time.perf_counter()
                 yield batch
@@ -117,8 +115,7 @@ def measured_batches(
                     model_s = (time.perf_counter() - handed) / len(batch)
                 first += len(batch)
         finally:
-            regions.close()
-            slide.close()
+            inline.close()  # closes its slide handle
         readers = reader_threads(read_s, model_s, cpus)
         log.info(
             "%s: reading %.2f ms/tile on one thread, model %.2f ms/tile on %d cores: %d reader thread(s)",

@@ -124,10 +124,3 @@ def read_level_reductions(
         for out, factor in zip(rows, factors, strict=True):
             out.append(np.asarray(image.reduce(factor)) if factor > 1 else region)
     return [np.concatenate(out, axis=0) for out in rows]
-
-
-def read_level_reduced(
-    slide: openslide.OpenSlide, level: int, factor: int, strip_px: int = 4096
-) -> np.ndarray:
-    """A whole level, box-downscaled by an integer factor, read in strips to bound memory."""
-    return read_level_reductions(slide, level, [factor], strip_px)[0]
