@@ -5,9 +5,9 @@ OpenSlide paints every region through its own compositing, about 10 ns per pixel
 read at level 0 that is ~2.2 ms, more than the JPEG decoding underneath it. For tiled JPEG TIFF levels
 (Aperio SVS, generic tiled TIFF), ``JpegTileRegions`` decodes the JPEG tiles themselves with
 imagecodecs (via tifffile), keeps recent ones decoded, and copies the region out of them: ~4x faster
-per tile. It is used only when it is proven to give OpenSlide's pixels: at open, a region crossing
-tile and image borders is read both ways and must be identical, else the slide is read by OpenSlide
-(and the log says why). Everything else goes through OpenSlide.
+per tile. It is used only when it is proven to give OpenSlide's pixels: the first time a process
+opens a file, a region crossing tile and image borders is read both ways and must be identical, else
+the slide is read by OpenSlide (and the log says why). Everything else goes through OpenSlide.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 JPEG = 7  # TIFF compression
 FAST_VENDORS = ("aperio", "generic-tiff")  # OpenSlide paints their levels' tiles as they are
+# Whether a file (path, size, mtime) gave OpenSlide's pixels: the probe runs once per file and process,
+# not once per reader thread and slide handle.
+_VERDICTS: dict[tuple[str, int, int], bool] = {}
 CACHE_BYTES = 64 * 2**20  # decoded JPEG tiles kept per reader: a few rows of tiles across a 40x slide
 
 
@@ -170,13 +173,20 @@ def open_regions(slide: openslide.OpenSlide, path: Path) -> RegionReader:
         import tifffile
     except ImportError:  # the core install (predict) has OpenSlide only
         return SlideRegions(slide)
+    stat = os.stat(path)
+    file_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if _VERDICTS.get(file_key) is False:  # proven different before: the log said why then
+        return SlideRegions(slide)
     fd, tif, fast = os.open(path, os.O_RDONLY), None, None
     try:
         tif = tifffile.TiffFile(path)
         fast = JpegTileRegions(slide, Path(path), _jpeg_levels(slide, tif, fd), fd, tif)
+        if _VERDICTS.get(file_key):  # this file was proven identical by an earlier reader
+            return fast
         agrees, why = _probe_agrees(fast, slide) if fast.levels else (False, "no tiled JPEG level")
     except Exception as exc:  # tifffile and imagecodecs raise many kinds; OpenSlide reads the file
         agrees, why = False, f"tile decoding unavailable: {exc}"
+    _VERDICTS[file_key] = agrees
     if agrees:
         return fast
     if fast is not None:
