@@ -46,13 +46,7 @@ def main() -> None:
             pick = np.random.default_rng(i).choice(
                 len(tiles.coords), min(args.k, len(tiles.coords)), replace=False
             )
-            subset = tiles.__class__(
-                **{
-                    **tiles.__dict__,
-                    "coords": tiles.coords[pick],
-                    "tissue_fraction": tiles.tissue_fraction[pick],
-                }
-            )
+            subset = tiles.subset(pick)
             bags.append(Bag(record.slide_id, str(path), subset, i % 2, np.zeros(len(pick))))
     encoder = build_encoder(args.encoder)
     cfg = FinetuneConfig(k=args.k, epochs=args.epochs, lr=1e-4, patience=None)

@@ -70,11 +70,15 @@ def small_bags(sample_cohort, tmp_path_factory):
     for r in records:
         tiles = load_tiles(out / f"{r.slide_id}.h5")
         idx = np.arange(4)
-        subset = tiles.__class__(
-            **{**tiles.__dict__, "coords": tiles.coords[idx], "tissue_fraction": tiles.tissue_fraction[idx]}
-        )
+        subset = tiles.subset(idx)
         bags.append(Bag(r.slide_id, r.path, subset, int(r.label == "tumor"), np.zeros(4)))
     return bags
+
+
+def _finetune_on_cpu(encoder, train_bags, val_bags, cfg):
+    """Two-class fine-tuning on the CPU, the head a fresh attention-MIL head."""
+    head = AttentionMIL(encoder.dim, 2)
+    return finetune(encoder, head, train_bags, val_bags, n_classes=2, cfg=cfg, device=torch.device("cpu"))
 
 
 def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
@@ -109,15 +113,7 @@ def test_top_k_tiles_are_read_once_and_augmented_per_tile(small_bags, monkeypatc
     monkeypatch.setattr(training, "read_bag", lambda bag, **kw: reads.append(bag.slide_id) or real(bag, **kw))
     encoder = build_encoder("resnet18@layer1+random")
     cfg = FinetuneConfig(k=4, epochs=3, lr=1e-3, patience=None)
-    result = finetune(
-        encoder,
-        AttentionMIL(encoder.dim, 2),
-        small_bags,
-        [],
-        n_classes=2,
-        cfg=cfg,
-        device=torch.device("cpu"),
-    )
+    result = _finetune_on_cpu(encoder, small_bags, [], cfg)
     assert sorted(reads) == sorted(b.slide_id for b in small_bags)  # once each, for all three epochs
     assert all(h["tiles_per_s"] > 0 for h in result.history)
     assert result.read["tiles"] == 4 * len(small_bags)
@@ -142,15 +138,7 @@ def test_without_validation_bags_the_last_epoch_is_kept(small_bags):
     encoder = build_encoder("resnet18@layer1+random")
     torch.manual_seed(0)
     cfg = FinetuneConfig(k=4, epochs=3, lr=1e-3, patience=1)
-    result = finetune(
-        encoder,
-        AttentionMIL(encoder.dim, 2),
-        small_bags,
-        [],
-        n_classes=2,
-        cfg=cfg,
-        device=torch.device("cpu"),
-    )
+    result = _finetune_on_cpu(encoder, small_bags, [], cfg)
     assert result.best_epoch == 3  # patience needs a validation loss: all epochs run
     assert [h["val_loss"] for h in result.history] == [None, None, None]
 
@@ -158,10 +146,7 @@ def test_without_validation_bags_the_last_epoch_is_kept(small_bags):
 def test_freeze_blocks(small_bags):
     encoder = build_encoder("resnet18@layer2+random")
     cfg = FinetuneConfig(k=4, epochs=1, lr=1e-3, freeze_blocks=1, patience=None)
-    head = AttentionMIL(encoder.dim, 2)
-    result = finetune(
-        encoder, head, small_bags[:2], small_bags[2:], n_classes=2, cfg=cfg, device=torch.device("cpu")
-    )
+    result = _finetune_on_cpu(encoder, small_bags[:2], small_bags[2:], cfg)
     after = result.model.encoder.model
     torch.testing.assert_close(after.layer1[0].conv1.weight, encoder.module.model.layer1[0].conv1.weight)
     torch.testing.assert_close(after.conv1.weight, encoder.module.model.conv1.weight)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -90,10 +89,7 @@ def make_bags(
         for slide_id in slide_ids:
             attention = head(store.features(slide_id)).attention.numpy()  # (n_tiles,)
             idx = select_tiles(attention, k, mode=mode, rng=rng)
-            full = tiles[slide_id]
-            subset = dataclasses.replace(
-                full, coords=full.coords[idx], tissue_fraction=full.tissue_fraction[idx]
-            )
+            subset = tiles[slide_id].subset(idx)
             bags.append(Bag(slide_id, paths[slide_id], subset, store.label(slide_id), attention[idx]))
     return bags
 

@@ -4,6 +4,7 @@ where the mask says tissue, written per the tiles contract (CLAM-compatible h5 +
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,6 +286,12 @@ class TileSet:
     target_mpp: float
     slide_mpp: float
     config_hash: str
+
+    def subset(self, indices: np.ndarray) -> TileSet:
+        """These tiles only (coords and tissue fractions), in the order of ``indices``."""
+        return dataclasses.replace(
+            self, coords=self.coords[indices], tissue_fraction=self.tissue_fraction[indices]
+        )
 
 
 def load_tiles(path: Path) -> TileSet:
