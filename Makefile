@@ -12,7 +12,7 @@ IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
 IMAGE_PREDICT := $(REGISTRY)/histotransfer:$(VERSION)-predict
 IMAGE_BUILD_ARGS ?=
 
-.PHONY: setup test test-fast demo lint format bench clean image image-gpu image-predict push pipeline-compile pipeline-local \
+.PHONY: setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
 	dvc-repro dvc-remote
 
 setup: $(STAMP)
@@ -46,6 +46,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_finetune.py
 	$(BIN)/python benchmarks/bench_onnx.py
 	$(BIN)/python benchmarks/bench_cka.py
+	$(BIN)/python benchmarks/bench_models.py --model lunit_vits8 --model phikon --model conch --seconds 3
+
+bench-models: setup  # every foundation model (about 12 minutes on 2 cores)
+	$(BIN)/python benchmarks/bench_models.py
 
 # IMAGE_BUILD_ARGS: options for docker build, e.g. --build-arg PIP_INDEX_URL=... for an internal mirror
 image:

@@ -8,7 +8,8 @@
 # 1. extraction, model-only vs end-to-end, torch bf16 and ONNX Runtime's CUDA provider:
 #    ResNet50@layer3 (CLAM's), EfficientNet-Lite0, and a ViT-L/16 (UNI's architecture, random weights);
 # 2. one fine-tuning run of ResNet50@layer3 on 6 bags of 64 tiles: tiles/s per epoch;
-# 3. the CUDA-path tests (marker `cuda`), which skip without a GPU.
+# 3. the foundation models (issue 18): tiles/s in bf16 at the batch that fits, mid-block cut vs full;
+# 4. the CUDA-path tests (marker `cuda`), which skip without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}
@@ -31,4 +32,5 @@ timed extract "$PYTHON" benchmarks/bench_extract.py --device cuda --pieces 12 \
     --encoder resnet50@layer3+random --encoder efficientnet_lite0+random --encoder uni+random
 timed finetune "$PYTHON" benchmarks/bench_finetune.py --device cuda --encoder resnet50@layer3+random \
     --k 64 --slides 6 --epochs 3
+timed models "$PYTHON" benchmarks/bench_models.py --device cuda --seconds 4
 timed cuda-tests "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider

@@ -74,3 +74,16 @@ def test_bench_onnx_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ORT/torch" in proc.stdout
     assert "end-to-end / model-only" in proc.stdout
+
+
+@pytest.mark.integration
+def test_bench_models_smoke():
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_models.py"), "--model", "kaiko_vits16", "--seconds", "0.2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mid-cut/full" in proc.stdout
+    assert "kaiko_vits16" in proc.stdout

@@ -23,8 +23,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+@pytest.mark.parametrize("encoder_id", ["resnet50@layer3+random", "phikon@blocks.5+random"])
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_gpu_features_agree_with_the_cpu(sample_cohort, tmp_path, backend):
+def test_gpu_features_agree_with_the_cpu(sample_cohort, tmp_path, backend, encoder_id):
     if backend == "onnxruntime":
         import onnxruntime as ort
 
@@ -33,7 +34,7 @@ def test_gpu_features_agree_with_the_cpu(sample_cohort, tmp_path, backend):
     record = read_manifest(sample_cohort)[0]
     tile_cohort([record], out_dir=tmp_path, tiling=TilingConfig())
     tiles = load_tiles(tmp_path / f"{record.slide_id}.h5")
-    encoder = build_encoder("resnet50@layer3+random")
+    encoder = build_encoder(encoder_id)  # a CNN cut, and a ViT-B cut (Phikon's architecture)
     cpu = EngineSettings.resolve(device="cpu", backend="torch")
     gpu = EngineSettings.resolve(device="cuda", backend=backend)
     assert gpu.precision == ("bf16" if backend == "torch" else "fp32")

@@ -160,3 +160,48 @@ def test_a_damaged_or_mismatched_onnx_cache_entry_is_rebuilt(tmp_path, monkeypat
     caplog.clear()
     assert OrtRunner(encoder, settings)(tiles[:, :, :32, :32]).shape == (3, 64)  # the rebuilt entry
     assert "unusable" not in caplog.text
+
+
+def test_a_batch_too_big_for_the_device_is_split_until_it_fits(encoder, monkeypatch, caplog):
+    """A ViT-g at the GPU's default batch can exceed a card's memory; the runner halves the batch (and
+    keeps the size that fitted) instead of failing the slide. Simulated: batches over 5 tiles 'OOM'."""
+    from histotransfer.features.extraction import TorchRunner
+
+    runner = TorchRunner(encoder, EngineSettings.resolve(device="cpu", backend="torch"))
+    real = runner.module.forward
+    sizes = []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x)
+
+    monkeypatch.setattr(runner.module, "forward", small_memory)
+    tiles = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    with caplog.at_level("WARNING"):
+        out = runner(tiles)
+    assert runner.max_batch == 4
+    assert sizes == [16, 8, 4, 4, 4, 4]
+    torch.testing.assert_close(out, real(tiles))
+    assert "does not fit" in caplog.text
+    sizes.clear()
+    runner(tiles[:9])  # later batches are split up front
+    assert sizes == [4, 4, 1]
+
+
+def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkeypatch):
+    import histotransfer.features.extraction as extraction
+    from histotransfer.deploy.onnx_export import export_encoder
+    from histotransfer.errors import ExportError
+
+    auto = EngineSettings.resolve(device="cpu")
+    assert auto.backend == "onnxruntime"
+    assert auto.for_encoder(encoder) is auto  # small: ONNX Runtime, as chosen
+    monkeypatch.setattr(extraction, "ONNX_MAX_BYTES", 1000)  # as if the encoder were a ViT-g
+    assert auto.for_encoder(encoder).backend == "torch"
+    named = EngineSettings.resolve(device="cpu", backend="onnxruntime")
+    assert named.for_encoder(encoder).backend == "onnxruntime"  # asked for by name: kept
+    monkeypatch.setattr("histotransfer.deploy.onnx_export.ONNX_MAX_BYTES", 1000)
+    with pytest.raises(ExportError, match="more than one ONNX file holds"):
+        export_encoder(encoder, "/nonexistent/never-written.onnx")

@@ -152,14 +152,42 @@ def _encoder_id(value: str, flag: str) -> str:
         raise ConfigError(f"{flag}: {exc}") from exc
 
 
-def cmd_encoders(args: argparse.Namespace) -> int:
-    from histotransfer.features.registry import ARCHS, list_cut_points
+ENCODER_COLUMNS = {
+    "arch": "ARCH",
+    "dim": "dim",
+    "input": "input",
+    "mpp": "um/px",
+    "tokens": "embedding",
+    "cuts": "cut points (@CUT)",
+    "weights": "weights",
+}
+ENCODER_NOTES = (
+    "ids: ARCH[@CUT][+WEIGHTS]; +random is a seeded random init, other tags need --weights FILE",
+    "foundation models read their published file (--weights PATH, the file or its folder), offline;",
+    "weights: hf-hub:ORG/NAME downloads it when the hub is reachable and you are logged in",
+    "embedding: gap = global average pool; cls = class token; cls+mean = class token and the mean of",
+    "the patch tokens (registers excluded); mean = patch tokens; attn_pool = CONCH's attentional pooler;",
+    "transformers are pooled after their final norm at every cut (a Swin stage before the last: without)",
+)
 
-    for name, spec in ARCHS.items():
-        cuts = ", ".join(list_cut_points(name)) or "(none: not a chain of blocks)"
-        print(f"{name:<20} {spec.description}\n{'':<20} default weights: {spec.default_weights}")
-        print(f"{'':<20} cut points (@CUT): {cuts}")
-    print("ids: ARCH[@CUT][+WEIGHTS]; +random is a seeded random init, other tags need --weights FILE")
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from histotransfer.features.registry import encoder_table
+
+    rows = encoder_table()
+    if args.markdown:  # the README's table
+        print("| " + " | ".join(ENCODER_COLUMNS.values()) + " |")
+        print("|" + "---|" * len(ENCODER_COLUMNS))
+        for row in rows:
+            print("| " + " | ".join(f"`{row[k]}`" if k == "arch" else row[k] for k in ENCODER_COLUMNS) + " |")
+        return EXIT_OK
+    narrow = [k for k in ENCODER_COLUMNS if k not in ("weights", "cuts")]
+    widths = {k: max(len(ENCODER_COLUMNS[k]), *(len(r[k]) for r in rows)) for k in narrow}
+    print("  ".join(ENCODER_COLUMNS[k].ljust(widths[k]) for k in narrow) + "  " + ENCODER_COLUMNS["cuts"])
+    for row in rows:
+        print("  ".join(row[k].ljust(widths[k]) for k in narrow) + "  " + row["cuts"])
+        print(" " * (widths["arch"] + 2) + f"{row['description']}; weights: {row['weights']}")
+    print("\n".join(ENCODER_NOTES))
     return EXIT_OK
 
 
@@ -584,7 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline_args", nargs=argparse.REMAINDER, help="compile | run-local | submit ...")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("encoders", help="list architectures, cut points and default weights")
+    p = sub.add_parser(
+        "encoders", help="list architectures: width, input, um/px, token rule, cut points, weights"
+    )
+    p.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     p.set_defaults(func=cmd_encoders)
 
     p = sub.add_parser("run", help="run the whole study (default config: the embedded demo)")

@@ -132,10 +132,10 @@ class EncoderConfig(_Section):
 
     @model_validator(mode="after")
     def _tagged_weights(self) -> EncoderConfig:
-        from histotransfer.features.registry import ARCHS, EncoderId, parse_encoder_id
+        from histotransfer.features.registry import EncoderId, parse_encoder_id, untagged_weights_ok
 
         enc = parse_encoder_id(self.id)
-        if self.weights and enc.tag is None and self.weights != ARCHS[enc.arch].default_weights:
+        if self.weights and enc.tag is None and not untagged_weights_ok(enc.arch, self.weights):
             raise ValueError(
                 f"weights {self.weights} for {enc}: features would be stored under the id of its default "
                 f"weights; name them with a tag, e.g. id: {EncoderId(enc.arch, enc.cut, 'mine')}"
@@ -235,7 +235,12 @@ class FinetuneConfig(_Section):
     epochs: int = Field(20, ge=1)
     lr: float = Field(1e-5, gt=0, description="encoder learning rate (Adam)")
     head_lr: float | None = Field(None, gt=0, description="attention head learning rate; None: lr")
-    freeze_blocks: int = Field(0, ge=0, description="freeze the stem and the first N blocks")
+    freeze_blocks: int = Field(
+        0, ge=0, description="freeze the stem and the first N blocks (ViTs: patch embedding, tokens, blocks)"
+    )
+    grad_checkpointing: bool | None = Field(
+        None, description="recompute block activations in the backward pass; null: on from 300M parameters"
+    )
     augment: bool = Field(False, description="random flips and 90-degree rotations")
     accumulate: int = Field(1, ge=1, description="slides per optimiser step (gradient accumulation)")
     patience: int | None = Field(5, ge=1, description="stop after this many epochs without a better val loss")

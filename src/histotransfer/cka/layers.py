@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from histotransfer.atomic import write_text_atomic
 from histotransfer.cka.measures import MinibatchCKA
-from histotransfer.features.encoders import Encoder, block_modules
+from histotransfer.features.encoders import ARCHS, Encoder, block_modules
 from histotransfer.features.extraction import TileReader
 from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
@@ -51,15 +51,18 @@ def sample_tiles(
 
 
 class _Recorder:
-    """Forward hooks that keep each named block's output, globally average-pooled: (batch, channels)."""
+    """Forward hooks that keep each named block's output pooled as a cut there pools it: global
+    average pooling for CNNs, the final norm and the token rule for transformers; (batch, features)."""
 
-    def __init__(self, blocks: dict[str, torch.nn.Module]):
+    def __init__(self, encoder: Encoder, blocks: dict[str, torch.nn.Module]):
         self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in blocks.items()]
+        self.pool = encoder.module.pool
+        last = ARCHS[encoder.id.arch].cuts[-1]
+        self.handles = [m.register_forward_hook(self._hook(name, name == last)) for name, m in blocks.items()]
 
-    def _hook(self, name):
+    def _hook(self, name: str, final: bool):
         def hook(_module, _inputs, output):
-            self.outputs[name] = output.float().mean(dim=(2, 3)) if output.ndim == 4 else output.float()
+            self.outputs[name] = self.pool(output, final=final).float()
 
         return hook
 
@@ -72,7 +75,7 @@ def layer_cka(a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, 
     """The layers x layers linear CKA matrix of two encoders on the same tiles (minibatch, unbiased)."""
     blocks_a, blocks_b = block_modules(a.module.model, a.id.arch), block_modules(b.module.model, b.id.arch)
     estimator = MinibatchCKA(len(blocks_a), len(blocks_b))
-    rec_a, rec_b = _Recorder(blocks_a), _Recorder(blocks_b)
+    rec_a, rec_b = _Recorder(a, blocks_a), _Recorder(b, blocks_b)
     module_a, module_b = a.module.to(device).eval(), b.module.to(device).eval()
     loader = DataLoader(tiles, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=0)
     try:
@@ -102,7 +105,8 @@ def write_cka(
         "layers_b": result.layers_b,
         "matrix": result.matrix.round(6).tolist(),
         "n_examples": result.n_examples,
-        "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021), GAP per layer",
+        "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021); each layer pooled "
+        "as a cut there is (GAP; transformers: final norm and token rule)",
     }
     json_path = write_text_atomic(Path(json_path), json.dumps(payload, indent=1))
     png_path = cka_matrix(png_path, result.matrix, result.layers_a, result.layers_b, name_a, name_b)

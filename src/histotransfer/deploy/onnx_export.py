@@ -27,6 +27,7 @@ from histotransfer.mil.model import AttentionMIL
 
 log = logging.getLogger(__name__)
 OPSET = 18
+ONNX_MAX_BYTES = 2**31 - 2**24  # one protobuf file holds at most 2 GB; leave room for the graph
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # on max |ort - torch| / max |torch|
 
 
@@ -56,6 +57,12 @@ def export_encoder(
     float32 out, so callers do not change.
     """
     module = encoder.module.cpu().eval()
+    weights = sum(p.numel() * p.element_size() for p in module.parameters()) // (2 if fp16 else 1)
+    if weights > ONNX_MAX_BYTES:
+        raise ExportError(
+            f"{encoder.id} has {weights / 1e9:.1f} GB of weights: more than one ONNX file holds (2 GB); "
+            "run it with backend torch (a cut at an earlier block, or --fp16, may fit)"
+        )
     example = torch.randint(0, 256, (2, 3, tile_px, tile_px), dtype=torch.uint8)
     with atomic_path(path) as tmp:
         names = (ENCODER_INPUT, ENCODER_OUTPUT)

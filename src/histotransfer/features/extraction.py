@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,14 @@ from histotransfer.deploy.bundle import session as ort_session
 from histotransfer.deploy.onnx_export import (
     ENCODER_INPUT,
     ENCODER_OUTPUT,
+    ONNX_MAX_BYTES,
     TOLERANCE,
     encoder_parity,
     export_encoder,
     run_session,
 )
 from histotransfer.errors import BundleError, DeviceError, ExportError
-from histotransfer.features.encoders import Encoder
+from histotransfer.features.encoders import ARCHS, Encoder
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.provenance import (
@@ -105,6 +106,19 @@ class EngineSettings:
     num_workers: int | None  # tile readers; None on the CPU: split measured per slide (wsi.batches)
     precision: str  # "fp32", "bf16" or "fp16"; always fp32 on the CPU and with onnxruntime
     backend: str  # "torch" or "onnxruntime"
+    backend_chosen: bool = False  # "auto" picked the backend (for_encoder may pick again)
+
+    def for_encoder(self, encoder: Encoder) -> EngineSettings:
+        """The settings this encoder runs with: an "auto" ONNX Runtime becomes torch for encoders whose
+        weights exceed ONNX's 2 GB single-file limit (a ViT-H or ViT-g: the exported cache entry and
+        bundle are one file each). Asked for by name, ONNX Runtime stays, and the export says why not."""
+        weights = sum(p.numel() * p.element_size() for p in encoder.module.parameters())
+        if self.backend_chosen and self.backend == "onnxruntime" and weights > ONNX_MAX_BYTES:
+            log.info(
+                "%s: %.1f GB of weights exceed ONNX's 2 GB file: torch runs it", encoder.id, weights / 1e9
+            )
+            return replace(self, backend="torch")
+        return self
 
     @classmethod
     def resolve(
@@ -128,7 +142,8 @@ class EngineSettings:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = check_device(device)
         cuda = dev.type == "cuda"
-        if backend == "auto":
+        chosen = backend == "auto"
+        if chosen:
             backend = "torch" if cuda else "onnxruntime"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
@@ -141,7 +156,7 @@ class EngineSettings:
         workers = num_workers
         if workers is None and cuda:
             workers = min(16, available_cpus())  # the GPU waits on tile decoding: every core reads
-        return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend)
+        return cls(dev, batch_size or (256 if cuda else 32), workers, precision, backend, chosen)
 
 
 def check_device(device: str) -> torch.device:
@@ -180,7 +195,12 @@ def settings_from(extraction: ExtractionConfig) -> EngineSettings:
 
 
 class TorchRunner:
-    """Batches through the torch module on the device: channels_last, autocast, no host sync."""
+    """Batches through the torch module on the device: channels_last, autocast, no host sync.
+
+    A batch that does not fit in the device's memory (a ViT-g at the default GPU batch of 256 on a
+    small card) is split in halves until it does, and later batches are split the same way up front:
+    the batch that fits is found once, with a warning, instead of failing the slide.
+    """
 
     def __init__(self, encoder: Encoder, settings: EngineSettings):
         self.device = settings.device
@@ -190,13 +210,30 @@ class TorchRunner:
             (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         )
         self._non_blocking = self.device.type == "cuda"
+        self.max_batch: int | None = None  # the largest batch known to fit, once one did not
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # (b, 3, p, p) uint8 -> (b, dim)
         x = batch.to(self.device, non_blocking=self._non_blocking).contiguous(
             memory_format=torch.channels_last
         )
-        with torch.inference_mode(), self._autocast():
-            return self.module(x).float()
+        if self.max_batch is not None and len(x) > self.max_batch:
+            return torch.cat([self(part) for part in x.split(self.max_batch)])
+        try:
+            with torch.inference_mode(), self._autocast():
+                return self.module(x).float()
+        except torch.OutOfMemoryError:
+            if len(x) == 1:
+                raise
+            self.max_batch = len(x) // 2
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning(
+                "a batch of %d tiles does not fit in %s memory: batches of %d",
+                len(x),
+                self.device,
+                self.max_batch,
+            )
+            return self(x)
 
 
 class OrtRunner:
@@ -361,14 +398,26 @@ def extract_cohort(
     """Extract features for every slide with tiles into ``out_dir`` (the encoder's folder of the study,
     see StudyLayout.features_dir); failures are recorded in ``summary_path`` (default: its summary.csv)."""
     tiles_dir, enc_dir = Path(tiles_dir), Path(out_dir)
+    settings = settings.for_encoder(encoder)
     runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:
         tiles_hash = tiles_config_hash(slide_file(tiles_dir, record.slide_id)) or "missing"
         return config_hash(_extract_config(encoder, tiles_hash, settings.precision))
 
+    warned: set[float] = set()
+
     def work(record: SlideRecord) -> dict[str, Any]:
         tiles = load_tiles(slide_file(tiles_dir, record.slide_id))
+        model_mpp = ARCHS[encoder.id.arch].mpp
+        if model_mpp and abs(tiles.target_mpp / model_mpp - 1) > 0.2 and tiles.target_mpp not in warned:
+            warned.add(tiles.target_mpp)
+            log.warning(
+                "%s: tiles at %.2f um/px, but its authors extract them at %.2f um/px (tiling.target_mpp)",
+                encoder.id,
+                tiles.target_mpp,
+                model_mpp,
+            )
         try:
             features = extract_tiles(runner, encoder, local_slide_path(record.path), tiles, settings)
         except (SlideError, openslide.OpenSlideError, RuntimeError) as exc:

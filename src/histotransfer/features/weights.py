@@ -8,7 +8,13 @@ arbitrary pickled objects. Known layouts are mapped onto timm's parameter names:
   (torch.compile), ``resnet.`` (Ciga et al.'s SimCLR ResNet18), in any combination;
 - checkpoint containers ``state_dict`` (PyTorch Lightning), ``model``, ``model_state_dict``, ``net``;
 - KimiaNet's PyTorch DenseNet121 (``module.model.features.*`` + ``fc_4``);
-- lukemelas EfficientNet (``_conv_stem``, ``_blocks.N.*``), mapped in order and shape onto timm.
+- lukemelas EfficientNet (``_conv_stem``, ``_blocks.N.*``), mapped in order and shape onto timm;
+- the foundation models' published layouts (``LAYOUTS``): Hugging Face ``ViTModel`` (Phikon) and
+  ``Dinov2Model`` with or without register tokens (Phikon-v2, Hibou), CONCH's open_clip CoCa
+  (``visual.trunk.*`` + its attentional pooler), CTransPath's timm-0.5 Swin (downsampling at the end of
+  a stage). A file already in timm's names passes through unchanged.
+Files are ``.pth``/``.bin``/``.pt`` (torch) or ``.safetensors``; a folder holding one of the names these
+models are distributed as (``WEIGHT_FILES``) stands for that file.
 Loading is strict: every tensor of the (cut) network must come from the file, or the error lists what
 is missing; ``features.encoders.check_architecture`` also refuses a file of another architecture.
 """
@@ -34,11 +40,51 @@ _LUKEMELAS_MARKERS = ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight")
 _STATE_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from known containers (safe unpickling only)."""
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "pytorch_model_vision.bin",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def weights_file(path: str | Path) -> Path:
+    """``path`` itself, or the checkpoint inside a model folder (a hub snapshot, a download)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        return path
+    if not path.is_dir():
         raise WeightsError(f"weights file {path} not found")
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    raise WeightsError(
+        f"weights folder {path} holds {len(found)} checkpoint files "
+        f"({', '.join(p.name for p in found[:6])}), "
+        f"none named {' or '.join(WEIGHT_FILES)}: give the file itself"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {path} as safetensors ({type(exc).__name__}: {exc})") from exc
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (or model folder), unwrapped from known containers (safe
+    unpickling only; safetensors hold nothing but tensors)."""
+    path = weights_file(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
@@ -90,10 +136,169 @@ def _map_lukemelas(
     return mapped
 
 
+def _hf_prefix(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The prefix of a Hugging Face vision model's keys ('' for ViTModel/Dinov2Model, ``vit.``,
+    ``dinov2.`` or ``model.`` for a wrapper); None when the file is not in that layout."""
+    for key in tensors:
+        if key.endswith("embeddings.cls_token"):
+            return key[: -len("embeddings.cls_token")]
+    return None
+
+
+def _hf_blocks(
+    tensors: dict[str, torch.Tensor], prefix: str, names: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """``encoder.layer.I.*`` -> ``blocks.I.*`` by ``names``; query/key/value -> one qkv tensor."""
+    out: dict[str, torch.Tensor] = {}
+    layer = re.compile(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.(.+)$")
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not (m := layer.match(key)):
+            continue
+        block, rest = m.group(1), m.group(2)
+        if (q := re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", rest)) is not None:
+            qkv.setdefault((block, q.group(2)), {})[q.group(1)] = value
+            continue
+        for hf, timm_name in names.items():
+            if rest == hf or rest.startswith(hf + "."):
+                out[f"blocks.{block}.{timm_name}{rest[len(hf) :]}"] = value
+                break
+        else:
+            out[f"blocks.{block}.{rest}"] = value  # unknown: kept, so strict loading names it
+    for (block, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise WeightsError(f"block {block} has {sorted(parts)} of query/key/value {kind}, not all three")
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+_HF_VIT_BLOCK = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_DINOV2_BLOCK = {
+    "norm1": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.fc1",  # SwiGLU (use_swiglu_ffn): gate and value packed, as timm's GluMlp
+    "mlp.weights_out": "mlp.fc2",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+
+
+def _hf_embeddings(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """cls/register/mask tokens, position and patch embeddings, final norm; the rest unchanged."""
+    emb = prefix + "embeddings."
+    out = {
+        "cls_token": tensors[emb + "cls_token"],
+        "patch_embed.proj.weight": tensors.get(emb + "patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": tensors.get(emb + "patch_embeddings.projection.bias"),
+        "pos_embed": tensors.get(emb + "position_embeddings"),
+        "norm.weight": tensors.get(prefix + "layernorm.weight"),
+        "norm.bias": tensors.get(prefix + "layernorm.bias"),
+    }
+    if emb + "register_tokens" in tensors and out["pos_embed"] is not None:
+        # DINOv2 with registers: the class token carries position 0; timm's no_embed_class model
+        # adds positions to the patches only and concatenates [cls, registers, patches], as HF does
+        out["reg_token"] = tensors[emb + "register_tokens"]
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    used = {
+        emb + n
+        for n in ("cls_token", "register_tokens", "position_embeddings", "patch_embeddings.projection.weight")
+    } | {emb + "patch_embeddings.projection.bias", prefix + "layernorm.weight", prefix + "layernorm.bias"}
+    rest = {
+        k[len(prefix) :]: v
+        for k, v in tensors.items()
+        if k.startswith(prefix) and k not in used and not k.startswith(prefix + "encoder.layer.")
+    }
+    return {k: v for k, v in out.items() if v is not None} | rest
+
+
+def _from_hf_vit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ViTModel (Phikon) -> timm VisionTransformer."""
+    if (prefix := _hf_prefix(tensors)) is None:
+        return tensors
+    return _hf_embeddings(tensors, prefix) | _hf_blocks(tensors, prefix, _HF_VIT_BLOCK)
+
+
+def _from_hf_dinov2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Dinov2Model, with or without registers (Phikon-v2, Hibou), or the original
+    DINOv2 code's layout (Hibou's own release) -> timm."""
+    if (prefix := _hf_prefix(tensors)) is None:
+        return _from_dinov2_original(tensors)
+    return _hf_embeddings(tensors, prefix) | _hf_blocks(tensors, prefix, _HF_DINOV2_BLOCK)
+
+
+def _from_dinov2_original(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2's names (``register_tokens``, ``mlp.w12``/``w3`` for SwiGLU) -> timm;
+    a file without them (timm's names already) passes through."""
+    if "register_tokens" not in tensors and not any(".mlp.w12." in k for k in tensors):
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        out[re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key))] = value
+    if "register_tokens" in out and "pos_embed" in out:  # as for Hugging Face's, above
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return out
+
+
+def _from_conch(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CONCH's CoCa: the vision trunk (``visual.trunk.*``) and contrastive pooler become the model;
+    the text tower, caption pooler and projection stay behind (reported as unused)."""
+    if not any(k.startswith("visual.trunk.") for k in tensors):
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("visual.trunk."):
+            out[key[len("visual.trunk.") :]] = value
+        elif key.startswith(("visual.attn_pool_contrast.", "visual.ln_contrast.")):
+            out[key[len("visual.") :]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _from_old_swin(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm 0.5 Swin (CTransPath): downsampling ends stage i there, starts stage i+1 in timm 1.x;
+    the relative-position index and attention masks are recomputed buffers, not weights."""
+    old = "layers.0.downsample.reduction.weight" in tensors
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if old:
+            key = re.sub(
+                r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key
+            )
+        out[key] = value
+    return out
+
+
+LAYOUTS = {
+    "timm": None,
+    "torchvision": None,
+    "hf_vit": _from_hf_vit,
+    "hf_dinov2": _from_hf_dinov2,
+    "conch": _from_conch,
+    "ctranspath": _from_old_swin,
+}
+
+
 def map_to_model(
-    tensors: dict[str, torch.Tensor], full_state: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor], full_state: dict[str, torch.Tensor], layout: str = "timm"
 ) -> dict[str, torch.Tensor]:
     """Rename checkpoint tensors onto the full (uncut) timm model's state_dict names."""
+    if (convert := LAYOUTS[layout]) is not None:
+        tensors = convert(tensors)
     targets = set(full_state)
     stripped = {_strip_prefixes(k, targets): v for k, v in tensors.items()}
     if any(k.endswith(m) for k in stripped for m in _LUKEMELAS_MARKERS):

@@ -36,7 +36,7 @@ from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import FinetuneConfig
 from histotransfer.cpus import available_cpus
 from histotransfer.features.bags import BagStore
-from histotransfer.features.encoders import Encoder, leading_modules
+from histotransfer.features.encoders import Encoder, leading_parameters
 from histotransfer.layout import FinetuneFoldLayout
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.training import TrainingError, class_weights
@@ -169,8 +169,13 @@ class BagDataset(Dataset):
         return tiles, self.bags[index].label
 
 
+BIG_ENCODER = 300_000_000  # parameters from which fine-tuning recomputes activations (ViT-L and up)
+
+
 class EncoderWithHead(nn.Module):
-    """Encoder and attention head trained end to end; BatchNorm layers always in eval mode."""
+    """Encoder and attention head trained end to end; BatchNorm layers always in eval mode (their
+    running statistics stay the pretrained ones), LayerNorm in train mode like every other layer (it
+    keeps no statistics: it normalises each token by itself in both modes)."""
 
     def __init__(self, encoder: nn.Module, head: AttentionMIL):
         super().__init__()
@@ -217,10 +222,10 @@ def finetune(
     threads, default one per CPU) and kept decoded; each epoch's history has its tiles/s."""
     torch.manual_seed(cfg.seed)
     model = EncoderWithHead.start(encoder, head).to(device)
-    for module in (
-        leading_modules(model.encoder.model, encoder.id.arch, cfg.freeze_blocks) if cfg.freeze_blocks else []
-    ):
-        module.requires_grad_(False)
+    for parameter in leading_parameters(model.encoder.model, encoder.id.arch, cfg.freeze_blocks):
+        parameter.requires_grad_(False)
+    big = sum(p.numel() for p in model.encoder.parameters()) >= BIG_ENCODER
+    model.encoder.grad_checkpointing = big if cfg.grad_checkpointing is None else cfg.grad_checkpointing
     groups = [
         {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr},
