@@ -200,7 +200,7 @@ def test_missing_tensors_are_listed_and_cut_networks_need_only_theirs(tmp_path):
 def test_wrong_shapes_and_unsafe_pickles_are_refused(tmp_path):
     torch.save(_random_state("resnet50"), tmp_path / "r50.pth")
     with pytest.raises(
-        WeightsError, match=r"not a resnet18 checkpoint: .*it looks like a resnet50 checkpoint"
+        WeightsError, match=r"not a resnet18 checkpoint: .*it looks like a resnet50 or retccl checkpoint"
     ):
         build_encoder("resnet18+r50", weights=tmp_path / "r50.pth")
     torch.save(

@@ -358,6 +358,37 @@ def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(a
     assert abs(n - millions) / millions < 0.02, n
 
 
+@pytest.mark.parametrize("arch", [a for a in FMS if ARCHS[a].family != "cnn"])
+def test_every_full_size_cut_has_its_documented_width_on_the_meta_device(arch):
+    """One meta forward per model, each block's output pooled as a cut there pools it."""
+    spec = ARCHS[arch]
+    with torch.device("meta"):
+        model = _timm_model(arch)
+        encoder = PatchEncoder(
+            model,
+            None,
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            input_size=spec.input_size,
+            family=spec.family,
+            token=spec.token,
+        )
+        widths = {}
+        for name, block in block_modules(model, arch).items():
+            final = name == spec.cuts[-1]
+            block.register_forward_hook(
+                lambda _m, _i, out, name=name, final=final: widths.__setitem__(
+                    name, encoder.pool(out, final=final).shape[1]
+                )
+            )
+        encoder(torch.zeros(1, 3, spec.input_size, spec.input_size, dtype=torch.uint8))
+    assert list(widths) == list(spec.cuts)
+    if spec.family == "vit":  # one width at every depth: the sweep compares like with like
+        assert set(widths.values()) == {spec.dim}
+    else:  # Swin-T's stages
+        assert list(widths.values()) == [96, 192, 384, 768]
+
+
 # ---- truncation: every cut of every transformer ------------------------------------------------------
 
 

@@ -206,3 +206,21 @@ def test_a_changing_tree_has_no_completion_marker_until_its_upload_finishes(gcs,
     assert not is_complete(uri)  # half old, half new: not complete
     assert upload_tree(local, uri) == {"uploaded": 1, "skipped": 1}
     assert is_complete(uri)
+
+
+def test_encoder_weights_from_a_bucket(gcs, tmp_path):
+    """A pipeline on Kubernetes reads a published checkpoint from a bucket like a slide: a cached,
+    verified download, then the same strict loading."""
+    import torch
+
+    from histotransfer.features.encoders import build_encoder
+    from histotransfer.features.weights import WeightsError
+
+    reference = build_encoder("resnet18@layer1+random", seed=3)
+    torch.save(reference.module.model.state_dict(), tmp_path / "r18.pth")
+    gcs.blob("models/r18.pth").upload_from_filename(str(tmp_path / "r18.pth"))
+    encoder = build_encoder("resnet18@layer1+mine", weights=f"gs://{BUCKET}/models/r18.pth")
+    assert encoder.weights_sha256 == reference.weights_sha256
+    assert encoder.weights_source.startswith("file:r18.pth")
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_encoder("resnet18@layer1+mine", weights=f"gs://{BUCKET}/models/missing.pth")

@@ -50,6 +50,7 @@ from histotransfer.features.weights import (
     weights_file,
 )
 from histotransfer.provenance import sha256_file
+from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri
 
 log = logging.getLogger(__name__)
 
@@ -449,11 +450,18 @@ def _hub_model(enc: EncoderId, source: str) -> nn.Module:
 
 
 def _checkpoint_file(enc: EncoderId, source: str | Path) -> Path:
+    """A local file for the weights: an asset, the cached download of a ``gs://`` object (a bucket's
+    copy of a published checkpoint, as a pipeline on Kubernetes reads it), or the path itself."""
     if str(source).startswith("asset:"):
         try:
             return fetch_asset(str(source)[len("asset:") :])
         except (AssetError, KeyError) as exc:
             raise WeightsError(f"cannot fetch the default weights of {enc}: {exc}") from exc
+    if is_gcs_uri(str(source)):
+        try:
+            return fetch_gcs(str(source))
+        except StorageError as exc:
+            raise WeightsError(f"cannot fetch the weights of {enc}: {exc}") from exc
     return Path(source)
 
 

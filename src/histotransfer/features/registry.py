@@ -539,7 +539,7 @@ def encoder_table() -> list[dict[str, str]]:
         rows.append(
             {
                 "arch": name,
-                "dim": str(spec.dim) + ("" if spec.family != "cnn" else " (full)"),
+                "dim": str(spec.dim) + ("" if spec.family == "vit" else " (full)"),
                 "input": f"{spec.input_size} px" if spec.family != "cnn" else "any",
                 "mpp": f"{spec.mpp:g}" if spec.mpp else "-",
                 "tokens": spec.token,
