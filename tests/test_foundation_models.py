@@ -431,6 +431,17 @@ def test_a_cut_transformer_pools_the_cut_blocks_tokens_by_the_models_rule(tmp_pa
     )
 
 
+def test_every_entry_names_a_layout_the_loader_reads_and_a_source():
+    from histotransfer.features.weights import LAYOUTS
+
+    for arch in FMS:
+        assert ARCHS[arch].layout in LAYOUTS, arch
+        assert ARCHS[arch].source, arch
+        assert None not in (ARCHS[arch].mpp, ARCHS[arch].input_size, ARCHS[arch].norm), arch
+    with pytest.raises(ValueError, match="token rule 'gap'"):
+        type(ARCHS["uni"])("vit_small_patch16_224", "timm", family="vit")  # a ViT needs a token rule
+
+
 def test_list_encoders_names_every_cut_of_a_transformer():
     ids = list_encoders("vit")
     assert "uni@blocks.0" in ids

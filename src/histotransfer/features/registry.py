@@ -33,6 +33,7 @@ LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.207234
 #   mean      the mean of the patch tokens (Swin: of the last stage's grid), after the final norm
 #   attn_pool CONCH's attentional pooler (one learned query over all tokens) and its LayerNorm
 TOKEN_RULES = ("gap", "cls", "cls+mean", "mean", "attn_pool")
+FAMILIES = ("cnn", "vit", "swin")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ class ArchSpec:
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # on the hub, in order
     small: dict[str, Any] = field(default_factory=dict)  # create_kwargs of a shrunk copy (tests)
     source: str = ""  # where the architecture's details were checked
+
+    def __post_init__(self) -> None:
+        if (
+            self.family not in FAMILIES
+            or self.token not in TOKEN_RULES
+            or (self.token == "gap") != (self.family == "cnn")
+        ):
+            raise ValueError(f"{self.timm_name}: family {self.family!r} with token rule {self.token!r}")
 
     @property
     def sequential(self) -> bool:

@@ -192,33 +192,32 @@ _HF_DINOV2_BLOCK = {
 }
 
 
+_HF_EMBEDDINGS = {  # Hugging Face name (after the model's prefix) -> timm name
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
 def _hf_embeddings(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """cls/register/mask tokens, position and patch embeddings, final norm; the rest unchanged."""
-    emb = prefix + "embeddings."
-    out = {
-        "cls_token": tensors[emb + "cls_token"],
-        "patch_embed.proj.weight": tensors.get(emb + "patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": tensors.get(emb + "patch_embeddings.projection.bias"),
-        "pos_embed": tensors.get(emb + "position_embeddings"),
-        "norm.weight": tensors.get(prefix + "layernorm.weight"),
-        "norm.bias": tensors.get(prefix + "layernorm.bias"),
-    }
-    if emb + "register_tokens" in tensors and out["pos_embed"] is not None:
+    """Class/register tokens, position and patch embeddings, final norm renamed; every other tensor
+    outside the blocks (mask token, pooler, a classifier) kept as it is, to be reported unused."""
+    out = {}
+    for key, value in tensors.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name.startswith("encoder.layer."):
+            continue  # the blocks: _hf_blocks
+        out[_HF_EMBEDDINGS.get(name, name)] = value
+    if "reg_token" in out and "pos_embed" in out:
         # DINOv2 with registers: the class token carries position 0; timm's no_embed_class model
         # adds positions to the patches only and concatenates [cls, registers, patches], as HF does
-        out["reg_token"] = tensors[emb + "register_tokens"]
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
-    used = {
-        emb + n
-        for n in ("cls_token", "register_tokens", "position_embeddings", "patch_embeddings.projection.weight")
-    } | {emb + "patch_embeddings.projection.bias", prefix + "layernorm.weight", prefix + "layernorm.bias"}
-    rest = {
-        k[len(prefix) :]: v
-        for k, v in tensors.items()
-        if k.startswith(prefix) and k not in used and not k.startswith(prefix + "encoder.layer.")
-    }
-    return {k: v for k, v in out.items() if v is not None} | rest
+    return out
 
 
 def _from_hf_vit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
