@@ -205,3 +205,24 @@ def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkey
     monkeypatch.setattr("histotransfer.deploy.onnx_export.ONNX_MAX_BYTES", 1000)
     with pytest.raises(ExportError, match="more than one ONNX file holds"):
         export_encoder(encoder, "/nonexistent/never-written.onnx")
+
+
+def test_tiles_off_the_models_resolution_are_warned_about_once(tiled, tmp_path, monkeypatch, caplog):
+    """CTransPath's authors cut tiles at 1 um/px; these are at 0.5: extraction says so, once."""
+    from histotransfer.features.registry import ARCHS, shrunk
+
+    monkeypatch.setitem(ARCHS, "ctranspath", shrunk(ARCHS["ctranspath"]))
+    records, tiles_dir = tiled
+    fm = build_encoder("ctranspath+random")
+    settings = EngineSettings.resolve(device="cpu", backend="torch", batch_size=16)
+    with caplog.at_level("WARNING"):
+        result = extract_cohort(
+            records, tiles_dir=tiles_dir, out_dir=tmp_path / "f", encoder=fm, settings=settings
+        )
+    assert not result.failed
+    warnings = [r for r in caplog.records if "its authors extract them at 1.00 um/px" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "tiles at 0.50 um/px" in warnings[0].getMessage()
+    with h5py.File(next((tmp_path / "f").glob("*.h5"))) as f:
+        assert f.attrs["model_mpp"] == 1.0
+        assert f.attrs["token_rule"] == "mean"

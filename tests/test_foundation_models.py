@@ -589,6 +589,7 @@ def test_a_study_of_two_foundation_models_with_a_truncation_sweep(tmp_path, smal
     html = (study / "report" / "index.html").read_text()
     assert "<td>virchow2</td>" in html
     assert "<td>phikon_v2@blocks.0</td>" in html
+    assert "pathology foundation model · truncated" in html  # the report's family column
     assert (study / "report" / "figures" / "truncation.png").stat().st_size > 1000  # the sweep's curve
 
 

@@ -68,6 +68,9 @@ def test_lesion_labels_of_sample_cohort_tiles(sample_cohort):
         ("densenet121+kimianet", "given weights (kimianet)"),
         ("resnet18@layer4+ft", "fine-tuned · truncated"),
         ("uni", "pathology foundation model"),
+        ("virchow2@blocks.15", "pathology foundation model · truncated"),
+        ("ctranspath", "pathology foundation model"),
+        ("phikon_v2+random", "random init"),
     ],
 )
 def test_family(encoder_id, kind):

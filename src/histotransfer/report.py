@@ -14,7 +14,14 @@ import numpy as np
 
 from histotransfer.atomic import write_text_atomic
 from histotransfer.deploy.bundle import read_spec
-from histotransfer.features.registry import RANDOM, EncoderId, frozen_id, list_cut_points, parse_encoder_id
+from histotransfer.features.registry import (
+    ARCHS,
+    RANDOM,
+    EncoderId,
+    frozen_id,
+    list_cut_points,
+    parse_encoder_id,
+)
 from histotransfer.layout import BUNDLE_SPEC, MILLayout
 from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.plots import roc_curves, truncation_curves
@@ -30,7 +37,7 @@ def family(enc: EncoderId) -> str:
         kind = "fine-tuned"
     elif enc.tag:
         kind = f"given weights ({enc.tag})"
-    elif enc.arch == "uni":
+    elif ARCHS[enc.arch].published_file:  # UNI, Virchow2, ..., CTransPath, RetCCL
         kind = "pathology foundation model"
     else:
         kind = "ImageNet"
