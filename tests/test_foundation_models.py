@@ -33,6 +33,7 @@ from histotransfer.features.encoders import (
     build_encoder,
     check_architecture,
     leading_parameters,
+    trunk_path,
 )
 from histotransfer.features.registry import list_encoders, shrunk
 from histotransfer.features.weights import WeightsError, map_to_model
@@ -325,26 +326,31 @@ def test_a_neighbouring_models_checkpoint_is_refused(tmp_path, small, arch, neig
     assert re.search(rf"it looks like a (\w+ or )*{neighbour}\b", str(info.value))  # and says whose it is
 
 
-@pytest.mark.parametrize("arch", FMS)
-def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(arch):
+def _meta_encoder(arch: str):
+    """The full-size model and its PatchEncoder (whole network) on the meta device: no memory."""
     spec = ARCHS[arch]
     with torch.device("meta"):
         model = _timm_model(arch)
-        published = _published(arch, model.state_dict())
-        published = published.get("model", published)  # CTransPath's container
+        path = trunk_path(model, spec) if spec.family == "cnn" else None
         encoder = PatchEncoder(
             model,
-            None,
+            path,
             mean=(0.5,) * 3,
             std=(0.5,) * 3,
             input_size=spec.input_size,
             family=spec.family,
             token=spec.token,
         )
-        if spec.family == "cnn":
-            from histotransfer.features.encoders import trunk_path
+    return model, encoder
 
-            encoder.path = trunk_path(model, spec)
+
+@pytest.mark.parametrize("arch", FMS)
+def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(arch):
+    spec = ARCHS[arch]
+    model, encoder = _meta_encoder(arch)
+    with torch.device("meta"):
+        published = _published(arch, model.state_dict())
+        published = published.get("model", published)  # CTransPath's container
         out = encoder(torch.zeros(1, 3, spec.input_size, spec.input_size, dtype=torch.uint8))
     reference = _reference_state(arch)
     tensors = map_to_model(published, reference, spec.layout)
@@ -362,17 +368,8 @@ def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(a
 def test_every_full_size_cut_has_its_documented_width_on_the_meta_device(arch):
     """One meta forward per model, each block's output pooled as a cut there pools it."""
     spec = ARCHS[arch]
+    model, encoder = _meta_encoder(arch)
     with torch.device("meta"):
-        model = _timm_model(arch)
-        encoder = PatchEncoder(
-            model,
-            None,
-            mean=(0.5,) * 3,
-            std=(0.5,) * 3,
-            input_size=spec.input_size,
-            family=spec.family,
-            token=spec.token,
-        )
         widths = {}
         for name, block in block_modules(model, arch).items():
             final = name == spec.cuts[-1]

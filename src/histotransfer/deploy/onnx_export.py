@@ -48,6 +48,11 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, *, names, dims
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def weights_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters: what an ONNX file of it must hold."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def export_encoder(
     encoder: Encoder, path: str | Path, *, tile_px: int = 224, opset: int = OPSET, fp16: bool = False
 ) -> Path:
@@ -57,7 +62,7 @@ def export_encoder(
     float32 out, so callers do not change.
     """
     module = encoder.module.cpu().eval()
-    weights = sum(p.numel() * p.element_size() for p in module.parameters()) // (2 if fp16 else 1)
+    weights = weights_bytes(module) // (2 if fp16 else 1)
     if weights > ONNX_MAX_BYTES:
         raise ExportError(
             f"{encoder.id} has {weights / 1e9:.1f} GB of weights: more than one ONNX file holds (2 GB); "

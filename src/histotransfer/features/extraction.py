@@ -38,6 +38,7 @@ from histotransfer.deploy.onnx_export import (
     encoder_parity,
     export_encoder,
     run_session,
+    weights_bytes,
 )
 from histotransfer.errors import BundleError, DeviceError, ExportError
 from histotransfer.features.encoders import ARCHS, Encoder
@@ -112,7 +113,7 @@ class EngineSettings:
         """The settings this encoder runs with: an "auto" ONNX Runtime becomes torch for encoders whose
         weights exceed ONNX's 2 GB single-file limit (a ViT-H or ViT-g: the exported cache entry and
         bundle are one file each). Asked for by name, ONNX Runtime stays, and the export says why not."""
-        weights = sum(p.numel() * p.element_size() for p in encoder.module.parameters())
+        weights = weights_bytes(encoder.module)
         if self.backend_chosen and self.backend == "onnxruntime" and weights > ONNX_MAX_BYTES:
             log.info(
                 "%s: %.1f GB of weights exceed ONNX's 2 GB file: torch runs it", encoder.id, weights / 1e9

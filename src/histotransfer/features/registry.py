@@ -89,6 +89,14 @@ _RESNET = ("layer1", "layer2", "layer3", "layer4")
 _SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}  # resolved to timm classes when built
 _SMALL_VIT = {"embed_dim": 48, "depth": 3, "num_heads": 3}  # 48: every SwiGLU width stays even
 
+
+def _vit(timm_name: str, default_weights: str, *, depth: int, **fields: Any) -> ArchSpec:
+    """A ViT foundation model, every block a cut point; by default its embedding is the class token of
+    224 px tiles at 0.5 um/px and its test copy is _SMALL_VIT (``fields`` override and add)."""
+    usual = {"token": "cls", "input_size": 224, "mpp": 0.5, "small": _SMALL_VIT}
+    return ArchSpec(timm_name, default_weights, family="vit", cuts=_blocks(depth), **{**usual, **fields})
+
+
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec("resnet18", "timm", description="ImageNet ResNet18 (paper)", cuts=_RESNET, dim=512),
     "resnet34": ArchSpec("resnet34", "timm", description="ImageNet ResNet34 (paper)", cuts=_RESNET, dim=512),
@@ -150,28 +158,22 @@ ARCHS: dict[str, ArchSpec] = {
     ),
     # UNI (Chen et al. 2024): hf.co/MahmoodLab/UNI model card: timm vit_large_patch16_224,
     # init_values 1e-5, dynamic_img_size; ImageNet normalisation, 224 px at 20x, CLS token.
-    "uni": ArchSpec(
+    "uni": _vit(
         "vit_large_patch16_224",
         "hf-hub:MahmoodLab/uni",
-        family="vit",
         create_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
         description="UNI, ViT-L/16, DINOv2 on 100k slides (Mass-100K)",
-        cuts=_blocks(24),
+        depth=24,
         dim=1024,
-        token="cls",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
         hub_files=("pytorch_model.bin",),
-        small=_SMALL_VIT,
         source="hf.co/MahmoodLab/UNI model card",
     ),
     # UNI2-h: hf.co/MahmoodLab/UNI2-h model card: vit_giant_patch14_224, img 224, patch 14, depth 24,
     # 24 heads, width 1536, mlp_ratio 2.66667*2, SwiGLUPacked + SiLU, 8 registers, no_embed_class.
-    "uni2_h": ArchSpec(
+    "uni2_h": _vit(
         "vit_giant_patch14_224",
         "hf-hub:MahmoodLab/UNI2-h",
-        family="vit",
         create_kwargs={
             "img_size": 224,
             "patch_size": 14,
@@ -186,31 +188,25 @@ ARCHS: dict[str, ArchSpec] = {
             **_SWIGLU,
         },
         description="UNI2-h, ViT-H/14 (681M) with 8 registers, on 350k slides",
-        cuts=_blocks(24),
+        depth=24,
         dim=1536,
-        token="cls",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
         hub_files=("pytorch_model.bin",),
-        small=_SMALL_VIT,
         source="hf.co/MahmoodLab/UNI2-h model card; TRIDENT load.py",
     ),
     # CONCH (Lu et al. 2024): github.com/mahmoodlab/CONCH conch_ViT-B-16.json and vision_tower.py: a timm
     # ViT-B/16 trunk at 448 px, attentional pooler (512-d, 8 heads, 1 query) + LayerNorm; the
     # embedding is encode_image(proj_contrast=False, normalize=False); OpenAI CLIP normalisation.
-    "conch": ArchSpec(
+    "conch": _vit(
         "vit_base_patch16_224",
         "hf-hub:MahmoodLab/CONCH",
-        family="vit",
         create_kwargs={"img_size": 448, "dynamic_img_size": True, "pool_dim": 512, "pool_heads": 8},
         description="CONCH vision tower, ViT-B/16 at 448 px (vision-language, 1.17M image-caption pairs)",
-        cuts=_blocks(12),
+        depth=12,
         dim=512,
         token="attn_pool",
         norm=OPENAI_CLIP,
         input_size=448,
-        mpp=0.5,
         layout="conch",
         hub_files=("pytorch_model.bin",),
         small={**_SMALL_VIT, "pool_dim": 16, "pool_heads": 2},
@@ -219,10 +215,9 @@ ARCHS: dict[str, ArchSpec] = {
     # Virchow2 (Zimmermann et al. 2024): hf.co/paige-ai/Virchow2 model card: vit_huge_patch14_224,
     # img 224, init_values 1e-5, mlp_ratio 5.3375, SwiGLUPacked + SiLU, 4 registers; embedding =
     # CLS concatenated with the mean of the 256 patch tokens (registers 1-4 excluded): 2560-d.
-    "virchow2": ArchSpec(
+    "virchow2": _vit(
         "vit_huge_patch14_224",
         "hf-hub:paige-ai/Virchow2",
-        family="vit",
         create_kwargs={
             "img_size": 224,
             "init_values": 1e-5,
@@ -232,54 +227,40 @@ ARCHS: dict[str, ArchSpec] = {
             **_SWIGLU,
         },
         description="Virchow2, ViT-H/14 with 4 registers, on 3.1M slides",
-        cuts=_blocks(32),
+        depth=32,
         dim=2560,
         token="cls+mean",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="hf.co/paige-ai/Virchow2 model card; TRIDENT load.py",
     ),
     # H-optimus-0 / -1 (Bioptimus): hf.co/bioptimus/H-optimus-0 model card: timm
     # vit_giant_patch14_reg4_dinov2, img 224, init_values 1e-5; their own normalisation; 0.5 um/px.
-    "h_optimus_0": ArchSpec(
+    "h_optimus_0": _vit(
         "vit_giant_patch14_reg4_dinov2",
         "hf-hub:bioptimus/H-optimus-0",
-        family="vit",
         create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
         description="H-optimus-0, ViT-g/14 (1.1B) with 4 registers, on 500k slides",
-        cuts=_blocks(40),
+        depth=40,
         dim=1536,
-        token="cls",
         norm=BIOPTIMUS,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="hf.co/bioptimus/H-optimus-0 model card",
     ),
-    "h_optimus_1": ArchSpec(
+    "h_optimus_1": _vit(
         "vit_giant_patch14_reg4_dinov2",
         "hf-hub:bioptimus/H-optimus-1",
-        family="vit",
         create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
         description="H-optimus-1, ViT-g/14 (1.1B) with 4 registers, on 1M+ slides",
-        cuts=_blocks(40),
+        depth=40,
         dim=1536,
-        token="cls",
         norm=BIOPTIMUS,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="hf.co/bioptimus/H-optimus-1 model card",
     ),
     # Prov-GigaPath tile encoder (Xu et al. 2024): hf.co/prov-gigapath/prov-gigapath config.json:
     # vit_giant_patch14_dinov2 architecture with patch 16, width 1536, depth 40, 24 heads,
     # mlp_ratio 5.33334, init_values 1e-5, img 224; ImageNet normalisation; CLS token; 0.5 um/px.
-    "gigapath": ArchSpec(
+    "gigapath": _vit(
         "vit_giant_patch14_dinov2",
         "hf-hub:prov-gigapath/prov-gigapath",
-        family="vit",
         create_kwargs={
             "img_size": 224,
             "patch_size": 16,
@@ -291,60 +272,45 @@ ARCHS: dict[str, ArchSpec] = {
             "dynamic_img_size": True,
         },
         description="Prov-GigaPath tile encoder, ViT-g/16 (1.1B), on 171k slides",
-        cuts=_blocks(40),
+        depth=40,
         dim=1536,
-        token="cls",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
         hub_files=("pytorch_model.bin",),
-        small=_SMALL_VIT,
         source="hf.co/prov-gigapath/prov-gigapath config.json; TRIDENT load.py",
     ),
     # Phikon (Filiot et al. 2023): hf.co/owkin/phikon, a Hugging Face ViTModel (ViT-B/16, iBOT on
     # 40M TCGA tiles); embedding = last_hidden_state[:, 0] (CLS after the final LayerNorm).
-    "phikon": ArchSpec(
+    "phikon": _vit(
         "vit_base_patch16_224",
         "hf-hub:owkin/phikon",
-        family="vit",
         create_kwargs={"dynamic_img_size": True},
         description="Phikon, ViT-B/16 (iBOT) on 6k TCGA slides",
-        cuts=_blocks(12),
+        depth=12,
         dim=768,
-        token="cls",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
         layout="hf_vit",
-        small=_SMALL_VIT,
         source="hf.co/owkin/phikon config.json (ViTModel); TRIDENT load.py",
     ),
     # Phikon-v2 (Filiot et al. 2024): hf.co/owkin/phikon-v2, a Hugging Face Dinov2Model (ViT-L/16,
     # layerscale 1e-5, image 224); embedding = last_hidden_state[:, 0].
-    "phikon_v2": ArchSpec(
+    "phikon_v2": _vit(
         "vit_large_patch16_224",
         "hf-hub:owkin/phikon-v2",
-        family="vit",
         create_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
         description="Phikon-v2, ViT-L/16 (DINOv2) on 58k slides (PANCAN-XL)",
-        cuts=_blocks(24),
+        depth=24,
         dim=1024,
-        token="cls",
         norm=IMAGENET,
-        input_size=224,
-        mpp=0.5,
         layout="hf_dinov2",
-        small=_SMALL_VIT,
         source="hf.co/owkin/phikon-v2 config.json (Dinov2Model); TRIDENT load.py",
     ),
     # Hibou-B / Hibou-L (Nechaev et al. 2024): hf.co/histai/hibou-b and hibou-L, DINOv2 with 4 register
     # tokens, layer scale 1e-5 and a SwiGLU MLP (github.com/HistAI/hibou, hibou/models/__init__.py
     # build_model: patch 14, img 224, ffn "swiglufused": hidden (4d * 2/3 + 7) // 8 * 8, packed);
     # their own normalisation; embedding = pooler_output (CLS after the final LayerNorm).
-    "hibou_b": ArchSpec(
+    "hibou_b": _vit(
         "vit_base_patch14_reg4_dinov2",
         "hf-hub:histai/hibou-b",
-        family="vit",
         create_kwargs={
             "img_size": 224,
             "init_values": 1e-5,
@@ -353,20 +319,15 @@ ARCHS: dict[str, ArchSpec] = {
             **_SWIGLU,
         },
         description="Hibou-B, ViT-B/14 (DINOv2) with 4 registers, on 1.1M slides",
-        cuts=_blocks(12),
+        depth=12,
         dim=768,
-        token="cls",
         norm=HIBOU,
-        input_size=224,
-        mpp=0.5,
         layout="hf_dinov2",
-        small=_SMALL_VIT,
         source="github.com/HistAI/hibou build_model; hf.co/histai/hibou-b; TRIDENT constants.py",
     ),
-    "hibou_l": ArchSpec(
+    "hibou_l": _vit(
         "vit_large_patch14_reg4_dinov2",
         "hf-hub:histai/hibou-L",
-        family="vit",
         create_kwargs={
             "img_size": 224,
             "init_values": 1e-5,
@@ -375,65 +336,46 @@ ARCHS: dict[str, ArchSpec] = {
             **_SWIGLU,
         },
         description="Hibou-L, ViT-L/14 (DINOv2) with 4 registers, on 1.1M slides",
-        cuts=_blocks(24),
+        depth=24,
         dim=1024,
-        token="cls",
         norm=HIBOU,
-        input_size=224,
-        mpp=0.5,
         layout="hf_dinov2",
-        small=_SMALL_VIT,
         source="github.com/HistAI/hibou build_model; hf.co/histai/hibou-L; TRIDENT load.py",
     ),
     # Kaiko (Aben et al. 2024, "Towards large-scale training of pathology foundation models"):
     # timm checkpoints at hf.co/1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms
     # (and vit_base_patch8_224...); normalisation 0.5/0.5; CLS token (timm's num_classes=0 pooling).
-    "kaiko_vits16": ArchSpec(
+    "kaiko_vits16": _vit(
         "vit_small_patch16_224",
         "hf-hub:1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms",
-        family="vit",
         create_kwargs={"dynamic_img_size": True},
         description="Kaiko ViT-S/16 (DINO) on TCGA",
-        cuts=_blocks(12),
+        depth=12,
         dim=384,
-        token="cls",
         norm=KAIKO,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="TRIDENT load.py (Kaiko entries) and constants.py",
     ),
-    "kaiko_vitb8": ArchSpec(
+    "kaiko_vitb8": _vit(
         "vit_base_patch8_224",
         "hf-hub:1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms",
-        family="vit",
         create_kwargs={"dynamic_img_size": True},
         description="Kaiko ViT-B/8 (DINO) on TCGA",
-        cuts=_blocks(12),
+        depth=12,
         dim=768,
-        token="cls",
         norm=KAIKO,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="TRIDENT load.py (Kaiko entries) and constants.py",
     ),
     # Lunit (Kang et al. 2023, "Benchmarking self-supervised learning on diverse pathology datasets"):
     # timm vit_small_patch8_224 (DINO) at hf.co/1aurent/vit_small_patch8_224.lunit_dino; Lunit's
     # normalisation (github.com/lunit-io/benchmark-ssl); CLS token.
-    "lunit_vits8": ArchSpec(
+    "lunit_vits8": _vit(
         "vit_small_patch8_224",
         "hf-hub:1aurent/vit_small_patch8_224.lunit_dino",
-        family="vit",
         create_kwargs={"dynamic_img_size": True},
         description="Lunit ViT-S/8 (DINO) on 33M tiles",
-        cuts=_blocks(12),
+        depth=12,
         dim=384,
-        token="cls",
         norm=LUNIT,
-        input_size=224,
-        mpp=0.5,
-        small=_SMALL_VIT,
         source="github.com/lunit-io/benchmark-ssl; TRIDENT load.py",
     ),
 }
