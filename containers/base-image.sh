@@ -12,6 +12,26 @@
 # the machine does.
 set -euo pipefail
 
+# What it needs, checked before anything is made: one line naming the fix, not "command not found" later
+if ! command -v debootstrap >/dev/null 2>&1; then
+    echo "base-image: debootstrap is not installed: apt-get install debootstrap (Debian/Ubuntu), or" \
+        "containers/engine.sh up, which installs it with the Docker engine" >&2
+    exit 1
+fi
+if ! command -v docker >/dev/null 2>&1; then
+    echo "base-image: docker is not installed: containers/engine.sh up installs and starts an engine" \
+        "(apt-get install docker.io)" >&2
+    exit 1
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "base-image: debootstrap needs root: run it with sudo" >&2
+    exit 1
+fi
+if ! docker info >/dev/null 2>&1; then
+    echo "base-image: no Docker engine answers (docker info fails): containers/engine.sh up starts one" >&2
+    exit 1
+fi
+
 tag="${1:-histotransfer-base:bookworm}"
 suite="${SUITE:-bookworm}"
 mirror="${DEBIAN_MIRROR:-$(grep -rhoE '^URIs: +\S+/debian$' /etc/apt/sources.list.d/ 2>/dev/null | head -1 | awk '{print $2}')}"

@@ -13,6 +13,11 @@
 # Options given here come after them and win.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
+    echo "build: no Docker engine answers (docker info fails): containers/engine.sh up installs and" \
+        "starts one" >&2
+    exit 1
+fi
 target="$1"
 tag="$2"
 shift 2

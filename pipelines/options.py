@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kfp import dsl, kubernetes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,5 +67,9 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
     return params
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+def read_yaml(path: Path) -> Any:
+    """A YAML file read as configs are (histotransfer.config.load_yaml: duplicate keys, alias bombs
+    and syntax errors are ConfigErrors naming the file and line)."""
+    from histotransfer.config import read_yaml_file
+
+    return read_yaml_file(path, what="file")

@@ -152,3 +152,52 @@ def test_the_gpu_check_fails_on_a_cpu_onnxruntime():
     assert "GPU image check failed" in proc.stderr
     assert "is not a CUDA build" in proc.stderr
     assert "no CUDAExecutionProvider" in proc.stderr
+
+
+def _bin(folder: Path, **scripts: str) -> Path:
+    """A PATH folder holding ``name: shell body`` scripts (and nothing else)."""
+    folder.mkdir()
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("scripts", "message"),
+    [
+        ({}, "debootstrap is not installed: apt-get install debootstrap"),
+        ({"debootstrap": "touch ran"}, "docker is not installed: containers/engine.sh up installs"),
+        ({"debootstrap": "touch ran", "docker": "exit 1", "id": "echo 0"}, "no Docker engine answers"),
+        ({"debootstrap": "touch ran", "docker": "exit 0", "id": "echo 1000"}, "debootstrap needs root"),
+    ],
+    ids=["no debootstrap", "no docker", "no engine", "not root"],
+)
+def test_base_image_names_what_is_missing_before_making_anything(scripts, message, tmp_path):
+    path = _bin(tmp_path / "bin", **scripts)
+    proc = subprocess.run(
+        ["/bin/bash", str(REPO / "containers" / "base-image.sh"), "t:1"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(path), "HOME": str(tmp_path)},
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line
+    assert proc.stderr.startswith("base-image: ")
+    assert message in proc.stderr
+    assert not (tmp_path / "ran").exists()  # debootstrap never ran
+
+
+def test_build_without_an_engine_says_how_to_start_one(tmp_path):
+    path = _bin(tmp_path / "bin", docker="exit 1", dirname='/usr/bin/dirname "$@"')
+    proc = subprocess.run(
+        ["/bin/bash", str(REPO / "containers" / "build.sh"), "cpu", "t:1"],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(path)},
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "build: no Docker engine answers (docker info fails): containers/engine.sh up" in proc.stderr

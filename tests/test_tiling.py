@@ -1,4 +1,5 @@
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -157,6 +158,7 @@ def bad_cohort(sample_cohort, tmp_path):
     )
     good = read_manifest(sample_cohort)[:2]
     rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in good]
+    boxes_copy = shutil.copy(fetch_asset("no_mpp_tiff"), tmp_path / "boxes.tiff")  # a file has one id
     bad = {
         "unreadable": (fetch_asset("unreadable_svs"), "", "OpenSlide failed while reading pixels"),
         "unopenable": (fetch_asset("unopenable_tiff"), "", "OpenSlide cannot read this file"),
@@ -165,7 +167,7 @@ def bad_cohort(sample_cohort, tmp_path):
             "",
             "implausible resolution (352.778 um/px); add an `mpp` column",
         ),
-        "tiny-with-mpp": (fetch_asset("no_mpp_tiff"), "0.25", "smaller than one tile"),
+        "tiny-with-mpp": (boxes_copy, "0.25", "smaller than one tile"),
         "blank": (blank, "", "no tissue found"),
         "tiny": (tiny, "", "smaller than one tile"),
     }

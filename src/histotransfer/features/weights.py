@@ -306,8 +306,18 @@ def map_to_model(
     return {_OLD_DENSENET.sub(lambda m: m.group(1) + m.group(2), k): v for k, v in stripped.items()}
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    return [
+        name
+        for name, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    ]
+
+
 def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> list[str]:
-    """Load every tensor ``model`` has (BatchNorm counters excepted) or raise listing what is missing.
+    """Load every tensor ``model`` has (BatchNorm counters excepted) or raise listing what is missing,
+    of the wrong shape, or not finite.
 
     Returns the checkpoint keys that were not used (heads, projection layers, cut-off blocks).
     """
@@ -323,7 +333,14 @@ def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, source: s
     ]
     if wrong:
         raise WeightsError(f"{source} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
-    model.load_state_dict({k: tensors[k] for k in state if k in tensors}, strict=False)
+    used = {k: tensors[k] for k in state if k in tensors}
+    if broken := non_finite(used):
+        shown = ", ".join(broken[:4]) + (f", ... ({len(broken)} in all)" if len(broken) > 4 else "")
+        raise WeightsError(
+            f"{source} has NaN or infinite values in {len(broken)} tensor(s) the network needs: {shown}; "
+            "the training that wrote it diverged or the file is damaged: use an earlier checkpoint"
+        )
+    model.load_state_dict(used, strict=False)
     return sorted(set(tensors) - set(state))
 
 

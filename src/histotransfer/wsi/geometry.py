@@ -6,6 +6,7 @@ See docs/adr/0001-tile-geometry.md for the level-choice rule and its tolerance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,13 +50,17 @@ def select_level(
     Tiles are then downsampled from that level (never upsampled beyond the tolerance). A slide whose
     finest level is coarser than that bound cannot serve the target resolution.
     """
-    if slide_mpp <= 0 or target_mpp <= 0:
-        raise GeometryError(f"mpp must be positive (slide {slide_mpp}, target {target_mpp})")
+    if not (slide_mpp > 0 and target_mpp > 0 and math.isfinite(slide_mpp) and math.isfinite(target_mpp)):
+        raise GeometryError(
+            f"um/px must be positive and finite, got slide {slide_mpp:g} and target {target_mpp:g}"
+        )
     bound = target_mpp * (1 + tolerance)
     if slide_mpp > bound:
         raise GeometryError(
             f"slide resolution {slide_mpp:g} um/px is coarser than the target {target_mpp:g} um/px "
-            f"(tolerance {tolerance:.0%}); choose a larger target_mpp for this slide"
+            f"allows (up to {bound:g} with the {tolerance:.0%} tolerance), and tiles are never "
+            f"upsampled: choose a target_mpp of at least {min_target_mpp(slide_mpp, tolerance):g} um/px "
+            "(the slide's own, within the tolerance) for this slide, or a scan at a higher magnification"
         )
     best = 0
     for level, downsample in enumerate(level_downsamples):
@@ -63,6 +68,14 @@ def select_level(
             best = level
     downsample = float(level_downsamples[best])
     return LevelChoice(read_level=best, read_downsample=downsample, level_mpp=slide_mpp * downsample)
+
+
+def min_target_mpp(slide_mpp: float, tolerance: float) -> float:
+    """The finest target_mpp a slide of ``slide_mpp`` serves: its level 0 within the tolerance (rounded
+    up in the fourth significant digit, so that the number a message prints is itself accepted)."""
+    finest = slide_mpp / (1 + tolerance)
+    scale = 10 ** (math.floor(math.log10(finest)) - 3)
+    return math.ceil(finest / scale) * scale
 
 
 def tile_geometry(
@@ -104,7 +117,8 @@ def grid_coords(*, width_lv0: int, height_lv0: int, patch_size_lv0: int, stride_
     if width_lv0 < patch_size_lv0 or height_lv0 < patch_size_lv0:
         raise GeometryError(
             f"slide of {width_lv0}x{height_lv0} level-0 px is smaller than one tile "
-            f"({patch_size_lv0} px); use a smaller patch_size_px or a larger target_mpp"
+            f"({patch_size_lv0} level-0 px, patch_size_px x target_mpp / slide mpp); use a smaller "
+            "patch_size_px, or a smaller target_mpp (finer, down to the slide's own um/px)"
         )
     xs = np.arange(0, width_lv0 - patch_size_lv0 + 1, stride_lv0, dtype=np.int64)
     ys = np.arange(0, height_lv0 - patch_size_lv0 + 1, stride_lv0, dtype=np.int64)

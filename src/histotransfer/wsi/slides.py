@@ -78,7 +78,8 @@ def resolve_mpp(props: dict[str, str], manifest_mpp: float | None, *, name: str)
     )
     raise SlideError(
         f"{name}: the slide {recorded}; add an `mpp` column to the manifest with this slide's "
-        "level-0 microns per pixel (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+        "level-0 microns per pixel (e.g. 0.25 for a 40x scan, 0.5 for 20x), or, for a single slide "
+        "given to `histotransfer predict`, pass it with --mpp"
     )
 
 
