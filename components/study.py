@@ -203,9 +203,11 @@ def report_step(
     bundle: Input[Model],
     report: Output[HTML],
     summary: Output[Markdown],
+    lineage: Output[Markdown],
     report_dir: Output[Dataset],
 ):
-    """The study report: one self-contained HTML page for the KFP UI, its markdown, and the folder."""
+    """The study report: one self-contained HTML page for the KFP UI, its markdown, the lineage of every
+    artifact (histotransfer verify), and the folder."""
     from pathlib import Path
 
     from histotransfer.report import inline_images
@@ -215,6 +217,7 @@ def report_step(
     index = o.call(o.report, inputs, report_dir.path)
     Path(report.path).write_text(inline_images(index), encoding="utf-8")
     Path(summary.path).write_text((index.parent / "summary.md").read_text(encoding="utf-8"), encoding="utf-8")
+    Path(lineage.path).write_text((index.parent / "lineage.md").read_text(encoding="utf-8"), encoding="utf-8")
 
 
 @component

@@ -9,18 +9,41 @@ submit      compile and start a run on a Kubeflow Pipelines endpoint with kfp.Cl
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
+import http.client
 import json
 import re
+import socket
+import ssl
 import sys
 import tempfile
-from collections.abc import Sequence
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from histotransfer.config import parse_assignments
+from histotransfer.config import parse_assignments, short_repr, short_text
+from histotransfer.errors import ConfigError
 from pipelines.options import PARAMS, REPO, PipelineOptions, default_parameters
 
 PIPELINES = ("study", "inference")
+HOST_TIMEOUT_S = 60  # an endpoint that takes the connection but never answers
+PORT_FORWARD = (
+    "kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80, then --host http://localhost:8080"
+)
+# The Python types of KFP's parameter types (a YAML value of --param must be one of them)
+KFP_TYPES: dict[str, tuple[type, ...]] = {
+    "String": (str,),
+    "Integer": (int,),
+    "Float": (int, float),
+    "Boolean": (bool,),
+    "Dict": (dict,),
+    "List": (list,),
+}
 
 
 def build(name: str, options: PipelineOptions):
@@ -30,37 +53,165 @@ def build(name: str, options: PipelineOptions):
 
 
 def compile_pipeline(name: str, path: Path, options: PipelineOptions | None = None) -> Path:
+    """Compile pipeline ``name`` to ``path``, atomically, never over a file that is not a pipeline of
+    ours (histotransfer.atomic refuses it)."""
+    import shutil
+
     from kfp import compiler
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(name, options or PipelineOptions()), str(path))
+    from histotransfer.atomic import atomic_path
+
+    with tempfile.TemporaryDirectory(prefix="histotransfer-compile-") as tmp:
+        compiled = Path(tmp) / f"{name}.yaml"  # kfp picks the format from the name
+        compiler.Compiler().compile(build(name, options or PipelineOptions()), str(compiled))
+        with atomic_path(path) as out:
+            shutil.copyfile(compiled, out)
     return path
 
 
+def node_selector(text: str) -> tuple[str, str] | None:
+    """``--gpu-node-selector KEY=VALUE`` as (key, value); '' for none."""
+    if not text:
+        return None
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"--gpu-node-selector {short_repr(text)}: expects KEY=VALUE, a node label of the GPU nodes "
+            "(e.g. nvidia.com/gpu.present=true), or '' for none"
+        )
+    return key.strip(), value.strip()
+
+
 def options_from(args: argparse.Namespace) -> PipelineOptions:
-    selector = tuple(args.gpu_node_selector.split("=", 1)) if args.gpu_node_selector else None
-    if selector is not None and len(selector) != 2:
-        raise SystemExit("--gpu-node-selector expects KEY=VALUE")
     return PipelineOptions(
         gpu=not args.no_gpu,
-        gpu_node_selector=selector,
+        gpu_node_selector=node_selector(args.gpu_node_selector),
         gpu_toleration=args.gpu_toleration or None,
         gcs_secret=args.gcs_secret,
     )
+
+
+@functools.cache
+def parameters(pipeline: str) -> dict[str, Any]:
+    """The pipeline's parameters (kfp InputSpecs: type, default, optional), from its definition."""
+    return dict(build(pipeline, PipelineOptions()).component_spec.inputs)
+
+
+def _closest(name: str, names: list[str]) -> str:
+    section, dot, key = name.partition(".")
+    if dot and section in names:  # mil.epochs=5
+        return f" (a section is one parameter: --param '{section}={{{key}: ...}}')"
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_parameters(pipeline: str, given: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Each --param names a parameter of the pipeline (``inputs``: its component spec's) and has its
+    type; else a ConfigError naming the valid names and the closest one."""
+    for name, value in given.items():
+        if name not in inputs:
+            hint = _closest(name, list(inputs))
+            raise ConfigError(
+                f"--param {short_repr(name)}: the {pipeline} pipeline has no such parameter{hint}; its "
+                f"parameters: {', '.join(inputs)}"
+            )
+        kind = inputs[name].type
+        types = KFP_TYPES.get(kind, (object,))
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(
+                f"--param {name}: the {pipeline} pipeline's {name} is of type {kind}, got "
+                f"{short_repr(value)} (the value is YAML: quote text, write a section as {{key: value}})"
+            )
 
 
 def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str, Any]:
     """Run arguments: the config file's sections (study), then --param overrides; validated."""
     from histotransfer.stages.orchestration import SECTIONS, study_config
 
+    inputs = parameters(pipeline)
+    given = parse_assignments(params, option="--param")  # mil={epochs: 5}, shards=8
+    check_parameters(pipeline, given, inputs)
     args: dict[str, Any] = default_parameters(config) if (config and pipeline == "study") else {}
-    for key, value in parse_assignments(params, option="--param").items():  # mil={epochs: 5}, shards=8
+    for key, value in given.items():
         if isinstance(value, dict) and isinstance(args.get(key), dict):
             value = {**args[key], **value}  # a section given in part keeps the file's other keys
         args[key] = value
+    if missing := [name for name, spec in inputs.items() if not spec.optional and name not in args]:
+        raise ConfigError(
+            f"the {pipeline} pipeline needs {' '.join(f'--param {m}=...' for m in missing)} (no default)"
+        )
     if pipeline == "study":
         study_config(**{k: v for k, v in args.items() if k in SECTIONS})  # fails early, naming the key
     return args
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why a request to the KFP endpoint failed, in a few words (urllib3 wraps the socket's error)."""
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 8:
+        chain.append(exc)
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__ or exc.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if "NameResolutionError" in names or any(isinstance(e, socket.gaierror) for e in chain):
+        return "its host name does not resolve"
+    if any(isinstance(e, ssl.SSLError) for e in chain) or "SSLError" in names:
+        return "no HTTPS there: a URL without http:// means https://, give http://HOST:PORT for plain HTTP"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in text:
+        return "connection refused: nothing listens on that port"
+    if names & {"LocationParseError", "LocationValueError", "InvalidURL"} or any(
+        isinstance(e, ValueError) for e in chain
+    ):
+        return "it is not a URL like http://HOST:PORT"
+    if "timed out" in text or names & {"ReadTimeoutError", "ConnectTimeoutError"}:
+        return f"no answer within {HOST_TIMEOUT_S} s"
+    return short_text(f"{type(chain[0]).__name__}: {chain[0]}", 200)
+
+
+def _cannot_reach(host: str, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"--host {short_repr(host, limit=200)}: cannot reach a Kubeflow Pipelines API there "
+        f"({_unreachable(exc)}); check the URL and port, or the port-forward ({PORT_FORWARD})"
+    )
+
+
+def probe_endpoint(host: str) -> None:
+    """Raise a ConfigError unless ``host`` answers the KFP health check within HOST_TIMEOUT_S: kfp.Client
+    waits for ever on an endpoint that takes the connection and never answers, and retries a 404 for
+    20 s, printing tracebacks. 401 and 403 pass: kfp.Client brings the credentials."""
+    url = (host if "://" in host else f"https://{host}").rstrip("/") + "/apis/v2beta1/healthz"  # as kfp
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # kfp.Client uses no proxy
+    try:
+        opener.open(url, timeout=HOST_TIMEOUT_S).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # a multi-user install
+            return
+        raise ConfigError(
+            f"--host {short_repr(host, limit=200)}: answered HTTP {exc.code} {exc.reason} for "
+            f"{urllib.parse.urlsplit(url).path}: not a Kubeflow Pipelines API; check the URL (the KFP "
+            f"UI's address serves the API; a port-forward: {PORT_FORWARD})"
+        ) from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise _cannot_reach(host, exc) from None
+
+
+@contextmanager
+def kfp_endpoint(host: str) -> Iterator[None]:
+    """Failing requests to the KFP API at ``host`` become a ConfigError naming it and what to check."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _cannot_reach(host, exc) from None
+    except kfp_server_api.ApiException as exc:
+        raise ConfigError(
+            f"--host {short_repr(host, limit=200)}: the Kubeflow Pipelines API answered HTTP {exc.status} "
+            f"{exc.reason} ({short_text(str(exc.body or ''), 200)}); check that the URL is the KFP API "
+            "(the UI's address serves it), and --namespace and --token for a multi-user install"
+        ) from None
 
 
 def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: Sequence[Path]):
@@ -135,16 +286,18 @@ def submit(args: argparse.Namespace) -> str:
     run_arguments = arguments(args.config, args.param or [], args.pipeline)  # before any request
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, Path(tmp) / f"{args.pipeline}.yaml", options_from(args))
-        with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": we target v2
-            warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=args.token)
-        result = client.create_run_from_pipeline_package(
-            str(package),
-            arguments=run_arguments,
-            run_name=args.run_name,
-            experiment_name=args.experiment,
-            enable_caching=None if args.caching == "default" else args.caching == "on",
-        )
+        probe_endpoint(args.host)
+        with kfp_endpoint(args.host):
+            with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": v2 it is
+                warnings.simplefilter("ignore", FutureWarning)
+                client = kfp.Client(host=args.host, namespace=args.namespace, existing_token=args.token)
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=run_arguments,
+                run_name=args.run_name,
+                experiment_name=args.experiment,
+                enable_caching=None if args.caching == "default" else args.caching == "on",
+            )
     return result.run_id
 
 
@@ -236,5 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through histotransfer's main: its exit statuses and one-line errors
+    from histotransfer.cli import main as histotransfer_main
+
+    sys.exit(histotransfer_main(["pipeline", *sys.argv[1:]]))

@@ -4,9 +4,14 @@ synthetic slides with known geometry written by the project's own SVS writer."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Tests never reach a model hub; without this, a hub lookup retries for about a minute first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Hypothesis keeps its files outside the repository (tests/test_properties.py uses no example database).
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "histotransfer-hypothesis")
+)
 
 import subprocess
 import sys
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from histotransfer.config import SampleDataConfig
 from histotransfer.wsi.sample_data import build_sample_cohort
@@ -23,7 +29,9 @@ from tests.helpers import (
     GOLDEN_MPP,
     GOLDEN_SIZE,
     GOLDEN_TISSUE,
+    LINEAGE_ENCODER,
     SMALL_STUDY,
+    MadeStudy,
     synthetic_slide_rgb,
 )
 
@@ -93,9 +101,45 @@ def tiny_bundle(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def made_study(tmp_path_factory, sample_cohort) -> MadeStudy:
+    from histotransfer.cli import main
+    from histotransfer.features.encoders import build_encoder
+    from histotransfer.manifest import read_manifest
+
+    tmp = tmp_path_factory.mktemp("made-study")
+    root = tmp / "study"
+    weights, other = tmp / "a.pth", tmp / "b.pth"
+    torch.save(build_encoder("resnet18@layer1+random", seed=1).module.model.state_dict(), weights)
+    torch.save(build_encoder("resnet18@layer1+random", seed=2).module.model.state_dict(), other)
+    study = MadeStudy(root, sample_cohort, weights, other)
+    m, tiles, with_weights = str(sample_cohort), str(study.tiles), ["--weights", str(weights)]
+    fast = ["--folds", "2", "--epochs", "1", "--set", "mil.restarts=1", "--set", "evaluation.bootstrap=100"]
+    slide = read_manifest(sample_cohort)[0].path
+    for argv in (
+        ["tile", m, "--out", tiles],
+        [
+            "extract",
+            m,
+            "--tiles",
+            tiles,
+            "--encoder",
+            LINEAGE_ENCODER,
+            *with_weights,
+            "--out",
+            f"{root}/features",
+        ],
+        ["train", m, "--features", str(study.features), "--tiles", tiles, "--out", f"{root}/mil", *fast],
+        ["export", "--mil", str(study.mil), *with_weights, "--out", str(study.bundle)],
+        ["predict", slide, "--bundle", str(study.bundle), "--out", f"{root}/predictions", "--no-heatmaps"],
+    ):
+        assert main(argv) == 0, argv
+    return study
+
+
 # Fixtures that run a whole study: a test using one is slow and must be marked integration, so that
 # `make test-fast` (-m "not integration") never builds a study.
-STUDY_FIXTURES = {"small_study"}
+STUDY_FIXTURES = {"small_study", "made_study"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import ast
 import csv
+import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from histotransfer import lineage
 from histotransfer.manifest import SlideRecord
 
 # Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
@@ -58,6 +61,41 @@ evaluation: {{bootstrap: 100, heatmaps: 2}}
 SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
 
 
+LINEAGE_ENCODER = "resnet18@layer1+a"
+
+
+@dataclass(frozen=True)
+class MadeStudy:
+    """A study made by the CLI on the sample cohort's four slides: tiles/, features/, mil/ (2 folds),
+    onnx/best and predictions/ (one slide), with the features of ``LINEAGE_ENCODER`` from ``weights``."""
+
+    root: Path
+    manifest: Path
+    weights: Path  # the weights the features were extracted with
+    other: Path  # another checkpoint of the same architecture
+
+    @property
+    def mil(self) -> Path:
+        return self.root / "mil" / LINEAGE_ENCODER
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features" / LINEAGE_ENCODER
+
+    @property
+    def tiles(self) -> Path:
+        return self.root / "tiles"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "onnx" / "best"
+
+    def copy(self, to: Path) -> MadeStudy:
+        """A copy to tamper with (the slides and weights are shared, read-only)."""
+        shutil.copytree(self.root, to / "study", symlinks=True)
+        return MadeStudy(to / "study", self.manifest, self.weights, self.other)
+
+
 BUCKET = "histotransfer-test"
 
 
@@ -70,13 +108,39 @@ def free_port() -> int:
 DIM = 32
 
 
-def synthetic_cohort(folder, n_bags=40, seed=0):
-    """Bags of N(0, 1) instances; positive bags hold 2 instances of a fixed 'tumour' vector (+ noise).
-    Returns (records, {slide_id: indices of planted instances})."""
+def write_features(folder: Path, slide_id: str, x: np.ndarray, *, encoder_id: str, weights: str) -> Path:
+    """A features file of ``slide_id`` as extraction writes one (with its lineage), of made-up features
+    ``x`` (n, dim) on a row of made-up tiles; ``weights``: names the weights that made them."""
+    n = len(x)
+    coords = np.stack([np.arange(n) * 224, np.zeros(n)], axis=1).astype(np.int64)
+    encoder = {"id": encoder_id, "weights_sha256": weights, "weights_source": "synthetic"}
+    made_from = lineage.features_record(
+        slide_id=slide_id,
+        tiles={"digest": f"synthetic-{slide_id}", "tiling": "synthetic"},
+        encoder=encoder,
+        extraction="synthetic",
+        features=x,
+        coords=coords,
+    )
+    path = folder / f"{slide_id}.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=x)
+        f.create_dataset("coords", data=coords)
+        f.attrs.update(
+            {"config_hash": weights, "histotransfer_version": "synthetic", "encoder_id": encoder_id}
+        )
+        f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
+    return path
+
+
+def synthetic_cohort(folder, n_bags=40, seed=0, encoder_id="synthetic"):
+    """Bags of N(0, 1) instances; positive bags hold 2 instances of a fixed 'tumour' vector (+ noise),
+    written as features of ``encoder_id`` (with their lineage: no tiles, weights named by the seed).
+    Returns (records, {slide_id: indices of planted instances}, the features folder)."""
     rng = np.random.default_rng(seed)
     planted_vector = rng.normal(0, 1, DIM) * 2.5
     records, planted = [], {}
-    features_dir = folder / "features" / "synthetic"
+    features_dir = folder / "features" / encoder_id
     features_dir.mkdir(parents=True)
     for i in range(n_bags):
         slide_id, label = f"bag-{i:03d}", "pos" if i % 2 else "neg"
@@ -86,12 +150,7 @@ def synthetic_cohort(folder, n_bags=40, seed=0):
             where = rng.choice(n, size=2, replace=False)
             x[where] = planted_vector + rng.normal(0, 0.3, (2, DIM))
             planted[slide_id] = set(where.tolist())
-        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
-            f.create_dataset("features", data=x)
-            f.create_dataset(
-                "coords", data=np.stack([np.arange(n) * 224, np.zeros(n)], axis=1).astype(np.int64)
-            )
-            f.attrs["config_hash"] = f"synthetic-{seed}"
+        write_features(features_dir, slide_id, x, encoder_id=encoder_id, weights=f"synthetic-{seed}")
         records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=f"p{i // 2}"))
     return records, planted, features_dir
 

@@ -239,18 +239,25 @@ def test_corrupt_bundle_is_a_clear_error(bundle_copy, capsys):
 
 
 def test_mismatched_or_incomplete_bundle_is_a_clear_error(bundle_copy, tmp_path):
+    """bundle.json is checked against itself (any edit: test_lineage) and, sealed again as a buggy tool
+    might write it, against the files it describes."""
+    from histotransfer.deploy.bundle import BUNDLE_VERSION, integrity
+
+    def write(spec: dict) -> None:
+        (bundle_copy / BUNDLE_FILE).write_text(json.dumps({**spec, "integrity": integrity(spec)}))
+
     spec = json.loads((bundle_copy / BUNDLE_FILE).read_text())
     spec["encoder"]["dim"] = 7  # bundle.json no longer describes these files
-    (bundle_copy / BUNDLE_FILE).write_text(json.dumps(spec))
+    write(spec)
     with pytest.raises(BundleError, match=r"output `features` has shape .*do not belong together"):
         load_bundle(bundle_copy)
     spec["format_version"] = 99
-    (bundle_copy / BUNDLE_FILE).write_text(json.dumps(spec))
+    write(spec)
     with pytest.raises(BundleError, match="format_version 99"):
         load_bundle(bundle_copy)
     del spec["classes"]
-    spec["format_version"] = 1
-    (bundle_copy / BUNDLE_FILE).write_text(json.dumps(spec))
+    spec["format_version"] = BUNDLE_VERSION
+    write(spec)
     with pytest.raises(BundleError, match="`classes`: Field required"):
         load_bundle(bundle_copy)
     (bundle_copy / BUNDLE_FILE).unlink()

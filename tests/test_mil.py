@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from histotransfer.config import EvaluationConfig, MILConfig
+from histotransfer.errors import LineageError
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil.model import AttentionMIL
@@ -292,19 +293,17 @@ def test_bad_feature_files_give_clear_errors(tmp_path):
     assert "feature rows but coords of shape" in message
 
 
-def test_coords_must_match_the_tiles_file(tmp_path):
+def test_features_must_be_of_the_tiles_in_the_study(tmp_path):
+    """The features record the digest of the tiles they were made from; tiles made again (even with the
+    same coordinates in another order) make them another slide's features: refused, naming the fix."""
+    from histotransfer.lineage import check_features
+
     records, _, features_dir = synthetic_cohort(tmp_path, n_bags=4)
-    tiles = tmp_path / "tiles"
-    tiles.mkdir()
-    for r in records:
-        with (
-            h5py.File(features_dir / f"{r.slide_id}.h5") as f,
-            h5py.File(tiles / f"{r.slide_id}.h5", "w") as t,
-        ):
-            coords = f["coords"][:]
-            t.create_dataset("coords", data=coords[::-1] if r.slide_id == "bag-002" else coords)
-    with pytest.raises(FeaturesError, match=r"bag-002.h5: coords are not those of .*tiles/bag-002.h5"):
-        BagStore(records, features_dir, classes=["neg", "pos"], tiles_dir=tiles)
+    tiles = {r.slide_id: {"digest": f"synthetic-{r.slide_id}"} for r in records}
+    assert set(check_features(features_dir, records, tiles=tiles).slides) == {r.slide_id for r in records}
+    tiles["bag-002"] = {"digest": "tiled-again"}
+    with pytest.raises(LineageError, match=r"bag-002.h5 was extracted from other tiles .* --overwrite"):
+        check_features(features_dir, records, tiles=tiles)
 
 
 def test_metrics_file_reports_folds_and_confidence(tmp_path):

@@ -240,3 +240,175 @@ def test_an_image_option_sets_every_steps_image(tmp_path):
     path = compile_pipeline("study", tmp_path / "s.yaml", PipelineOptions(image="local/histotransfer:dev"))
     executors = next(yaml.safe_load_all(path.read_text()))["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {"local/histotransfer:dev"}
+
+
+# ---- usage errors of `histotransfer pipeline`: exit 2 and one `error:` line, before any request -----
+
+
+def _pipeline(argv: list[str], capsys) -> tuple[int, str]:
+    from histotransfer.cli import main
+
+    code = main(["pipeline", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == (code == 2)
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (["mli={epochs: 2}"], "--param 'mli': the study pipeline has no such parameter (did you mean mil?)"),
+        (["shard=2"], "(did you mean shards?)"),
+        (["Tiling={}"], "(did you mean tiling?)"),
+        (["mil.epochs=2"], "a section is one parameter: --param 'mil={epochs: ...}'"),
+        (["zzz=1"], "has no such parameter; its parameters: manifest, shards, sample_data, tiling"),
+        (["shards=four"], "--param shards: the study pipeline's shards is of type Integer, got 'four'"),
+        (["shards=true"], "is of type Integer, got True"),
+        (["manifest=7"], "is of type String, got 7"),
+        (["mil=5"], "is of type Dict, got 5"),
+        (["mil={epochs: 2, epochs: 3}"], "it has the key 'epochs' twice in one mapping"),
+        (["mil={epochs: .nan}"], "mil.epochs"),
+        (["mil={lr: .inf}"], "mil.lr: Input should be a finite number"),
+        (["tiling={target_mpp: 1000}"], "tiling.target_mpp: Value error, um/px must be within 0.01 to 100"),
+    ],
+)
+def test_a_wrong_param_is_exit_2_naming_the_valid_ones(params, message, capsys):
+    with running() as (fake, url):
+        argv = ["submit", "--host", url]
+        for param in params:
+            argv += ["--param", param]
+        code, err = _pipeline(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert fake.requests == []
+
+
+def test_the_inference_pipeline_has_its_own_parameters(capsys):
+    with running() as (fake, url):
+        base = ["submit", "--host", url, "--pipeline", "inference"]
+        code, err = _pipeline([*base, "--param", "bundle=gs://b/onnx/best"], capsys)
+        assert code == 2
+        assert "(did you mean bundle_uri?); its parameters: bundle_uri, slides" in err
+        code, err = _pipeline([*base, "--param", "bundle_uri=gs://b/onnx/best"], capsys)
+        assert code == 2
+        assert "the inference pipeline needs --param slides=... (no default)" in err
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("selector", ["gpu", "=true", "nvidia.com/gpu"])
+def test_a_node_selector_without_key_and_value_is_exit_2(selector, tmp_path, capsys):
+    code, err = _pipeline(["compile", "--out-dir", str(tmp_path), "--gpu-node-selector", selector], capsys)
+    assert code == 2
+    assert "--gpu-node-selector" in err
+    assert "expects KEY=VALUE, a node label of the GPU nodes (e.g. nvidia.com/gpu.present=true)" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_node_selectors_that_are_fine():
+    from pipelines.cli import node_selector
+
+    assert node_selector("") is None
+    assert node_selector("pool=gpu") == ("pool", "gpu")
+    assert node_selector("cloud.google.com/gke-accelerator=nvidia-l4") == (
+        "cloud.google.com/gke-accelerator",
+        "nvidia-l4",
+    )
+    assert node_selector("gpu=") == ("gpu", "")
+
+
+class _Silent:
+    """A TCP server that takes connections and never answers (a hung endpoint)."""
+
+    def __enter__(self) -> str:
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", 0))  # the kernel accepts into its backlog
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.close()
+
+
+class _NotKFP:
+    """An HTTP server answering 404 to everything (a URL that is not the KFP API)."""
+
+    def __enter__(self) -> str:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_error(404)
+
+            def do_POST(self):
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _refused() -> str:
+    from tests.helpers import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        (_refused, "(connection refused: nothing listens on that port)"),
+        (lambda: "http://no-such-host.invalid:8080", "(its host name does not resolve)"),
+        (lambda: "not a url", "(it is not a URL like http://HOST:PORT)"),
+        (_Silent, "(no answer within 1 s)"),
+        (_NotKFP, "answered HTTP 404 Not Found for /apis/v2beta1/healthz: not a Kubeflow Pipelines API"),
+    ],
+    ids=["refused", "dns", "not a url", "timeout", "not kfp"],
+)
+def test_an_unreachable_host_is_exit_2_naming_it(endpoint, reason, monkeypatch, capsys):
+    import contextlib
+    import time
+
+    import pipelines.cli
+
+    monkeypatch.setattr(pipelines.cli, "HOST_TIMEOUT_S", 1)
+    made = endpoint()
+    with (
+        made if isinstance(made, contextlib.AbstractContextManager) else contextlib.nullcontext(made) as host
+    ):
+        start = time.perf_counter()
+        code, err = _pipeline(["submit", "--host", host], capsys)
+    assert code == 2
+    assert f"error: --host {host!r}: " in err
+    assert reason in err
+    assert "check the URL" in err
+    assert time.perf_counter() - start < 30
+
+
+def test_the_module_entry_runs_through_histotransfers_exit_statuses(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "compile",
+            "--out-dir",
+            str(tmp_path),
+            "--gpu-node-selector",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --gpu-node-selector 'x': expects KEY=VALUE")

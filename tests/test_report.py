@@ -1,4 +1,3 @@
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,7 +10,7 @@ from histotransfer.manifest import SlideRecord
 from histotransfer.mil.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
 from histotransfer.mil.study import LesionMasks, class_rocs, train_mil
 from histotransfer.report import family, write_report
-from tests.helpers import synthetic_cohort
+from tests.helpers import synthetic_cohort, write_features
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 4])
@@ -80,10 +79,7 @@ def test_family(encoder_id, kind):
 def test_report_has_table_truncation_curve_and_roc(tmp_path):
     results = []
     for encoder_id in ("resnet18@layer1+random", "resnet18@layer2+random", "resnet18+random"):
-        records, _, features_dir = synthetic_cohort(tmp_path / encoder_id, n_bags=16)
-        for path in features_dir.glob("*.h5"):
-            with h5py.File(path, "a") as f:
-                f.attrs["encoder_id"] = encoder_id
+        records, _, features_dir = synthetic_cohort(tmp_path / encoder_id, n_bags=16, encoder_id=encoder_id)
         cfg = MILConfig(epochs=4, folds=4)
         results.append(
             train_mil(
@@ -121,10 +117,7 @@ def three_class_cohort(folder, n_bags=24, seed=0):
         x = rng.normal(0, 1, (30, 16)).astype(np.float32)
         if label != "normal":
             x[:3] = planted[label] + rng.normal(0, 0.3, (3, 16))
-        with h5py.File(features_dir / f"{slide_id}.h5", "w") as f:
-            f.create_dataset("features", data=x)
-            f.create_dataset("coords", data=np.stack([np.arange(30) * 224, np.zeros(30)], 1).astype(np.int64))
-            f.attrs["encoder_id"] = "resnet18+random"
+        write_features(features_dir, slide_id, x, encoder_id="resnet18+random", weights=f"seed-{seed}")
         records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=slide_id))
     return records, features_dir
 

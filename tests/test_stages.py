@@ -68,64 +68,53 @@ def test_unchecked_ids_never_become_paths(tmp_path, bad):
 # ------------------------------------------------------------------------------ one wiring, fixed bugs
 
 
-def _tagged_study(tmp_path: Path, sample_cohort: Path) -> tuple[Path, Path, str]:
-    """A study folder whose config gives the tagged encoder's weights (as params.yaml does under DVC),
-    with the frozen MIL result and a fold's fine-tuned encoder that finetune and cka start from."""
+@pytest.mark.integration
+def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
+    tmp_path, sample_cohort, monkeypatch
+):
+    """Regression: `finetune` and `cka` built a tagged id without the config's weights (so a DVC study
+    with densenet121+kimianet failed there), and `cka` ran on the CPU whatever extraction.device said.
+    The config names the weights (as params.yaml does under DVC); no command is given them."""
+    import histotransfer.cka.layers as cka_stage
+    from histotransfer.cka.layers import CKAResult
+    from histotransfer.cli import main
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.features.registry import finetuned_id
+    from histotransfer.lineage import read_record
 
     encoder_id = "resnet18@layer1+mine"
     weights = tmp_path / "mine.pt"
     torch.save(build_encoder("resnet18@layer1+random").module.model.state_dict(), weights)
     config = tmp_path / "c.yaml"
     config.write_text(
-        f"extraction:\n  encoders: [{{id: {encoder_id}, weights: {weights}}}]\n"
-        f"finetune: {{encoders: [{encoder_id}]}}\ncka: {{fold: 0, tiles: 8, batch_size: 4}}\n"
+        f"extraction:\n  encoders: [{{id: {encoder_id}, weights: {weights}}}]\n  num_workers: 0\n"
+        f"finetune: {{encoders: [{encoder_id}], k: 2, epochs: 1}}\n"
+        "cka: {fold: 0, tiles: 8, batch_size: 4}\n"
+        "mil: {epochs: 1, folds: 2, restarts: 1}\nevaluation: {bootstrap: 100, heatmaps: 0}\n"
     )
-    layout = StudyLayout.at(tmp_path / "study")
-    layout.tiles.mkdir(parents=True)  # cka reads tiles (sampled by a fake in the test below)
-    layout.mil_result(encoder_id).dir.mkdir(parents=True)
-    layout.mil_result(encoder_id).metrics.write_text("{}")
-    tuned = layout.finetune_fold(encoder_id, 0).encoder
-    tuned.parent.mkdir(parents=True)
-    torch.save(build_encoder(finetuned_id(encoder_id), weights=weights).module.model.state_dict(), tuned)
-    return config, layout.root, encoder_id
-
-
-def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
-    tmp_path, sample_cohort, monkeypatch
-):
-    """Regression: `finetune` and `cka` built a tagged id without the config's weights (so a DVC study
-    with densenet121+kimianet failed there), and `cka` ran on the CPU whatever extraction.device said."""
-    import histotransfer.cka.layers as cka_stage
-    import histotransfer.finetune.study as finetune_stage
-    from histotransfer.cka.layers import CKAResult
-    from histotransfer.cli import main
-
-    config, study, encoder_id = _tagged_study(tmp_path, sample_cohort)
+    study = tmp_path / "study"
+    m, c = str(sample_cohort), ["--config", str(config)]
+    assert main(["tile", m, "--out", str(study / "tiles"), *c]) == 0
+    extract = ["extract", m, "--tiles", str(study / "tiles"), "--encoder", encoder_id, *c]
+    assert main([*extract, "--out", str(study / "features")]) == 0
+    features = str(study / "features" / encoder_id)
+    train = ["train", m, "--features", features, "--tiles", str(study / "tiles"), "--out", str(study / "mil")]
+    assert main([*train, *c]) == 0
+    common = [m, "--study", str(study), "--encoder", encoder_id, *c]
+    assert main(["finetune", *common]) == 0
+    history = read_record(study / "finetune" / encoder_id / "fold0" / "history.json")
+    assert history["frozen"]["encoder"]["weights_source"].startswith("file:mine.pt")
     seen = {}
-
-    def fake_finetune(records, *, encoder, **kwargs):
-        seen["finetune"] = encoder.weights_source
-        mil = SimpleNamespace(metrics={"pooled": {"auc": {"value": None}}}, out_dir=study / "mil")
-        return SimpleNamespace(
-            fold_encoders={}, finetuned_id="x", mil=mil, extraction={0: SimpleNamespace(failed=[])}
-        )
 
     def fake_compare(a, b, tiles, *, batch_size, device):
         seen["cka"] = (a.weights_source, b.id.tag, device)
         return CKAResult(np.eye(1), ["layer1"], ["layer1"], 8)
 
-    monkeypatch.setattr(finetune_stage, "finetune_study", fake_finetune)
     monkeypatch.setattr(cka_stage, "layer_cka", fake_compare)
-    monkeypatch.setattr(cka_stage, "sample_tiles", lambda *args, **kwargs: [None] * 512)  # never read
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # extraction.device auto -> cuda
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    common = [str(sample_cohort), "--study", str(study), "--encoder", encoder_id, "--config", str(config)]
-    assert main(["finetune", *common]) == 0
-    assert seen["finetune"].startswith("file:mine.pt")
     assert main(["cka", *common]) == 0
-    assert seen["cka"] == (seen["finetune"], "mine+ft", "cuda")  # the config's device, not the CPU
+    assert seen["cka"][1:] == ("mine+ft", "cuda")  # the config's device, not the CPU
+    assert seen["cka"][0].startswith("file:mine.pt")
     assert json.loads((study / "cka" / f"{encoder_id}__{encoder_id}+ft-fold0.json").read_text())["b"] == (
         f"{encoder_id}+ft-fold0"
     )
@@ -167,7 +156,7 @@ def test_merging_shards_publishes_the_summary_atomically(tmp_path, monkeypatch):
         parts.append(part.parent)
     out = tmp_path / "merged"
     (out / "tiles").mkdir(parents=True)
-    (out / "tiles" / "summary.csv").write_text("slide_id,status\nold,done\n")
+    (out / "tiles" / "summary.csv").write_text("slide_id,status,reason,seconds\nold,done,,0.1\n")
 
     def crash(*args):
         raise OSError("killed while publishing")
@@ -175,7 +164,7 @@ def test_merging_shards_publishes_the_summary_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="killed"):
         merge(parts, out)
-    assert (out / "tiles" / "summary.csv").read_text() == "slide_id,status\nold,done\n"
+    assert (out / "tiles" / "summary.csv").read_text() == "slide_id,status,reason,seconds\nold,done,,0.1\n"
     assert not list((out / "tiles").glob("*.partial*"))
     monkeypatch.undo()
     merge(parts, tmp_path / "again")

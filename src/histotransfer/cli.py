@@ -3,10 +3,12 @@
 Exit status, decided in ``main`` only (the README's table):
   0    success
   1    some slides failed, the rest finished (their summary.csv says why); for `run`, also a stage
-       that failed for one encoder while the others finished
+       that failed for one encoder while the others finished; for `verify`, an artifact that no
+       longer matches what it was made from
   2    unusable input or usage: one line naming the file, row, key or folder, and the fix
   70   internal error (a bug): one line, and the traceback in a log file whose path is printed
   130  interrupted (Ctrl-C): what finished is kept, and a rerun resumes from it
+  143  terminated (SIGTERM: docker stop, Kubernetes): as 130
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from histotransfer.assets import cache_dir
 from histotransfer.config import StudyConfig, load_config, parse_assignments
 from histotransfer.errors import USER_ERRORS, ConfigError, Interrupted
 from histotransfer.layout import StudyLayout
+from histotransfer.lifecycle import command_scope
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import read_manifest
 from histotransfer.runner import StageResult
-from histotransfer.storage import fetch_gcs, is_gcs_uri, staging_dir, upload_tree
+from histotransfer.storage import check_destination, fetch_gcs, is_gcs_uri, staging_dir, upload_tree
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+EXIT_TERMINATED = 143
 
 # The modules of the install extras (pyproject.toml): the core installs predict only (the slim image).
 EXTRAS = {
@@ -345,6 +349,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from histotransfer.verify import verify
+
+    result = verify(args.path)
+    print("\n".join(result.lines()))
+    return EXIT_OK if result.ok else EXIT_SLIDES_FAILED
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from histotransfer import stages
 
@@ -376,16 +388,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy (tests/test_export.py checks)
     from histotransfer import stages
+    from histotransfer.config import predict_settings
 
+    settings = predict_settings(
+        mpp=args.mpp, batch_size=args.batch_size, readers=args.readers, threads=args.threads
+    )
     print(f"bundle {args.bundle}: classifying {args.slides}")
     result = stages.predict(
         args.bundle,
         args.slides,
         args.out,
-        mpp=args.mpp,
-        batch_size=args.batch_size,
-        readers=args.readers,
-        threads=args.threads,
+        mpp=settings.mpp,
+        batch_size=settings.batch_size,
+        readers=settings.readers,
+        threads=settings.threads,
         heatmaps=not args.no_heatmaps,
         overwrite=args.overwrite,
     )
@@ -437,6 +453,7 @@ def _run_with_remote_output(args: argparse.Namespace) -> int:
     remote = getattr(args, attr, None) if attr else None
     if not isinstance(remote, str):
         return args.func(args)
+    check_destination(remote)  # credentials and bucket, before any work
     local = staging_dir(remote)
     print(f"output {remote}: written to {local} first, uploaded when the command has finished")
     setattr(args, attr, local)
@@ -588,10 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=_output, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
     )
-    p.add_argument("--mpp", type=float, help="um/px of a single slide that records no resolution")
-    p.add_argument("--batch-size", type=int, help="tiles per encoder call (default 64)")
-    p.add_argument("--readers", type=int, help="tile reader threads (default: one per core, max 8)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    from histotransfer.config import PredictSettings  # its flags' help, defaults and bounds
+
+    for name, field in PredictSettings.model_fields.items():
+        default = f" (default {field.default})" if field.default is not None else ""
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float if name == "mpp" else int,
+            help=f"{field.description}{default}",
+        )
     p.add_argument("--no-heatmaps", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -605,6 +627,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also STUDY/metrics.json and STUDY/plots/ (dvc metrics, plots)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "verify",
+        help="walk an artifact's lineage: were these outputs made from these slides with these weights?",
+    )
+    p.add_argument(
+        "path", type=Path, help="a study folder, a bundle, a predictions folder or an artifact folder"
+    )
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
         "pipeline", help="Kubeflow Pipelines: compile, run-local, submit (see `histotransfer pipeline -h`)"
@@ -643,9 +674,9 @@ def crash_log(argv: list[str]) -> Path:
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
-    print(
-        "\ninterrupted: outputs that finished are kept; run the same command again to resume", file=sys.stderr
-    )
+    terminated = getattr(exc, "signal", "SIGINT") == "SIGTERM"
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    print(f"\n{how}: outputs that finished are kept; run the same command again to resume", file=sys.stderr)
     if isinstance(exc, Interrupted) and exc.result is not None:
         result = exc.result
         done = sum(o.status != "failed" for o in result.outcomes)
@@ -654,7 +685,7 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
             f"{exc.remaining} left to do (summary: {result.summary_path})",
             file=sys.stderr,
         )
-    return EXIT_INTERRUPTED
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # usage errors exit 2 here, with argparse's message
         configure_logging(args.verbose)
-        return _run_with_remote_output(args)
+        with command_scope():
+            return _run_with_remote_output(args)
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
     except USER_ERRORS as exc:

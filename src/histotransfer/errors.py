@@ -68,19 +68,38 @@ class StorageError(RuntimeError):
     """(storage) An object could not be located, read or verified."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """(runner) Ctrl-C during a per-slide stage: carries what finished (its summary is written)."""
+class ArtifactError(ValueError):
+    """(provenance) An artifact file cannot be read as what it should be (truncated, edited, of another
+    format); the message names the file and what to redo."""
 
-    def __init__(self, stage: str, result, remaining: int):
+
+class LineageError(ValueError):
+    """(lineage) An artifact was not made from what it is being used with (another slide, other tiles,
+    features or weights); the message names both sides and what to redo."""
+
+
+class Terminated(KeyboardInterrupt):
+    """(lifecycle) SIGTERM (docker stop, Kubernetes), handled as Ctrl-C is."""
+
+    signal = "SIGTERM"
+
+
+class Interrupted(KeyboardInterrupt):
+    """(runner) Ctrl-C or SIGTERM during a per-slide stage: carries what finished (its summary is
+    written) and which signal ended it."""
+
+    def __init__(self, stage: str, result, remaining: int, signal: str = "SIGINT"):
         super().__init__(stage)
         self.stage = stage
         self.result = result  # a runner.StageResult of the slides that finished or failed
         self.remaining = remaining
+        self.signal = signal
 
 
 # What a user can cause and fix (each message names the file, row, key or folder, and the fix): the
 # CLI turns these into exit status 2.
 USER_ERRORS = (
+    ArtifactError,
     AssetError,
     BundleError,
     ConfigError,
@@ -89,6 +108,7 @@ USER_ERRORS = (
     FeaturesError,
     GeometryError,
     LayoutError,
+    LineageError,
     ManifestError,
     OutputError,
     SlideError,

@@ -32,6 +32,7 @@ SUMMARY = "summary.csv"
 MANIFEST = "manifest.csv"
 COHORT_META = "cohort.json"  # the sample cohort's plan; its lesion masks lie in masks/ beside it
 BUNDLE_SPEC = "bundle.json"  # written last into an ONNX bundle folder (histotransfer.deploy.bundle)
+MODEL_FILE, HISTORY_FILE = "model.pt", "history.json"  # a MIL fold's head and its record
 # ARCH[@CUT][+WEIGHTS][+ft]: the encoder id grammar (histotransfer.features.encoders), which names
 # folders of features/, mil/ and finetune/; a fine-tuned copy of an id is the id with "+ft"
 ENCODER_ID = re.compile(
@@ -120,10 +121,10 @@ class MILLayout:
         return self.dir / fold_name(fold)
 
     def fold_model(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "model.pt"
+        return self.fold_dir(fold) / MODEL_FILE
 
     def fold_history(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "history.json"
+        return self.fold_dir(fold) / HISTORY_FILE
 
     def folds(self) -> list[int]:
         """The folds that have a history, in order."""

@@ -1,128 +1,129 @@
-"""Preflight of output folders: a command writes only into a folder that is new, empty, or recognisably
-one of its own artifacts, never over what the tool did not write.
+"""Preflight of output folders: a command writes only into a folder that is new, empty, or holds only
+what that kind of artifact holds, written by histotransfer; and only one command writes it at a time.
 
 Every command names its output folder(s) with ``claim_output`` before it touches the first slide or
-builds a model. A folder is accepted when it does not exist yet (it is created), is empty, or holds
-only entries of the kind of artifact the command writes there (the names in ``KINDS``, which follow
-the study layout). Otherwise the command stops with an OutputError (exit status 2) that names the
-folder, a few entries that are not ours, and the fix. The same check refuses an output folder that is a
-file, that cannot be created or written, or that overlaps a folder the command reads.
+builds a model. A folder is accepted when it does not exist yet (it is created), is empty, or holds only
+entries of the kind of artifact the command writes there (``KINDS``: names, and sub-folders of their own
+kinds, following the study layout) whose content says histotransfer wrote them (histotransfer.marks; the
+first files of each type in each folder are read). Otherwise the command stops with an OutputError (exit
+status 2) that names the folder, a few entries that are not ours, and the fix. The same check refuses
+an output folder that is a file, that cannot be created or written, or that overlaps a folder the
+command reads. Writes themselves refuse to replace a file that is not ours (histotransfer.atomic).
 
-Recognition is by content, not by a marker file: artifact folders are merged, linked and uploaded by
-the orchestrators as they are, and folders written by earlier versions are still recognised.
+A claimed folder is locked (an advisory ``flock`` on the folder itself, released when the command ends
+or its process dies): a second command claiming it is refused with the holder's process named, so two
+runs never write one folder. Resume never depends on the lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
-import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from histotransfer.atomic import PARTIAL
 from histotransfer.errors import OutputError
-from histotransfer.layout import BUNDLE_SPEC, COHORT_META, ENCODER_ID, MANIFEST, SUMMARY
+from histotransfer.layout import (
+    BUNDLE_SPEC,
+    COHORT_META,
+    ENCODER_ID,
+    HISTORY_FILE,
+    MANIFEST,
+    MODEL_FILE,
+    SUMMARY,
+)
+from histotransfer.marks import is_ours
 
-OURS_SAMPLE = 32  # files opened to tell our tiles files from another tool's of the same names
-_PARTIAL = re.compile(r"^\..+\.[0-9a-f]{8}(\.old)?\.partial$")  # histotransfer.atomic's temporary names
-
-
-def _is_encoder_dir(entry: Path) -> bool:
-    """A folder named by an encoder id (features/, mil/ and finetune/ hold one per encoder)."""
-    return entry.is_dir() and ENCODER_ID.match(entry.name) is not None
-
-
-def _ours_if_h5(entry: Path) -> bool:
-    """An h5 file is ours only when it carries our provenance (CLAM's patch files are named alike)."""
-    if entry.suffix != ".h5":
-        return True
-    from histotransfer.provenance import made_here  # h5py: only when a folder is checked
-
-    return made_here(entry)
-
-
-def _unfinished_sample_cohort(folder: Path) -> bool:
-    """A sample cohort whose first run stopped before its manifest: only ``sample-*`` slides and masks."""
-    files = [
-        f
-        for sub in ("slides", "masks", "artefacts")
-        if (folder / sub).is_dir()
-        for f in (folder / sub).iterdir()
-    ]
-    return bool(files) and all(f.name.startswith(("sample-", ".sample-")) for f in files)
+OURS_SAMPLE = 32  # files of each type per folder whose content is read (all of them in a whole artifact)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What one kind of output folder holds: glob patterns of its entries (``NAME/`` for a folder,
-    or a predicate), and which of them mark it as ours when it is not empty."""
+    """What one kind of folder holds: glob patterns of its files, and its sub-folders (a name pattern,
+    or a predicate on the name, with the kind of that sub-folder)."""
 
     what: str
-    entries: tuple[str, ...] = ()
-    marks: tuple[str, ...] = ()
-    predicate: Callable[[Path], bool] | None = None  # entries recognised by more than their name
-    ours: Callable[[Path], bool] | None = None  # of the files named like ours, is this one ours? (sampled)
-    unfinished: Callable[[Path], bool] | None = None  # the folder is an interrupted first run of ours
-    whole: bool = False  # the command replaces the folder as a whole: nothing else may be in it
+    files: tuple[str, ...] = ()
+    folders: tuple[tuple[str | Callable[[str], bool], Kind], ...] = ()
+    whole: bool = False  # the command replaces the folder as a whole: every file is read, no dotfiles
 
-    def matches(self, entry: Path, patterns: Iterable[str]) -> bool:
-        for pattern in patterns:
-            if pattern.endswith("/"):
-                if entry.is_dir() and fnmatch.fnmatchcase(entry.name, pattern[:-1]):
-                    return True
-            elif not entry.is_dir() and fnmatch.fnmatchcase(entry.name, pattern):
-                return True
-        return self.predicate is not None and self.predicate(entry)
+    def folder_kind(self, name: str) -> Kind | None:
+        for rule, kind in self.folders:
+            if rule(name) if callable(rule) else fnmatch.fnmatchcase(name, rule):
+                return kind
+        return None
 
-    def foreign(self, folder: Path) -> list[str]:
-        """Entries of ``folder`` that this kind of artifact never has (all of them when none marks it)."""
-        entries = sorted(folder.iterdir())
-        partial = [e for e in entries if _PARTIAL.match(e.name)]  # left by an interrupted write of ours
-        if not self.whole:  # dotfiles (.gitignore, .DS_Store) are left alone by additive writers
-            entries = [e for e in entries if not e.name.startswith(".")]
-        else:
-            entries = [e for e in entries if e not in partial]
-        named = [e for e in entries if self.matches(e, self.entries)]
-        foreign = [e.name for e in entries if e not in named]
-        if self.ours is not None:  # the first files say whose folder it is; a mixed one is not expected
-            foreign += [e.name for e in named[:OURS_SAMPLE] if not self.ours(e)]
-        marked = (
-            partial
-            or any(self.matches(e, self.marks) for e in entries)
-            or (self.unfinished is not None and self.unfinished(folder))
-        )
-        if entries and not foreign and not marked:
-            return [e.name for e in entries]  # only names we also use, but nothing that marks it ours
-        return foreign
+    def holds_file(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.files)
 
+    def foreign(self, folder: Path, prefix: str = "") -> list[str]:
+        """Entries under ``folder`` (relative names) that this kind never holds or that histotransfer did
+        not write."""
+        found, read = [], Counter()
+        for entry in sorted(folder.iterdir()):
+            name = prefix + entry.name
+            if entry.name.startswith("."):
+                if self.whole and not PARTIAL.match(entry.name):
+                    found.append(name)  # a whole artifact is replaced: a dotfile in it would be lost
+                continue  # dotfiles (.gitignore, .DS_Store, our temporaries) are left alone
+            if entry.is_dir():
+                kind = self.folder_kind(entry.name)
+                found += [name + "/"] if kind is None else kind.foreign(entry, name + "/")
+            elif not self.holds_file(entry.name):
+                found.append(name)
+            elif self.whole or read[entry.suffix] < OURS_SAMPLE:
+                read[entry.suffix] += 1
+                if not is_ours(entry):
+                    found.append(name)
+        return found
+
+
+def _encoder_dir(name: str) -> bool:
+    return ENCODER_ID.match(name) is not None
+
+
+def _files(*patterns: str) -> Kind:
+    return Kind("", tuple(patterns))
+
+
+TILES = Kind("tiles", ("*.h5", "*.png", "summary*.csv"))
+FEATURES_OF_ENCODER = Kind("", ("*.h5", "summary*.csv"), (("fold*", _files("*.h5", "summary*.csv")),))
+MIL_RESULT = Kind(
+    "",
+    ("metrics.json", "predictions.csv", "roc.png"),
+    (
+        ("fold*", _files(MODEL_FILE, HISTORY_FILE)),
+        ("attention", _files("*.h5")),
+        ("heatmaps", _files("*.png")),
+    ),
+)
+FINETUNED = Kind("", (), (("fold*", _files("encoder.pt", "head.pt", "selection.h5", HISTORY_FILE)),))
 
 KINDS: dict[str, Kind] = {
-    "cohort": Kind(  # cohort.json is written last; a user's own cohort (manifest.csv, slides/) is not ours
+    "cohort": Kind(
         "a sample cohort",
-        (MANIFEST, COHORT_META, "slides/", "masks/", "artefacts/"),
-        (COHORT_META,),
-        unfinished=_unfinished_sample_cohort,
+        (MANIFEST, COHORT_META),
+        (("slides", _files("*.svs")), ("masks", _files("*.png")), ("artefacts", _files("*.png"))),
     ),
-    "tiles": Kind(
-        "tiles", ("*.h5", "*.png", "*.jpg", "summary*.csv"), ("*.h5", "summary*.csv"), ours=_ours_if_h5
+    "tiles": TILES,
+    "features": Kind("features (one folder per encoder id)", (), ((_encoder_dir, FEATURES_OF_ENCODER),)),
+    "mil": Kind("MIL results (one folder per encoder id)", (), ((_encoder_dir, MIL_RESULT),)),
+    "finetune": Kind("fine-tuning results (one folder per encoder id)", (), ((_encoder_dir, FINETUNED),)),
+    "cka": Kind("CKA comparisons", ("*__*.json", "*__*.png")),
+    "bundle": Kind("an ONNX bundle", (BUNDLE_SPEC, "encoder.onnx", "aggregator.onnx"), whole=True),
+    "report": Kind(
+        "a study report", ("index.html", "summary.md", "lineage.md"), (("figures", _files("*.png")),)
     ),
-    "features": Kind("features (one folder per encoder id)", marks=("*/",), predicate=_is_encoder_dir),
-    "mil": Kind("MIL results (one folder per encoder id)", marks=("*/",), predicate=_is_encoder_dir),
-    "finetune": Kind(
-        "fine-tuning results (one folder per encoder id)", marks=("*/",), predicate=_is_encoder_dir
-    ),
-    "cka": Kind("CKA comparisons", ("*__*.json", "*__*.png"), ("*__*.json",)),
-    "bundle": Kind(
-        "an ONNX bundle", (BUNDLE_SPEC, "encoder.onnx", "aggregator.onnx"), (BUNDLE_SPEC,), whole=True
-    ),
-    "report": Kind("a study report", ("index.html", "summary.md", "figures/"), ("index.html", "summary.md")),
-    "plots": Kind("DVC plots", ("roc/", "*.csv", "*.json"), ("roc/",)),
+    "plots": Kind("DVC plots", ("*.csv", "*.json"), (("roc", _files("*.csv")),)),
     "predictions": Kind(
         "predictions",
-        ("predictions.csv", SUMMARY, "slides/", "heatmaps/", "tiles/"),
         ("predictions.csv", SUMMARY),
+        (("slides", _files("*.h5")), ("heatmaps", _files("*.png")), ("tiles", TILES)),
     ),
 }
 
@@ -131,13 +132,26 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _resolve(path: Path, what: str) -> Path:
+    """``path`` made absolute with its links followed; a link loop (or a name the system refuses) is an
+    OutputError naming it."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a symlink loop
+        reason = "a symlink loop" if isinstance(exc, RuntimeError) else (exc.strerror or str(exc))
+        raise OutputError(
+            f"{what} {path} cannot be followed ({reason}): give a real file or folder"
+        ) from None
+
+
 def claim_output(
     folder: str | os.PathLike[str],
     kind: str,
     *,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> Path:
-    """Check that ``folder`` may receive a ``kind`` artifact, create it and prove it writable.
+    """Check that ``folder`` may receive a ``kind`` artifact, create it, prove it writable and lock it
+    for this process.
 
     ``inputs``: folders (or files) the command reads; the output may neither lie inside one nor
     contain one. Raises OutputError naming the folder and the fix; returns the folder.
@@ -149,11 +163,11 @@ def claim_output(
     if existing is not None and not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
         raise OutputError(f"{where} {what}, not a folder: give a new or empty folder (the file is kept)")
-    resolved = folder.resolve()
+    resolved = _resolve(folder, "the output folder")
     for given in inputs:
         if given is None:
             continue
-        source = Path(given).resolve()
+        source = _resolve(Path(given), "the input")
         if _overlap(resolved, source):
             relation = "is" if resolved == source else "overlaps"
             raise OutputError(f"{where} {relation} the input {given}: write outputs to a folder of their own")
@@ -165,7 +179,7 @@ def claim_output(
         if foreign:
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
             raise OutputError(
-                f"{where} holds files that are not {spec.what} written by histotransfer ({shown}); "
+                f"{where} holds files that are not {spec.what or kind} written by histotransfer ({shown}); "
                 "nothing was changed: give a new or empty folder"
             )
     try:
@@ -179,4 +193,66 @@ def claim_output(
             f"{where} cannot be written ({reason}{f': {exc.filename}' if exc.filename else ''}): "
             "give a folder you can write to"
         ) from exc
+    hold(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+@dataclass
+class _Locks:
+    held: dict[tuple[int, int], int] = field(default_factory=dict)  # (st_dev, st_ino) -> open fd
+
+
+_LOCKS = _Locks()
+
+
+def hold(folder: Path) -> None:
+    """Lock ``folder`` for this process (again: a no-op) until ``release_all``; another process
+    holding it is an OutputError naming that process."""
+    stat = folder.stat()
+    key = (stat.st_dev, stat.st_ino)
+    if key in _LOCKS.held:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(
+            f"the output folder {folder} is being written by another command ({holder(folder)}): wait for "
+            "it to finish, or write to another folder"
+        ) from None
+    except OSError:  # a file system without flock (some network mounts): no lock, as before
+        os.close(fd)
+        return
+    _LOCKS.held[key] = fd
+
+
+def release_all() -> None:
+    """Release every folder this process locked (the end of a command)."""
+    for fd in _LOCKS.held.values():
+        os.close(fd)
+    _LOCKS.held.clear()
+
+
+def holder(folder: Path) -> str:
+    """Which process holds the lock on ``folder``, from /proc/locks (Linux); 'another process' where
+    that cannot be told."""
+    stat = folder.stat()
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for line in lines:
+        parts = line.split()
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == device and parts[4] != str(os.getpid()):
+            pid = parts[4]
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                command = ""
+            return f"process {pid}" + (f": {command[:200]}" if command else "")
+    return "another process"

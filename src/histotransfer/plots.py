@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from histotransfer.atomic import atomic_path
+from histotransfer.marks import PNG_METADATA, png_info
 from histotransfer.wsi.slides import local_slide_path, open_slide
 
 
@@ -45,14 +46,14 @@ def attention_heatmap(
     canvas.paste(thumb, (0, 0))
     canvas.paste(Image.fromarray(overlay), (thumb.width + 10, 0))
     with atomic_path(out) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG", pnginfo=png_info())
     return out
 
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=PNG_METADATA)
     return Path(path)
 
 

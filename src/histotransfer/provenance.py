@@ -12,6 +12,7 @@ import h5py
 
 from histotransfer import __version__
 from histotransfer.atomic import write_text_atomic
+from histotransfer.errors import ArtifactError
 
 CONFIG_HASH_ATTR = "config_hash"
 CONFIG_ATTR = "config_json"
@@ -66,6 +67,22 @@ def is_current(path: str | os.PathLike[str], expected_hash: str) -> bool:
     raise ValueError(f"no resume rule for artifact type {path.suffix!r}: {path}")
 
 
+def read_json(path: str | os.PathLike[str], *, redo: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON artifact's top level (an object holding ``keys``); an ArtifactError names the file and
+    ``redo`` (what makes it again) when it is missing, unreadable, truncated or not such an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: {redo}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{path} cannot be read as JSON ({exc}): {redo}") from None
+    if not isinstance(data, dict) or (missing := [k for k in keys if k not in data]):
+        what = f"lacks {', '.join(missing)}" if isinstance(data, dict) else f"is a {type(data).__name__}"
+        raise ArtifactError(f"{path} {what}, not what histotransfer writes there: {redo}")
+    return data
+
+
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256"):
     """The ``hashlib`` digest of a file, read in chunks (never the whole file in memory)."""
     with open(path, "rb") as f:
@@ -85,7 +102,7 @@ def recorded_sha256_file(path: str | os.PathLike[str]) -> Path:
 
 def record_sha256(path: str | os.PathLike[str]) -> None:
     """Record ``path``'s sha256 beside it once ``path`` is complete; ``recorded_sha256`` reads it back."""
-    write_text_atomic(recorded_sha256_file(path), sha256_file(path))
+    write_text_atomic(recorded_sha256_file(path), sha256_file(path), owned=True)
 
 
 def recorded_sha256(path: str | os.PathLike[str]) -> str | None:

@@ -23,9 +23,13 @@ from histotransfer.features.registry import (
     parse_encoder_id,
 )
 from histotransfer.layout import BUNDLE_SPEC, MILLayout
+from histotransfer.marks import HTML_MARK, MARKDOWN_MARK, mark
 from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.plots import roc_curves, truncation_curves
+from histotransfer.provenance import read_json
+from histotransfer.verify import Verification
 
+LINEAGE_MD = "lineage.md"  # the lineage section alone (the KFP report step's Markdown artifact)
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
 
 
@@ -232,7 +236,9 @@ def _cka_section(report_dir: Path, files: Sequence[Path]) -> tuple[list[str], li
     """HTML parts and markdown lines: each frozen vs fine-tuned CKA heatmap and its diagonal."""
     parts, md = ["<h2>CKA: frozen vs fine-tuned</h2>"], ["", "## CKA: frozen vs fine-tuned", ""]
     for path in files:
-        data = json.loads(Path(path).read_text())
+        data = read_json(
+            path, redo="compare again (histotransfer cka)", keys=("a", "b", "matrix", "layers_a")
+        )
         matrix = np.array(data["matrix"])
         same = [n for n in data["layers_a"] if n in data["layers_b"]]
         diagonal = {n: matrix[data["layers_a"].index(n), data["layers_b"].index(n)] for n in same}
@@ -248,6 +254,26 @@ def _cka_section(report_dir: Path, files: Sequence[Path]) -> tuple[list[str], li
             + ", ".join(f"{n} {v:.3f}" for n, v in diagonal.items())
         )
     return parts, md
+
+
+def _lineage_section(verification: Verification) -> list[str]:
+    """HTML parts: every artifact of the study, what it was made from, and whether it still matches."""
+    bad = sum(not f.ok for f in verification.findings)
+    verdict = "every artifact matches what it was made from" if not bad else f"{bad} artifact(s) do not match"
+    rows = "".join(
+        f"<tr><td><code>{html.escape(f.artifact)}</code></td><td>{html.escape(f.made_from)}</td>"
+        f"<td>{'ok' if f.ok else '<b>mismatch</b>: ' + html.escape('; '.join(f.problems[:3]))}"
+        f"{'' if f.ok else '<br>redo: ' + html.escape(f.redo)}"
+        f"{''.join('<br><small>' + html.escape(n) + '</small>' for n in f.notes)}</td></tr>"
+        for f in verification.findings
+    )
+    return [
+        "<h2>Lineage</h2>",
+        f"<p><code>histotransfer verify</code>: {verdict} (by content: recorded digests against the files, "
+        "each artifact's inputs against those in the study).</p>",
+        f"<table><thead><tr><th>artifact</th><th>made from</th><th>status</th></tr></thead><tbody>{rows}"
+        "</tbody></table>",
+    ]
 
 
 def _bundle_section(report_dir: Path, bundle: Path) -> tuple[list[str], list[str]]:
@@ -280,8 +306,10 @@ def write_report(
     title: str = "HistoTransfer study",
     cka: Sequence[Path] = (),
     bundle: Path | None = None,
+    verification: Verification | None = None,
 ) -> Path:
-    """Write index.html and summary.md under ``report_dir``; returns the HTML path."""
+    """Write index.html and summary.md under ``report_dir``; returns the HTML path. ``verification``:
+    the study's lineage walked (histotransfer.verify), shown as its own section."""
     report_dir = Path(report_dir)
     results = sorted(results, key=MILResult.rank_key)
     rows = _rows(results)
@@ -290,6 +318,7 @@ def write_report(
     has_roc = _roc_all(results, figures / "roc.png")
     columns = list(rows[0]) if rows else []
     md = [
+        MARKDOWN_MARK,
         f"# {title}",
         "",
         f"{len(results)} encoder(s); metrics pooled over out-of-fold predictions, 95% "
@@ -332,6 +361,12 @@ def write_report(
         parts += bundle_parts
         md += bundle_md
         write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+    if verification is not None:
+        parts += _lineage_section(verification)
+        lineage_md = ["## Lineage (histotransfer verify)", "", verification.markdown()]
+        md += ["", *lineage_md]
+        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+        write_text_atomic(report_dir / LINEAGE_MD, "\n".join([MARKDOWN_MARK, *lineage_md]) + "\n")
     if has_truncation:
         parts += ["<h2>Truncation</h2>", '<img src="figures/truncation.png" alt="truncation curve">']
     if has_roc:
@@ -352,7 +387,7 @@ def write_report(
         parts.append("<h2>Tiling QC</h2><p>Green: tissue outline; blue: kept tiles.</p><div class='grid'>")
         parts += [_figure(_link(report_dir, p), p.stem) for p in qc]
         parts.append("</div>")
-    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
+    head = f"<meta charset='utf-8'>{HTML_MARK}<title>{html.escape(title)}</title><style>{STYLE}</style>"
     page = f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
     write_text_atomic(report_dir / "index.html", page)
     return report_dir / "index.html"
@@ -395,7 +430,7 @@ def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots:
             if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
                 row |= {"auc_seed_mean": seeds["mean"]["auc"], "auc_seed_sd": seeds["sd"]["auc"]}
             table[r.encoder_id] = row
-        write_text_atomic(metrics, json.dumps(table, indent=1))
+        write_text_atomic(metrics, json.dumps(mark(table), indent=1))
     if plots is None:
         return
     for r in results:

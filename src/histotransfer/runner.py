@@ -76,10 +76,11 @@ def run_per_slide(
                     outcomes.append(SlideOutcome(record.slide_id, "skipped", stats=stats_of(output)))
                     continue
                 outcomes.append(_run_one(record, stage, work))
-    except KeyboardInterrupt:  # the slide being worked on leaves nothing (atomic writes): say what did
+    except KeyboardInterrupt as exc:  # the slide being worked on leaves nothing (atomic writes): say what did
         write_summary(summary_path, outcomes)
         remaining = len(records) - len(outcomes)
-        raise Interrupted(stage, StageResult(outcomes, summary_path), remaining) from None
+        signal = getattr(exc, "signal", "SIGINT")
+        raise Interrupted(stage, StageResult(outcomes, summary_path), remaining, signal) from None
     write_summary(summary_path, outcomes)
     return StageResult(outcomes, summary_path)
 

@@ -81,7 +81,7 @@ def fetch_gcs(uri: str, *, client=None, cache_root: Path | None = None) -> Path:
     if out.is_file() and out.stat().st_size == blob.size:
         return out
     try:
-        with atomic_path(out) as tmp:
+        with atomic_path(out, owned=True) as tmp:
             blob.download_to_filename(str(tmp), checksum=checksum)
     except DataCorruption as exc:
         raise StorageError(f"download of {uri} failed verification ({checksum}): {exc}") from exc
@@ -123,6 +123,23 @@ def _retry():
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     return DEFAULT_RETRY.with_deadline(float(os.environ.get("HISTOTRANSFER_GCS_RETRY_S", "120")))
+
+
+def check_destination(uri: str, *, client=None) -> None:
+    """An output root on gs:// can be reached before any work: credentials exist and the bucket answers
+    a listing (what the upload does first); a StorageError names the URI and the fix."""
+    from google.api_core import exceptions as gexc
+    from requests import exceptions as rexc
+
+    bucket, prefix = parse_gcs_prefix(uri)
+    client = client or gcs_client()
+    try:
+        next(iter(client.list_blobs(bucket, prefix=prefix or None, max_results=1, retry=_retry())), None)
+    except (gexc.GoogleAPIError, rexc.RequestException, ConnectionError) as exc:
+        raise StorageError(
+            f"the output {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:300]}): check the bucket "
+            "name and your access to it (nothing was run)"
+        ) from exc
 
 
 def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:

@@ -18,6 +18,7 @@ from histotransfer.features.encoders import ARCHS, Encoder, block_modules
 from histotransfer.features.extraction import TileReader
 from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
+from histotransfer.marks import mark
 from histotransfer.plots import cka_matrix
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import load_tiles
@@ -94,10 +95,15 @@ def layer_cka(a: Encoder, b: Encoder, tiles: ConcatDataset, *, batch_size: int, 
 
 
 def write_cka(
-    json_path: Path, png_path: Path, name_a: str, name_b: str, result: CKAResult
+    json_path: Path,
+    png_path: Path,
+    name_a: str,
+    name_b: str,
+    result: CKAResult,
+    made_from: dict | None = None,
 ) -> tuple[Path, Path]:
-    """The comparison as JSON (matrix, layer names, sample size, method) and as a heatmap PNG (the
-    study's ``cka/{a}__{b}.json`` and ``.png``: StudyLayout.cka_files)."""
+    """The comparison as JSON (matrix, layer names, sample size, method, lineage ``made_from``) and as a
+    heatmap PNG (the study's ``cka/{a}__{b}.json`` and ``.png``: StudyLayout.cka_files)."""
     payload = {
         "a": name_a,
         "b": name_b,
@@ -108,6 +114,8 @@ def write_cka(
         "method": "linear CKA, minibatch unbiased HSIC (Nguyen, Raghu & Kornblith 2021); each layer pooled "
         "as a cut there is (GAP; transformers: final norm and token rule)",
     }
-    json_path = write_text_atomic(Path(json_path), json.dumps(payload, indent=1))
+    if made_from is not None:
+        payload["lineage"] = made_from
+    json_path = write_text_atomic(Path(json_path), json.dumps(mark(payload), indent=1))
     png_path = cka_matrix(png_path, result.matrix, result.layers_a, result.layers_b, name_a, name_b)
     return json_path, png_path

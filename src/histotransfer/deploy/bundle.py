@@ -3,12 +3,15 @@
 ``onnx/{name}/``
   ``encoder.onnx``     uint8 tiles ``tiles`` (n, 3, p, p) -> ``features`` (n, dim); normalisation inside
   ``aggregator.onnx``  ``features`` (n, dim) float32 -> ``probabilities`` (n_classes,), ``attention`` (n,)
-  ``bundle.json``      how the tiles are made, the classes, provenance, the files' sha256 and the
-                       parity error measured against torch at export (written last)
+  ``bundle.json``      how the tiles are made, the classes, provenance and lineage, the files' sha256,
+                       the parity error measured against torch at export (written last), and
+                       ``integrity``: the sha256 of its own content (canonical JSON, without this key),
+                       so that an edited bundle.json (swapped classes, another tiling) is refused
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from histotransfer.config import TilingConfig
 from histotransfer.errors import BundleError
 from histotransfer.layout import BUNDLE_SPEC
-from histotransfer.provenance import sha256_file
+from histotransfer.provenance import canonical_json, sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: integrity and lineage
 ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", BUNDLE_SPEC
 ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "features"
 AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS = "features", ("probabilities", "attention")
@@ -73,6 +76,21 @@ class BundleSpec(_Strict):
     parity: dict[str, Parity]  # "encoder", "aggregator"
     files: dict[str, str]  # file name -> sha256
     source_hash: str  # of the weights, head, tiling and settings it was made from (export's resume check)
+    lineage: dict[str, Any]  # the MIL result, fold head, weights and tiling (histotransfer.lineage)
+    integrity: str  # sha256 of the canonical JSON of every other key (see integrity())
+
+
+def integrity(content: dict[str, Any]) -> str:
+    """The sha256 of a bundle.json's content without its ``integrity`` key, as canonical JSON."""
+    return hashlib.sha256(
+        canonical_json({k: v for k, v in content.items() if k != "integrity"}).encode()
+    ).hexdigest()
+
+
+def spec_json(spec: BundleSpec) -> str:
+    """bundle.json's text for ``spec``, its integrity computed over what a reader will parse."""
+    content = json.loads(spec.model_dump_json(exclude={"integrity"}))
+    return json.dumps({**content, "integrity": integrity(content)}, indent=1)
 
 
 @dataclass
@@ -110,6 +128,11 @@ def read_spec(path: str | Path) -> BundleSpec:
         raise BundleError(
             f"{file} has format_version {raw.get('format_version')!r}; this histotransfer reads version "
             f"{BUNDLE_VERSION}: export the bundle again with this version"
+        )
+    if raw.get("integrity") != integrity(raw):
+        raise BundleError(
+            f"{file} was changed after export (its content does not match its `integrity` sha256): a "
+            "bundle is used whole or not at all; export it again (nothing was run)"
         )
     try:
         return BundleSpec.model_validate(raw)

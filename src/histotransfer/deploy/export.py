@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import torch
 
-from histotransfer import __version__
+from histotransfer import __version__, lineage
 from histotransfer.atomic import atomic_dir
 from histotransfer.config import TilingConfig
 from histotransfer.deploy.bundle import (
@@ -32,6 +32,7 @@ from histotransfer.deploy.bundle import (
     BundleSpec,
     EncoderInfo,
     read_spec,
+    spec_json,
 )
 from histotransfer.deploy.onnx_export import (
     OPSET,
@@ -47,9 +48,9 @@ from histotransfer.features.registry import frozen_id, parse_encoder_id
 from histotransfer.layout import MILLayout
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.results import MILResult
-from histotransfer.provenance import CONFIG_ATTR, config_hash, sha256_file
+from histotransfer.provenance import CONFIG_ATTR, config_hash, read_json, sha256_file
 from histotransfer.wsi.slides import local_slide_path, open_slide
-from histotransfer.wsi.tiling import load_tiles, read_tile
+from histotransfer.wsi.tiling import load_tiles, read_tile, tiling_hash
 
 log = logging.getLogger(__name__)
 PARITY_BAG_SIZES = (1, 10_000)  # the extremes a deployed head meets; a real bag is added when tiles exist
@@ -97,8 +98,14 @@ def fold_loss(mil_dir: Path, fold: int) -> FoldLoss:
     history_file = MILLayout(Path(mil_dir)).fold_history(fold)
     if not history_file.is_file():
         raise ExportError(f"{history_file} not found: fold {fold} is not a fold of {mil_dir}")
-    history = json.loads(history_file.read_text())
-    kept = history["history"][history["best_epoch"] - 1]
+    redo = f"train {Path(mil_dir).name} again (histotransfer train ... --overwrite)"
+    history = read_json(history_file, redo=redo, keys=("history", "best_epoch"))
+    try:
+        kept = history["history"][history["best_epoch"] - 1]
+    except (IndexError, KeyError, TypeError) as exc:
+        raise ExportError(
+            f"{history_file}: no kept epoch {history.get('best_epoch')!r} ({exc}): {redo}"
+        ) from exc
     return FoldLoss(kept["val_loss"], kept["train_loss"])
 
 
@@ -116,9 +123,14 @@ def study_tiling(tiles_dir: Path) -> TilingConfig:
     """The tiling settings the study's tiles files record (all files must agree)."""
     seen: dict[str, TilingConfig] = {}
     for path in sorted(Path(tiles_dir).glob("*.h5")):
-        with h5py.File(path, "r") as f:
-            recorded = json.loads(str(f.attrs[CONFIG_ATTR]))["tiling"]
-        seen[json.dumps(recorded, sort_keys=True)] = TilingConfig.model_validate(recorded)
+        try:
+            with h5py.File(path, "r") as f:
+                recorded = json.loads(str(f.attrs[CONFIG_ATTR]))["tiling"]
+            seen[json.dumps(recorded, sort_keys=True)] = TilingConfig.model_validate(recorded)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise ExportError(
+                f"{path}: not a tiles file of histotransfer's ({exc}); give --tiles the study's tiles folder"
+            ) from exc
     if not seen:
         raise ExportError(f"no tiles files in {tiles_dir}: the bundle needs the study's tiling settings")
     if len(seen) > 1:
@@ -187,11 +199,16 @@ def export_study_model(
     if frozen_id(encoder_id) is not None and weights is None:
         raise ExportError(f"{encoder_id} is fine-tuned per fold: give fold {fold}'s encoder file")
     encoder = build_encoder(encoder_id, weights=weights)
-    if encoder.dim != result.metrics["feature_dim"]:
-        raise ExportError(
-            f"encoder {encoder.id} gives {encoder.dim}-d features, the MIL head in {mil_dir} takes "
-            f"{result.metrics['feature_dim']}-d: these weights are not the ones the study used"
-        )
+    made_from = result.metrics.get("lineage")
+    lineage.check_mil(
+        mil_dir,
+        made_from,
+        folds=[fold],
+        weights=(encoder.weights_sha256, encoder.weights_source),
+        tiling=tiling_hash(tiling),
+        weights_fix="give --weights the checkpoint its features were extracted with (as given to extract), "
+        "or leave --weights out to use the config's",
+    )
     precision = "fp16" if fp16 else "fp32"
     sources = {
         "encoder": encoder.weights_sha256,
@@ -223,8 +240,25 @@ def export_study_model(
         precision=precision,
         opset=opset,
         source_hash=expected,
+        made_from={
+            "kind": "bundle",
+            "mil": {
+                "dir": str(mil_dir),
+                "encoder_id": encoder_id,
+                "fold": fold,
+                "head": sources["head"],
+                "features": lineage.of_fold(made_from["features"], fold),
+                "cohort": made_from["cohort"],
+            },
+            "encoder": {"id": str(encoder.id), **_weights(encoder)},
+            "tiling": tiling_hash(tiling),
+        },
     )
     return ExportResult(out, spec, reused=False)
+
+
+def _weights(encoder: Encoder) -> dict[str, str]:
+    return {"weights_sha256": encoder.weights_sha256, "weights_source": encoder.weights_source}
 
 
 def _current(out: Path, expected: str) -> bool:
@@ -246,8 +280,10 @@ def write_bundle(
     precision: str,
     opset: int,
     source_hash: str,
+    made_from: dict | None = None,
 ) -> BundleSpec:
-    """Export both graphs, measure parity, write bundle.json last; all or nothing at ``out``."""
+    """Export both graphs, measure parity, write bundle.json last; all or nothing at ``out``.
+    ``made_from``: the bundle's lineage (none for a bundle made outside a study)."""
     p = tiling.patch_size_px
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (n, 3, p, p), dtype=np.uint8) for n in (1, 5)]
@@ -287,7 +323,11 @@ def write_bundle(
             parity={"encoder": enc_parity, "aggregator": agg_parity},
             files={name: sha256_file(stage / name) for name in (ENCODER_FILE, AGGREGATOR_FILE)},
             source_hash=source_hash,
+            lineage=made_from or {},
+            integrity="",
         )
-        (stage / BUNDLE_FILE).write_text(spec.model_dump_json(indent=1), encoding="utf-8")
+        text = spec_json(spec)
+        (stage / BUNDLE_FILE).write_text(text, encoding="utf-8")
+        spec = spec.model_copy(update={"integrity": json.loads(text)["integrity"]})
     log.info("bundle %s: %s with the MIL head of fold %d", out, encoder.id, aggregator.fold)
     return spec

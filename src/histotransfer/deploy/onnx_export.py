@@ -54,12 +54,19 @@ def weights_bytes(module: nn.Module) -> int:
 
 
 def export_encoder(
-    encoder: Encoder, path: str | Path, *, tile_px: int = 224, opset: int = OPSET, fp16: bool = False
+    encoder: Encoder,
+    path: str | Path,
+    *,
+    tile_px: int = 224,
+    opset: int = OPSET,
+    fp16: bool = False,
+    owned: bool = False,
 ) -> Path:
     """Write ``encoder`` as ONNX with a dynamic batch axis, atomically; checked with onnx.checker.
 
     ``fp16`` stores the weights and computes in float16 (for GPUs) while keeping uint8 in and
-    float32 out, so callers do not change.
+    float32 out, so callers do not change. ``owned``: ``path`` is a cache entry (replaced whatever it
+    holds).
     """
     module = encoder.module.cpu().eval()
     weights = weights_bytes(module) // (2 if fp16 else 1)
@@ -69,7 +76,7 @@ def export_encoder(
             "run it with backend torch (a cut at an earlier block, or --fp16, may fit)"
         )
     example = torch.randint(0, 256, (2, 3, tile_px, tile_px), dtype=torch.uint8)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, owned=owned) as tmp:
         names = (ENCODER_INPUT, ENCODER_OUTPUT)
         _export(module, example, tmp, names=names, dims={0: torch.export.Dim("batch", min=1)}, opset=opset)
         if fp16:

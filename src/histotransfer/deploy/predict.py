@@ -18,11 +18,13 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from histotransfer import lineage
 from histotransfer.atomic import atomic_path
+from histotransfer.config import PredictSettings
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
 from histotransfer.errors import ManifestError
 from histotransfer.layout import PredictionLayout, slide_file
-from histotransfer.manifest import SlideRecord, check_slide_id, read_manifest
+from histotransfer.manifest import SlideRecord, check_slide_id, local_slide_file, read_manifest
 from histotransfer.plots import attention_heatmap
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
@@ -40,15 +42,11 @@ def slides_to_classify(target: str, *, mpp: float | None = None) -> list[SlideRe
     slide_id = name.rsplit(".", 1)[0] if "." in name else name
     if why := check_slide_id(slide_id):
         raise ManifestError(f"{target}: {why}; list the slide in a manifest CSV with a safe slide_id")
-    if is_gcs_uri(target):
-        path = target
-    else:
-        local = Path(target).expanduser().resolve()
-        if not local.is_file():
-            raise ManifestError(
-                f"slide file {target} not found (give a slide, a gs:// URI or a manifest .csv)"
-            )
-        path = str(local)
+    path = target
+    if not is_gcs_uri(target):
+        path, _, why = local_slide_file(target, Path.cwd())
+        if why:
+            raise ManifestError(f"{why} (give a slide, a gs:// URI or a manifest .csv)")
     return [SlideRecord(slide_id, path, label="", patient_id=slide_id, mpp=mpp)]
 
 
@@ -86,7 +84,7 @@ def read_slide_prediction(path: Path) -> dict[str, Any]:
         return _stats(classes, f["probabilities"][:], len(f["attention"]))
 
 
-BATCH_SIZE = 64  # tiles per encoder call
+BATCH_SIZE = PredictSettings.model_fields["batch_size"].default  # tiles per encoder call
 
 
 def predict_cohort(
@@ -103,18 +101,31 @@ def predict_cohort(
     out = PredictionLayout(Path(out_dir))
     spec = bundle.spec
     readers = readers or min(8, os.cpu_count() or 1)
-    bundle_id = config_hash({"files": spec.files, "tiling": spec.tiling.model_dump(mode="json")})
 
-    def stage_config(record: SlideRecord) -> dict[str, Any]:
-        return {"stage": "predict", "bundle": bundle_id, "slide": record.path, "mpp": record.mpp}
+    def stage_config(record: SlideRecord, identity: dict | None = None) -> dict[str, Any]:
+        slide = lineage.resume_identity(record.path, identity)  # a slide replaced at its path: again
+        return {
+            "stage": "predict",
+            "bundle": spec.integrity,
+            "slide": record.path,
+            "identity": slide,
+            "mpp": record.mpp,
+        }
 
     def work(record: SlideRecord) -> dict[str, Any]:
         tile_slide(record, out_dir=out.tiles, tiling=spec.tiling)
         tiles = load_tiles(slide_file(out.tiles, record.slide_id))
         local = local_slide_path(record.path)
         probs, attention = classify_tiles(bundle, local, tiles, batch_size=batch_size, readers=readers)
+        made_from = {
+            "kind": "prediction",
+            "slide": tiles.lineage["slide"],
+            "tiles": {k: tiles.lineage[k] for k in ("digest", "tiling")},
+            "bundle": {"path": str(bundle.path), "integrity": spec.integrity, "name": spec.name},
+        }
         with atomic_path(out.slide(record.slide_id)) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(provenance_attrs(stage_config(record)))
+            f.attrs.update(provenance_attrs(stage_config(record, tiles.lineage["slide"])))
+            f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
             f.attrs.update(slide_id=record.slide_id, bundle=str(bundle.path), encoder_id=spec.encoder.id)
             f.attrs["classes"] = json.dumps(spec.classes)
             f.create_dataset("probabilities", data=probs.astype(np.float32))  # (n_classes,)

@@ -32,7 +32,6 @@ class BagStore:
         features_dir: Path,
         *,
         classes: Sequence[str],
-        tiles_dir: Path | None = None,
         cache_gb: float = 4.0,
     ):
         self.features_dir = Path(features_dir)
@@ -43,7 +42,7 @@ class BagStore:
         problems = []
         for record in records:
             try:
-                self.bags[record.slide_id] = self._check(record, tiles_dir)
+                self.bags[record.slide_id] = self._check(record)
             except FeaturesError as exc:
                 problems.append(str(exc))
         if problems:
@@ -51,39 +50,34 @@ class BagStore:
         self._cache: dict[str, torch.Tensor] = {}
         self._budget = int(cache_gb * 2**30)
 
-    def _check(self, record: SlideRecord, tiles_dir: Path | None) -> BagInfo:
+    def _check(self, record: SlideRecord) -> BagInfo:
         path = slide_file(self.features_dir, record.slide_id)
         if not path.is_file():
             raise FeaturesError(
                 f"{record.slide_id}: no features file {path} (run `histotransfer extract`, or drop the slide "
                 "from the manifest if its extraction failed)"
             )
-        with h5py.File(path, "r") as f:
-            if "features" not in f or "coords" not in f:
-                raise FeaturesError(f"{path}: not a features file (needs datasets `features` and `coords`)")
-            n, dim = f["features"].shape
-            if f["coords"].shape != (n, 2):
-                raise FeaturesError(f"{path}: {n} feature rows but coords of shape {f['coords'].shape}")
-            if self.dim is None:
-                self.dim, self.encoder_id = dim, str(f.attrs.get("encoder_id", ""))
-            elif dim != self.dim:
-                raise FeaturesError(
-                    f"{path}: features are {dim}-d, other slides' are {self.dim}-d (mixed encoders?)"
-                )
-            if n == 0:
-                raise FeaturesError(f"{path}: the bag is empty")
-            if tiles_dir is not None:
-                tiles_path = slide_file(tiles_dir, record.slide_id)
-                if not tiles_path.is_file():
-                    raise FeaturesError(
-                        f"{record.slide_id}: no tiles file {tiles_path} to check the coords against"
-                    )
-                with h5py.File(tiles_path, "r") as t:
-                    if not np.array_equal(t["coords"][:], f["coords"][:]):
-                        raise FeaturesError(
-                            f"{path}: coords are not those of {tiles_path} (tiles changed after extraction? "
-                            "re-run `histotransfer extract`)"
-                        )
+        try:
+            with h5py.File(path, "r") as f:
+                shapes = {name: f[name].shape for name in ("features", "coords") if name in f}
+                self.encoder_id = self.encoder_id or str(f.attrs.get("encoder_id", ""))
+        except OSError as exc:
+            raise FeaturesError(f"{path}: not a readable h5 file ({exc}); extract this slide again") from exc
+        if len(shapes) < 2:
+            raise FeaturesError(f"{path}: not a features file (needs datasets `features` and `coords`)")
+        if len(shapes["features"]) != 2:
+            raise FeaturesError(f"{path}: `features` has shape {shapes['features']}, not (n_tiles, dim)")
+        n, dim = shapes["features"]
+        if shapes["coords"] != (n, 2):
+            raise FeaturesError(f"{path}: {n} feature rows but coords of shape {shapes['coords']}")
+        if self.dim is None:
+            self.dim = dim
+        elif dim != self.dim:
+            raise FeaturesError(
+                f"{path}: features are {dim}-d, other slides' are {self.dim}-d (mixed encoders?)"
+            )
+        if n == 0:
+            raise FeaturesError(f"{path}: the bag is empty")
         if record.label not in self.classes:
             raise FeaturesError(f"{record.slide_id}: label {record.label!r} is not one of {self.classes}")
         return BagInfo(record.slide_id, path, n, self.classes.index(record.label))

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from histotransfer import lineage
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
 from histotransfer.config import ExtractionConfig
@@ -40,7 +41,7 @@ from histotransfer.deploy.onnx_export import (
     run_session,
     weights_bytes,
 )
-from histotransfer.errors import BundleError, DeviceError, ExportError
+from histotransfer.errors import BundleError, DeviceError, ExportError, LineageError
 from histotransfer.features.encoders import ARCHS, Encoder
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
@@ -55,7 +56,7 @@ from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.batches import measured_batches
 from histotransfer.wsi.regions import RegionReader, open_regions
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide
-from histotransfer.wsi.tiling import TILE_RESIZE, TileSet, load_tiles, read_tile, tiles_config_hash
+from histotransfer.wsi.tiling import TILE_RESIZE, TileSet, load_tiles, read_tile, tiles_digest
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -264,7 +265,7 @@ class OrtRunner:
                 except (BundleError, ExportError) as exc:
                     log.warning("ONNX encoder cache entry %s is unusable, exporting it again: %s", path, exc)
             if session is None:
-                export_encoder(enc, path, tile_px=tile_px)
+                export_encoder(enc, path, tile_px=tile_px, owned=True)
                 record_sha256(path)
                 session = self._verified(path, tile_px)
             self._sessions[tile_px] = session
@@ -328,8 +329,13 @@ def extract_tiles(
     """Features (n_tiles, dim) of one slide's tiles, read on the fly: on the CPU by reader threads
     beside the model (``measured_batches``), on a GPU by DataLoader worker processes into pinned
     memory. ``split``: receives the CPU split measured (see ``measured_batches``)."""
-    with open_slide(slide_path):  # fail here, with a short message, before workers start
-        pass
+    with open_slide(slide_path) as slide:  # fail here, with a short message, before workers start
+        if tiles.lineage is None:
+            raise LineageError(
+                f"the tiles of {tiles.slide_id} record no lineage (made by an older histotransfer): tile "
+                "the cohort again into a new folder, or with --overwrite"
+            )
+        lineage.check_slide(tiles.lineage, Path(slide_path), slide)  # the slide they were made from
     n = len(tiles.coords)
     if settings.device.type == "cpu":
         batches = measured_batches(
@@ -354,30 +360,46 @@ def extract_tiles(
     return encode_batches(runner, loader, n, encoder.dim, desc=tiles.slide_id)
 
 
-def _extract_config(encoder: Encoder, tiles_hash: str, precision: str) -> dict[str, Any]:
+def _extraction(encoder: Encoder, precision: str) -> dict[str, Any]:
+    """The settings that decide an encoder's features (of any tiles)."""
     return {
         "stage": "extract",
         "encoder": encoder.provenance(),
-        "tiles_config_hash": tiles_hash,
         "precision": precision,
         "tile_resize": TILE_RESIZE,
     }
 
 
+def _extract_config(encoder: Encoder, tiles_digest: str, precision: str) -> dict[str, Any]:
+    """What one slide's features are made from: the settings and the tiles' content (resume redoes a
+    slide whose tiles were made again, differently)."""
+    return _extraction(encoder, precision) | {"tiles": tiles_digest}
+
+
 def write_features(
     path: Path, *, features: np.ndarray, tiles: TileSet, encoder: Encoder, settings: EngineSettings
 ) -> None:
-    """Write one slide's features per the contract, atomically."""
+    """Write one slide's features per the contract, atomically, with their lineage."""
     precision = settings.precision
-    config = _extract_config(encoder, tiles.config_hash, precision)
+    features = features.astype(np.float32)
+    config = _extract_config(encoder, tiles.lineage["digest"], precision)
+    made_from = lineage.features_record(
+        slide_id=tiles.slide_id,
+        tiles=tiles.lineage,
+        encoder={"id": str(encoder.id), **encoder.provenance(), "weights_source": encoder.weights_source},
+        extraction=config_hash(_extraction(encoder, precision)),
+        features=features,
+        coords=tiles.coords,
+    )
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(provenance_attrs(config))
+        f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
         f.attrs.update({k: v for k, v in encoder.provenance().items() if not isinstance(v, list)})
         f.attrs.update(mean=encoder.mean, std=encoder.std, precision=precision, backend=settings.backend)
         f.attrs.update(slide_id=tiles.slide_id)
         f.attrs.update(patch_size_px=tiles.patch_size_px, target_mpp=tiles.target_mpp)
         f.attrs.update(tile_resize=TILE_RESIZE)
-        f.create_dataset("features", data=features.astype(np.float32))  # (n_tiles, dim)
+        f.create_dataset("features", data=features)  # (n_tiles, dim)
         f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2) same order as the tiles file
 
 
@@ -403,8 +425,8 @@ def extract_cohort(
     runner = make_runner(encoder, settings)
 
     def expected_hash(record: SlideRecord) -> str:
-        tiles_hash = tiles_config_hash(slide_file(tiles_dir, record.slide_id)) or "missing"
-        return config_hash(_extract_config(encoder, tiles_hash, settings.precision))
+        digest = tiles_digest(slide_file(tiles_dir, record.slide_id)) or "missing"
+        return config_hash(_extract_config(encoder, digest, settings.precision))
 
     warned: set[float] = set()
 

@@ -3,7 +3,6 @@ encoder (``{encoder_id}+ft``), and cross-validate MIL again on those features wi
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,18 +11,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from histotransfer import lineage
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.features.encoders import Encoder, build_encoder
 from histotransfer.features.extraction import EngineSettings, extract_cohort
 from histotransfer.features.registry import finetuned_id
-from histotransfer.finetune.training import finetune, make_bags, save_finetuned, save_selection
+from histotransfer.finetune.training import finetune, make_bags, save_finetuned
 from histotransfer.layout import SUMMARY, MILLayout, StudyLayout
+from histotransfer.lineage import FeatureSet
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil.splits import Fold
 from histotransfer.mil.study import LesionMasks, MILResult, study_folds, train_mil
 from histotransfer.mil.training import build_model
-from histotransfer.provenance import config_hash, is_current, sha256_file
+from histotransfer.provenance import config_hash, is_current, read_json, sha256_file
 from histotransfer.runner import StageResult
 from histotransfer.wsi.tiling import load_tiles
 
@@ -43,7 +44,8 @@ def _frozen_folds(frozen: MILLayout, records: Sequence[SlideRecord], mil: MILCon
     """The folds of the frozen-feature MIL run, checked against the folds these records make now."""
     folds = study_folds(records, mil)
     for fold in folds:
-        saved = json.loads(frozen.fold_history(fold.index).read_text())
+        redo = "train the frozen features' MIL again (histotransfer train ... --overwrite)"
+        saved = read_json(frozen.fold_history(fold.index), redo=redo, keys=("train", "val", "test"))
         if (tuple(saved["train"]), tuple(saved["val"]), tuple(saved["test"])) != (
             fold.train,
             fold.val,
@@ -59,6 +61,7 @@ def finetune_study(
     records: Sequence[SlideRecord],
     *,
     encoder: Encoder,
+    features: FeatureSet,
     layout: StudyLayout,
     mil: MILConfig,
     cfg: FinetuneConfig,
@@ -67,11 +70,12 @@ def finetune_study(
     lesion_masks: LesionMasks | None,
     overwrite: bool = False,
 ) -> FinetuneOutputs:
-    """Fine-tune ``encoder`` in every fold of its frozen MIL run, re-extract, re-run MIL."""
+    """Fine-tune ``encoder`` in every fold of its frozen MIL run, re-extract, re-run MIL.
+    ``features``: the frozen features as the stage checked them against the MIL result."""
     encoder_id = str(encoder.id)
     ft_id = finetuned_id(encoder_id)
     classes = sorted({r.label for r in records})
-    store = BagStore(records, layout.features_dir(encoder_id), classes=classes, tiles_dir=layout.tiles)
+    store = BagStore(records, features.folder, classes=classes)
     frozen = layout.mil_result(encoder_id)
     folds = _frozen_folds(frozen, records, mil)
     tiles = {r.slide_id: load_tiles(layout.tiles_file(r.slide_id)) for r in records}
@@ -80,13 +84,15 @@ def finetune_study(
     for fold in tqdm(folds, desc=f"finetune {encoder_id}", unit="fold", dynamic_ncols=True):
         out = layout.finetune_fold(encoder_id, fold.index)
         head_file = frozen.fold_model(fold.index)
+        head_sha = sha256_file(head_file)
         expected = config_hash(
             {
                 "stage": "finetune",
                 # recomputing activations changes memory, not the result: not part of the hash
                 "finetune": cfg.model_dump(mode="json", exclude={"encoders", "grad_checkpointing"}),
                 "encoder": encoder.weights_sha256,
-                "head": sha256_file(head_file),
+                "head": head_sha,
+                "features": features.digest,
                 "fold": [fold.train, fold.val],
             }
         )
@@ -96,7 +102,6 @@ def finetune_study(
             kwargs = dict(store=store, head=head, tiles=tiles, paths=paths, k=cfg.k, mode=cfg.selection)
             train_bags = make_bags(fold.train, seed=cfg.seed, **kwargs)
             val_bags = make_bags(fold.val, seed=cfg.seed + 1, **kwargs)
-            save_selection(out.selection, [*train_bags, *val_bags], mode=cfg.selection)
             result = finetune(
                 encoder,
                 head,
@@ -107,9 +112,15 @@ def finetune_study(
                 device=settings.device,
             )
             parts = {"train": list(fold.train), "val": list(fold.val), "test": list(fold.test)}
-            save_finetuned(out, result, parts, cfg, expected)
+
+            def made_from(weights_sha256: str, fold=fold, head_sha=head_sha) -> dict:
+                tuned = {"id": ft_id, "weights_sha256": weights_sha256, "weights_source": "file:encoder.pt"}
+                return lineage.finetune_record(frozen.dir, fold.index, head_sha, features, tuned)
+
+            save_finetuned(out, result, [*train_bags, *val_bags], parts, cfg, expected, made_from)
         fold_encoders[fold.index] = out.encoder
         fold_encoder = build_encoder(ft_id, weights=out.encoder)
+        lineage.check_finetuned(out.history, fold_encoder)
         fold_features = layout.features_dir(ft_id, fold.index)
         extraction[fold.index] = extract_cohort(
             records,

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer import __version__, lineage
+from histotransfer.atomic import atomic_dir
 from histotransfer.config import FinetuneConfig
 from histotransfer.cpus import available_cpus
 from histotransfer.features.bags import BagStore
 from histotransfer.features.encoders import Encoder, leading_parameters
+from histotransfer.features.weights import state_sha256
 from histotransfer.layout import FinetuneFoldLayout
+from histotransfer.marks import MARK_KEY, mark
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.training import TrainingError, class_weights
 from histotransfer.wsi.batches import tile_batches
@@ -95,8 +98,8 @@ def make_bags(
 
 
 def save_selection(path: Path, bags: Sequence[Bag], *, mode: str) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["selection"] = mode
+    with h5py.File(path, "w") as f:
+        f.attrs.update({MARK_KEY: __version__, "selection": mode})
         for bag in bags:
             group = f.create_group(bag.slide_id)
             group.create_dataset("coords", data=bag.tiles.coords)  # (k, 2) level-0 x, y
@@ -305,16 +308,27 @@ def evaluate_loss(model, data, loss_fn, device, autocast, batches) -> float:
 def save_finetuned(
     out: FinetuneFoldLayout,
     result: FinetuneResult,
+    bags: Sequence[Bag],
     fold_parts: dict[str, Any],
     cfg: FinetuneConfig,
     config_hash: str,
+    made_from: Callable[[str], dict[str, Any]],
 ) -> None:
-    """encoder.pt (timm names of the cut network), head.pt, and history.json (written last)."""
-    with atomic_path(out.encoder) as tmp:
-        torch.save({k: v.cpu() for k, v in result.model.encoder.model.state_dict().items()}, tmp)
-    with atomic_path(out.head) as tmp:
-        torch.save({k: v.cpu() for k, v in result.model.head.state_dict().items()}, tmp)
-    summary = {"config_hash": config_hash, "best_epoch": result.best_epoch, "history": result.history}
-    summary |= {"tiles_read_once": result.read}
-    summary |= {"finetune": cfg.model_dump(mode="json"), **fold_parts}
-    write_text_atomic(out.history, json.dumps(summary, indent=1))
+    """The fold's folder, whole or not at all: encoder.pt (timm names of the cut network), head.pt,
+    selection.h5 (the tiles each bag was given) and history.json, which records the files' sha256 and
+    the lineage ``made_from(weights sha256 of the fine-tuned encoder)`` returns."""
+    with atomic_dir(out.dir) as stage:
+        staged = FinetuneFoldLayout(stage)
+        encoder_state = result.model.encoder.model
+        torch.save({k: v.cpu() for k, v in encoder_state.state_dict().items()}, staged.encoder)
+        torch.save({k: v.cpu() for k, v in result.model.head.state_dict().items()}, staged.head)
+        save_selection(staged.selection, bags, mode=cfg.selection)
+        summary = {"config_hash": config_hash, "best_epoch": result.best_epoch, "history": result.history}
+        summary |= {"tiles_read_once": result.read}
+        summary |= {"finetune": cfg.model_dump(mode="json"), **fold_parts}
+        names = [p.name for p in (staged.encoder, staged.head, staged.selection)]
+        summary |= {
+            "files": lineage.files_record(stage, names),
+            "lineage": made_from(state_sha256(encoder_state)),
+        }
+        staged.history.write_text(json.dumps(mark(summary), indent=1), encoding="utf-8")

@@ -5,7 +5,6 @@ the report, export's choice of model and the pipelines' metrics read results wit
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from histotransfer.layout import MILLayout
+from histotransfer.provenance import read_json
 
 
 @dataclass
@@ -27,7 +27,9 @@ class MILResult:
     @classmethod
     def load(cls, out_dir: Path) -> MILResult:
         """A finished MIL result from its folder (``metrics.json`` is written last)."""
-        metrics = json.loads(MILLayout(Path(out_dir)).metrics.read_text())
+        redo = "train this encoder again (histotransfer train ... --overwrite, or rerun the study)"
+        keys = ("encoder_id", "classes", "feature_dim", "pooled", "localisation", "fold_summary")
+        metrics = read_json(MILLayout(Path(out_dir)).metrics, redo=redo, keys=keys)
         return cls(metrics["encoder_id"], Path(out_dir), metrics, reused=True)
 
     def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

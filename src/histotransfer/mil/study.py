@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,22 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from histotransfer.atomic import atomic_path, write_text_atomic
+from histotransfer import __version__, lineage
+from histotransfer.atomic import atomic_dir, atomic_path, write_text_atomic
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.features.bags import BagStore, FeaturesError
-from histotransfer.features.registry import parse_encoder_id
-from histotransfer.layout import CohortLayout, MILLayout, slide_file
+from histotransfer.layout import (
+    ENCODER_ID,
+    HISTORY_FILE,
+    MODEL_FILE,
+    CohortLayout,
+    MILLayout,
+    fold_name,
+    slide_file,
+)
+from histotransfer.lineage import FeatureSet
 from histotransfer.manifest import SlideRecord
+from histotransfer.marks import MARK_KEY, mark
 from histotransfer.mil.evaluation import (
     fold_summary,
     localisation_auroc,
@@ -39,7 +49,7 @@ from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.mil.splits import Fold, make_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
-from histotransfer.provenance import config_hash, is_current
+from histotransfer.provenance import config_hash, is_current, read_json
 from histotransfer.wsi.geometry import tissue_fractions
 from histotransfer.wsi.tiling import load_tiles
 
@@ -58,7 +68,8 @@ class LesionMasks:
         cohort = CohortLayout(Path(manifest).parent)
         if not cohort.meta.is_file():
             return None
-        return cls(cohort.masks, float(json.loads(cohort.meta.read_text())["mask_downsample"]))
+        meta = read_json(cohort.meta, redo="build the sample cohort again", keys=("mask_downsample",))
+        return cls(cohort.masks, float(meta["mask_downsample"]))
 
     def tile_labels(
         self, slide_id: str, coords: np.ndarray, patch_size_level0: int, fraction: float
@@ -75,26 +86,28 @@ class LesionMasks:
 
 
 def _stage_config(
-    records, stores: Sequence[BagStore], mil: MILConfig, evaluation: EvaluationConfig
+    records, feature_sets: Mapping[str, FeatureSet], mil: MILConfig, evaluation: EvaluationConfig
 ) -> dict[str, Any]:
-    feature_hashes = {}
-    for record in records:
-        for i, store in enumerate(stores):
-            with h5py.File(store.bags[record.slide_id].path, "r") as f:
-                feature_hashes[f"{i}/{record.slide_id}"] = str(f.attrs.get("config_hash", ""))
-    cohort = [(r.slide_id, r.label, r.patient_id, r.split) for r in records]
+    """What a MIL result is made from: the settings, the cohort and the features' content (resume
+    trains again when any feature file was made again, differently)."""
     return {
         "stage": "mil",
         "mil": mil.model_dump(mode="json"),
         "evaluation": evaluation.model_dump(mode="json"),
-        "cohort": cohort,
-        "features": feature_hashes,
+        "cohort": [(r.slide_id, r.label, r.patient_id, r.split) for r in records],
+        "features": {k: fs.digest for k, fs in feature_sets.items()},
     }
 
 
 def _save_fold(out: MILLayout, fold_model) -> None:
-    with atomic_path(out.fold_model(fold_model.fold.index)) as tmp:
-        torch.save(fold_model.model.state_dict(), tmp)  # tensors only: loads with weights_only=True
+    """``fold{k}/``: the head (tensors only: loads with weights_only=True) and its history.json, which
+    records the head's sha256; the folder appears whole or not at all."""
+    with atomic_dir(out.fold_dir(fold_model.fold.index)) as stage:
+        torch.save(fold_model.model.state_dict(), stage / MODEL_FILE)
+        _write_history(stage, fold_model)
+
+
+def _write_history(stage: Path, fold_model) -> None:
     summary = {
         "fold": fold_model.fold.index,
         "best_epoch": fold_model.best_epoch,
@@ -104,8 +117,9 @@ def _save_fold(out: MILLayout, fold_model) -> None:
         "val": list(fold_model.fold.val),
         "test": list(fold_model.fold.test),
         "history": fold_model.history,
+        "files": lineage.files_record(stage, [MODEL_FILE]),
     }
-    write_text_atomic(out.fold_history(fold_model.fold.index), json.dumps(summary, indent=1))
+    (stage / HISTORY_FILE).write_text(json.dumps(mark(summary), indent=1), encoding="utf-8")
 
 
 def _write_predictions(path: Path, preds: Sequence[SlidePrediction], classes: Sequence[str]) -> None:
@@ -121,17 +135,31 @@ def _write_attention(path: Path, pred: SlidePrediction, coords: np.ndarray) -> N
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("attention", data=pred.attention.astype(np.float32))  # (n_tiles,)
         f.create_dataset("coords", data=coords)  # (n_tiles, 2), same order as tiles and features
-        f.attrs.update(slide_id=pred.slide_id, fold=pred.fold)
+        f.attrs.update({MARK_KEY: __version__, "slide_id": pred.slide_id, "fold": pred.fold})
 
 
-def _encoder_id(recorded: str, features_dir: Path) -> str:
-    """The id the features record (validated: it names the output folder), else the folder's name."""
-    if not recorded:
-        return Path(features_dir).name
-    try:
-        return str(parse_encoder_id(recorded))
-    except ValueError as exc:
-        raise FeaturesError(f"{features_dir}: the features record an unusable encoder id ({exc})") from exc
+def _encoder_id(feature_set: FeatureSet) -> str:
+    """The id the features record (it names the output folder: it must follow the id grammar; features
+    made outside the registry keep their own architecture name)."""
+    recorded = str(feature_set.encoder["id"])
+    if ENCODER_ID.match(recorded) is None:
+        raise FeaturesError(
+            f"{feature_set.folder}: the features record the encoder id {recorded!r}, which is not an id "
+            "(ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`)"
+        )
+    return recorded
+
+
+def feature_sets_of(
+    records: Sequence[SlideRecord], dirs: Mapping[int | None, Path], tiles_dir: Path | None
+) -> dict[int | None, FeatureSet]:
+    """Each features folder checked (histotransfer.lineage.check_features) against the study's tiles: a
+    per-fold folder (``features/{id}/fold{k}``) is its parent's encoder's."""
+    tiles = lineage.check_tiles(tiles_dir, records) if tiles_dir is not None else None
+    return {
+        k: lineage.check_features(d, records, encoder_id=d.name if k is None else d.parent.name, tiles=tiles)
+        for k, d in dirs.items()
+    }
 
 
 def train_mil(
@@ -144,30 +172,34 @@ def train_mil(
     tiles_dir: Path | None = None,
     lesion_masks: LesionMasks | None = None,
     overwrite: bool = False,
+    feature_sets: Mapping[int | None, FeatureSet] | None = None,
 ) -> MILResult:
     """Cross-validate attention-MIL on one encoder's features; reuse a current result.
 
     ``features_dir`` is one folder, or one folder per fold index (fine-tuned encoders: fold k's slides
-    are encoded by fold k's encoder, which never saw that fold's test slides).
+    are encoded by fold k's encoder, which never saw that fold's test slides). ``feature_sets``: the
+    folders as the stage checked them (default: checked here), recorded in the result's lineage.
     """
     classes = sorted({r.label for r in records})
     if len(classes) < 2:
         raise FeaturesError(f"the cohort has a single label ({classes}); MIL needs at least two classes")
     dirs = features_dir if isinstance(features_dir, dict) else {None: features_dir}
+    feature_sets = feature_sets if feature_sets is not None else feature_sets_of(records, dirs, tiles_dir)
     stores = {
-        k: BagStore(records, d, classes=classes, tiles_dir=tiles_dir, cache_gb=mil.bag_cache_gb / len(dirs))
+        k: BagStore(records, d, classes=classes, cache_gb=mil.bag_cache_gb / len(dirs))
         for k, d in dirs.items()
     }
     first = next(iter(stores.values()))
-    encoder_id = _encoder_id(first.encoder_id, next(iter(dirs.values())))
+    encoder_id = _encoder_id(next(iter(feature_sets.values())))
+    named = {("*" if k is None else f"fold{k}"): fs for k, fs in feature_sets.items()}
 
     def store_for(fold_index: int) -> BagStore:
         return stores[fold_index if fold_index in stores else None]
 
     out = MILLayout.of(out_dir, encoder_id)
-    expected = config_hash(_stage_config(records, list(stores.values()), mil, evaluation))
+    expected = config_hash(_stage_config(records, named, mil, evaluation))
     if not overwrite and is_current(out.metrics, expected):
-        return MILResult(encoder_id, out.dir, json.loads(out.metrics.read_text()), reused=True)
+        return MILResult.load(out.dir)
     lesions = lesion_labels(records, first, tiles_dir, lesion_masks, evaluation)
     per_fold = []
 
@@ -210,7 +242,10 @@ def train_mil(
             repeats=mil.seeds if len(stores) == 1 else 1,
         ),
     }
-    write_text_atomic(out.metrics, json.dumps(metrics, indent=1))
+    written = [f"{fold_name(f['fold'])}/{name}" for f in per_fold for name in (MODEL_FILE, HISTORY_FILE)]
+    files = lineage.files_record(out.dir, [*written, out.predictions.name])
+    metrics["lineage"] = lineage.mil_record(named, records, files)
+    write_text_atomic(out.metrics, json.dumps(mark(metrics), indent=1))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
 
 

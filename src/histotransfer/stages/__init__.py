@@ -18,8 +18,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from histotransfer import lineage
 from histotransfer.config import StudyConfig
 from histotransfer.errors import ConfigError, ExportError, FeaturesError
 from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout
@@ -44,8 +45,17 @@ def failed_in(summary: Path) -> set[str]:
     """The slides a stage's ``summary.csv`` records as failed (none when it has no summary)."""
     if not summary.is_file():
         return set()
-    with summary.open(newline="", encoding="utf-8") as f:
-        return {row["slide_id"] for row in csv.DictReader(f) if row.get("status") == "failed"}
+    try:
+        with summary.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"slide_id", "status"} <= set(reader.fieldnames or ()):
+                raise KeyError("no slide_id and status columns")
+            return {row["slide_id"] for row in reader if row.get("status") == "failed"}
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError) as exc:
+        raise FeaturesError(
+            f"{summary} is not a summary histotransfer wrote ({type(exc).__name__}: {exc}): run the stage "
+            "that writes it again (its outputs are resumed), or remove the file"
+        ) from exc
 
 
 def going_on(records: Sequence[SlideRecord], summary: Path, what: str) -> list[SlideRecord]:
@@ -165,10 +175,12 @@ def extract(
 
     settings = engine(config)  # devices first, then folders: a bad device leaves nothing behind
     claim_output(layout.features, "features", inputs=[tiles_folder(layout)])
+    usable = tiled(layout, records)
+    lineage.check_tiles(layout.tiles, usable)  # the tiles are those of the manifest's slides
     encoder = build(config, encoder_id, weights)
     folder = layout.features_dir(str(encoder.id))
     result = extract_cohort(
-        tiled(layout, records),
+        usable,
         tiles_dir=layout.tiles,
         out_dir=folder,
         encoder=encoder,
@@ -198,15 +210,18 @@ def train(
             f"no slide has features for {encoder_id}: every one failed in tiling or extraction (see the "
             f"summary.csv in {tiles or 'the tiles folder'} and {layout.features_dir(encoder_id)})"
         )
+    tiles_made = lineage.check_tiles(tiles, usable) if tiles is not None else None
+    features = lineage.check_features(layout.features_dir(encoder_id), usable, tiles=tiles_made)
     return train_mil(
         usable,
-        features_dir=layout.features_dir(encoder_id),
+        features_dir=features.folder,
         out_dir=layout.mil,
         mil=config.mil,
         evaluation=config.evaluation,
         tiles_dir=tiles,  # without: no heatmaps, no localisation
         lesion_masks=lesion_masks(layout),
         overwrite=overwrite,
+        feature_sets={None: features},
     )
 
 
@@ -222,6 +237,7 @@ def finetune(
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
     from histotransfer.finetune.study import finetune_study
+    from histotransfer.mil.results import MILResult
 
     if not (frozen := layout.mil_result(encoder_id)).metrics.is_file():
         raise FeaturesError(
@@ -231,9 +247,23 @@ def finetune(
     settings = engine(config)
     for section in ("finetune", "features", "mil"):  # it reads these sections too: no input check
         claim_output(getattr(layout, section), section)
+    usable = featured(layout, records, encoder_id)
+    tiles = lineage.check_tiles(tiles_folder(layout), usable)
+    lineage.check_slides(usable, tiles)  # fine-tuning reads its tiles from the slides
+    features = lineage.check_features(layout.features_dir(encoder_id), usable, tiles=tiles)
+    encoder = build(config, encoder_id, weights)
+    lineage.check_mil(
+        frozen.dir,
+        MILResult.load(frozen.dir).metrics.get("lineage"),
+        folds=frozen.folds(),
+        weights=(encoder.weights_sha256, encoder.weights_source),
+        features=features,
+        weights_fix="give --weights the checkpoint given to extract, or leave it out to use the config's",
+    )
     return finetune_study(
-        featured(layout, records, encoder_id),
-        encoder=build(config, encoder_id, weights),
+        usable,
+        encoder=encoder,
+        features=features,
         layout=layout,
         mil=config.mil,
         cfg=config.finetune,
@@ -266,26 +296,48 @@ def compare_encoders(
     )
 
 
-def _cka_tiles(layout: StudyLayout, config: StudyConfig, records: Sequence[SlideRecord]):
-    """The tiles CKA is measured on; at least one whole minibatch (the unbiased estimator needs one)."""
+@dataclass(frozen=True)
+class CKATiles:
+    dataset: Any  # the tiles, read on the fly (torch Dataset)
+    digests: dict[str, str]  # slide id -> tiles digest, of the slides sampled from
+
+
+def _cka_tiles(layout: StudyLayout, config: StudyConfig, records: Sequence[SlideRecord]) -> CKATiles:
+    """The tiles CKA is measured on (of the manifest's slides, as tiled); at least one whole minibatch
+    (the unbiased estimator needs one)."""
     from histotransfer.cka.layers import sample_tiles
 
-    tiles = sample_tiles(tiled(layout, records), layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
+    usable = tiled(layout, records)
+    made = lineage.check_tiles(layout.tiles, usable)
+    lineage.check_slides(usable, made)
+    usable = [r for r in usable if r.slide_id in made]
+    tiles = sample_tiles(usable, layout.tiles, n_tiles=config.cka.tiles, seed=config.cka.seed)
     if len(tiles) < config.cka.batch_size:
         raise ConfigError(
             f"CKA gets {len(tiles)} tile(s) (cka.tiles {config.cka.tiles}, of {layout.tiles}), fewer than "
             f"one minibatch (cka.batch_size {config.cka.batch_size}): lower cka.batch_size or raise cka.tiles"
         )
-    return tiles
+    return CKATiles(tiles, {r.slide_id: made[r.slide_id]["digest"] for r in usable})
 
 
-def _compare(layout, config, tiles, a: Encoder, b: Encoder, name_a: str | None, name_b: str | None) -> Path:
+def _compare(
+    layout, config, tiles: CKATiles, a: Encoder, b: Encoder, name_a: str | None, name_b: str | None
+) -> Path:
     from histotransfer.cka.layers import layer_cka, write_cka
 
     device = str(engine(config).device)
-    result = layer_cka(a, b, tiles, batch_size=config.cka.batch_size, device=device)
+    result = layer_cka(a, b, tiles.dataset, batch_size=config.cka.batch_size, device=device)
     name_a, name_b = name_a or str(a.id), name_b or str(b.id)
-    return write_cka(*layout.cka_files(name_a, name_b), name_a, name_b, result)[0]
+    made_from = lineage.cka_record(_encoder_record(a), _encoder_record(b), tiles.digests)
+    return write_cka(*layout.cka_files(name_a, name_b), name_a, name_b, result, made_from)[0]
+
+
+def _encoder_record(encoder: Encoder) -> dict[str, str]:
+    return {
+        "id": str(encoder.id),
+        "weights_sha256": encoder.weights_sha256,
+        "weights_source": encoder.weights_source,
+    }
 
 
 def cka(
@@ -312,7 +364,17 @@ def cka(
     tiles = _cka_tiles(layout, config, records)
     tuned_id = finetuned_id(encoder_id)
     tuned = build_encoder(tuned_id, weights=tuned_weights)
+    history = layout.finetune_fold(encoder_id, fold).history
+    lineage.check_finetuned(history, tuned)
     frozen = build(config, encoder_id, weights)
+    lineage.check_weights(
+        f"the fine-tuned encoder of {history.parent}",
+        lineage.read_record(history)["frozen"]["encoder"],
+        frozen.weights_sha256,
+        frozen.weights_source,
+        "compare it with the encoder it was fine-tuned from: give --weights-a the checkpoint given to "
+        "extract, or leave it out to use the config's",
+    )
     return _compare(layout, config, tiles, frozen, tuned, None, f"{tuned_id}-fold{fold}")
 
 
@@ -384,6 +446,7 @@ def report(
     also DVC's ``metrics.json`` and ``plots/``."""
     from histotransfer.mil.results import MILResult
     from histotransfer.report import write_report, write_tracking
+    from histotransfer.verify import check
 
     if results is None:
         results = MILResult.load_all(layout.mil)
@@ -402,6 +465,7 @@ def report(
         tiles_dir=layout.tiles,
         cka=layout.cka_results() if cka is None else cka,
         bundle=bundle if bundle is not None and (bundle / BUNDLE_SPEC).is_file() else None,
+        verification=check(layout.report.parent),
     )
     if tracking:
         write_tracking(results, metrics=layout.tracking_metrics, plots=layout.tracking_plots)

@@ -26,6 +26,7 @@ from histotransfer.atomic import write_text_atomic
 from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import ConfigError
 from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout, is_shard_summary, shard_summary
+from histotransfer.lifecycle import command_scope
 from histotransfer.logs import configure_logging
 from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
 
@@ -339,7 +340,9 @@ def _stage_stats(result) -> dict[str, Any]:
 
 
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """Run a stage with logging configured as the CLI does (components call this)."""
+    """Run a stage as the CLI runs a command (components call this): logging configured, SIGTERM (a
+    preempted or deleted pod) handled as Ctrl-C, the folders it locked released at the end."""
     configure_logging()
     os.environ.setdefault("TQDM_MININTERVAL", "5")
-    return fn(*args, **kwargs)
+    with command_scope():
+        return fn(*args, **kwargs)

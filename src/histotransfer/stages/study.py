@@ -7,6 +7,7 @@ A stage that fails for one encoder (its MIL, its fine-tuning, its CKA, the expor
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from histotransfer import stages
 from histotransfer.config import StudyConfig
 from histotransfer.errors import ExportError, FeaturesError, SplitError, TrainingError, WeightsError
 from histotransfer.layout import StudyLayout
+from histotransfer.manifest import SlideRecord
 from histotransfer.outputs import claim_output
 from histotransfer.runner import StageResult
 
@@ -55,12 +57,36 @@ def preflight(layout: StudyLayout, config: StudyConfig) -> None:
         claim_output(folder, kind)
 
 
+def check_encoders(config: StudyConfig) -> None:
+    """Every encoder's weights exist and load (each is built once and dropped: about 0.2 s for the demo's,
+    a few seconds for a large foundation model): a WeightsError names the file or how to get it, before
+    any slide is read."""
+    for spec in config.extraction.encoders:
+        stages.build(config, spec.id)
+
+
+def check_cohort(config: StudyConfig, records: Sequence[SlideRecord]) -> None:
+    """What can be known about the cohort before the first slide is tiled: it has two classes and
+    splits into the configured folds, and slides on gs:// can be read (credentials). Each is the error
+    a stage would raise hours later."""
+    from histotransfer.mil.study import study_folds
+    from histotransfer.storage import gcs_client
+
+    if len(labels := sorted({r.label for r in records})) < 2:
+        raise SplitError(f"the cohort has a single label ({labels}); MIL needs at least two classes")
+    study_folds(records, config.mil)  # a SplitError naming the fold, the class and the fixes
+    if any(r.path.startswith("gs://") for r in records):
+        gcs_client()  # a StorageError when there are no credentials
+
+
 def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     """Run every configured stage under ``config.output_dir``; failed slides are reported, not raised."""
     layout = study_layout(config)
     preflight(layout, config)
+    check_encoders(config)
     outputs = StudyOutputs(layout)
     records = stages.cohort(layout, config)
+    check_cohort(config, records)
     outputs.stages["tile"] = stages.tile(layout, config, records, overwrite=overwrite)
     for spec in config.extraction.encoders:
         extracted = stages.extract(layout, config, records, spec.id, overwrite=overwrite)

@@ -28,6 +28,7 @@ from histotransfer.atomic import atomic_path, write_text_atomic
 from histotransfer.config import SampleDataConfig
 from histotransfer.layout import CohortLayout
 from histotransfer.manifest import write_manifest
+from histotransfer.marks import mark, png_info
 from histotransfer.provenance import config_hash, is_current
 from histotransfer.wsi.svs import reduce_rgb, write_aperio_svs
 from histotransfer.wsi.tissue import detect_tissue
@@ -415,7 +416,7 @@ def compose_slide(
 
 def _save_mask(path: Path, mask: np.ndarray) -> None:
     with atomic_path(path) as tmp:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=png_info())
 
 
 def write_cohort(
@@ -483,7 +484,7 @@ def write_cohort(
         "sites": [asdict(s) for s in sites],
         "slides": slides,
     }
-    write_text_atomic(layout.meta, json.dumps(cohort, indent=2))
+    write_text_atomic(layout.meta, json.dumps(mark(cohort), indent=2))
     return manifest
 
 

@@ -5,6 +5,7 @@ where the mask says tissue, written per the tiles contract (CLAM-compatible h5 +
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import openslide
 from PIL import Image
 from scipy import ndimage
 
+from histotransfer import lineage
 from histotransfer.atomic import atomic_path
 from histotransfer.config import TilingConfig
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
+from histotransfer.marks import png_info
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
@@ -188,16 +191,24 @@ def draw_qc(
     return Image.fromarray(pixels)
 
 
-def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, tiling, qc) -> None:
+def tiling_hash(tiling: TilingConfig) -> str:
+    """The hash of the settings that decide the tiles (the QC picture's switch changes none)."""
+    return config_hash(tiling.model_dump(mode="json", exclude={"qc_image"}))
+
+
+def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, tiling, qc, identity) -> None:
     width, height = info.dimensions
     read_w, read_h = info.level_dimensions[geometry.read_level]
-    config = _tiling_config(record, tiling)
+    config = _tiling_config(record, tiling, lineage.resume_identity(record.path, identity))
+    coords, fractions = coords.astype(np.int64), fractions.astype(np.float32)
+    made_from = lineage.tiles_record(record, identity, tiling_hash(tiling), coords, fractions)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(provenance_attrs(config))
+        f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
         f.attrs.update(slide_id=record.slide_id, slide_path=record.path, vendor=info.vendor)
         f.attrs.update(mpp_source=info.mpp_source, level0_width=width, level0_height=height)
         f.attrs.update(qc)  # what QC dropped: ink (share of tissue + ink), tiles (folds)
-        ds = f.create_dataset("coords", data=coords.astype(np.int64))  # (n_tiles, 2) x_lv0, y_lv0
+        ds = f.create_dataset("coords", data=coords)  # (n_tiles, 2) x_lv0, y_lv0
         ds.attrs.update(
             # CLAM reads `patch_size` pixels at `patch_level`; we add explicit, unit-named attributes.
             patch_size=geometry.read_size_px,
@@ -214,15 +225,17 @@ def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, ti
             downsampled_level_dim=(read_w, read_h),
             name=record.slide_id,
         )
-        f.create_dataset("tissue_fraction", data=fractions.astype(np.float32))  # (n_tiles,)
+        f.create_dataset("tissue_fraction", data=fractions)  # (n_tiles,)
 
 
-def _tiling_config(record: SlideRecord, tiling: TilingConfig) -> dict[str, Any]:
+def _tiling_config(record: SlideRecord, tiling: TilingConfig, identity: dict | None) -> dict[str, Any]:
+    """What one slide's tiles are made from (``identity``: lineage.resume_identity of its slide)."""
     return {
         "stage": "tile",
         # The QC picture's switch changes no tile: tiles made with or without it are the same output.
         "tiling": tiling.model_dump(mode="json", exclude={"qc_image"}),
         "slide": record.path,
+        "identity": identity,
         "mpp": record.mpp,
     }
 
@@ -250,7 +263,9 @@ def _tile_open_slide(
     if tiling.qc_image:
         qc = draw_qc(mask, coords, candidates[dropped], geometry, dimensions=info.dimensions)
         with atomic_path(slide_file(out_dir, record.slide_id, ".png")) as tmp:
-            qc.save(tmp, format="PNG", compress_level=1)  # ~5x faster than the default, ~1.3x the bytes
+            qc.save(
+                tmp, format="PNG", compress_level=1, pnginfo=png_info()
+            )  # ~5x faster than the default, ~1.3x the bytes
     if len(coords) == 0:
         see = f"see the QC image {record.slide_id}.png; " if tiling.qc_image else ""
         raise SlideError(
@@ -267,6 +282,7 @@ def _tile_open_slide(
         record=record,
         tiling=tiling,
         qc={"ink_fraction": round(mask.ink_fraction, 4), "qc_dropped_tiles": int(dropped.sum())},
+        identity=lineage.slide_identity(local, slide),
     )
     return tiles_stats(slide_file(out_dir, record.slide_id))
 
@@ -286,6 +302,7 @@ class TileSet:
     target_mpp: float
     slide_mpp: float
     config_hash: str
+    lineage: dict[str, Any] | None = None  # what the tiles were made from (histotransfer.lineage)
 
     def subset(self, indices: np.ndarray) -> TileSet:
         """These tiles only (coords and tissue fractions), in the order of ``indices``."""
@@ -295,24 +312,39 @@ class TileSet:
 
 
 def load_tiles(path: Path) -> TileSet:
-    """Read a tiles h5 file; a missing or incomplete one is a SlideError naming it."""
+    """Read a tiles h5 file; a missing, unreadable or inconsistent one (coordinates that are not (n, 2)
+    or fall outside the slide it records) is a SlideError naming it."""
     if not Path(path).is_file():
         raise SlideError(f"no tiles file {path}: tiling failed or has not run (see summary.csv beside it)")
-    with h5py.File(path, "r") as f:
-        coords = f["coords"]
-        return TileSet(
-            slide_id=str(f.attrs["slide_id"]),
-            slide_path=str(f.attrs["slide_path"]),
-            coords=coords[:],
-            tissue_fraction=f["tissue_fraction"][:],
-            read_level=int(coords.attrs["read_level"]),
-            read_size_px=int(coords.attrs["patch_size"]),
-            patch_size_px=int(coords.attrs["patch_size_px"]),
-            patch_size_level0=int(coords.attrs["patch_size_level0"]),
-            target_mpp=float(coords.attrs["target_mpp"]),
-            slide_mpp=float(coords.attrs["slide_mpp"]),
-            config_hash=str(f.attrs["config_hash"]),
+    try:
+        with h5py.File(path, "r") as f:
+            coords = f["coords"]
+            raw = f.attrs.get(lineage.LINEAGE)
+            tiles = TileSet(
+                slide_id=str(f.attrs["slide_id"]),
+                slide_path=str(f.attrs["slide_path"]),
+                coords=coords[:],
+                tissue_fraction=f["tissue_fraction"][:],
+                read_level=int(coords.attrs["read_level"]),
+                read_size_px=int(coords.attrs["patch_size"]),
+                patch_size_px=int(coords.attrs["patch_size_px"]),
+                patch_size_level0=int(coords.attrs["patch_size_level0"]),
+                target_mpp=float(coords.attrs["target_mpp"]),
+                slide_mpp=float(coords.attrs["slide_mpp"]),
+                config_hash=str(f.attrs["config_hash"]),
+                lineage=json.loads(str(raw)) if raw is not None else None,
+            )
+            size = (int(f.attrs["level0_width"]), int(f.attrs["level0_height"]))
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise SlideError(f"{path}: not a readable tiles file ({exc}); tile the slide again") from exc
+    c = tiles.coords
+    if c.ndim != 2 or c.shape[1] != 2 or len(tiles.tissue_fraction) != len(c) or c.dtype.kind not in "iu":
+        raise SlideError(f"{path}: coords of shape {c.shape} ({c.dtype}) are not (n, 2) integers; tile again")
+    if len(c) and (c.min() < 0 or (c + tiles.patch_size_level0 > np.array(size)).any()):
+        raise SlideError(
+            f"{path}: tile coordinates fall outside the {size[0]}x{size[1]} px slide it records; tile again"
         )
+    return tiles
 
 
 # How a tile read at a level finer than the target becomes a tile: an area (box) filter, Image.reduce
@@ -346,12 +378,11 @@ def read_tile(regions: RegionReader | openslide.OpenSlide, tiles: TileSet, index
     return rgb
 
 
-def tiles_config_hash(path: Path) -> str | None:
-    """The config hash a tiles file records (None when there is no file): reads attributes only."""
-    if not Path(path).is_file():
-        return None
-    with h5py.File(path, "r") as f:
-        return str(f.attrs["config_hash"])
+def tiles_digest(path: Path) -> str | None:
+    """The content digest a tiles file's lineage records (None when there is no file or no record):
+    reads attributes only."""
+    record = lineage.read_record(path) if Path(path).is_file() else None
+    return None if record is None else record.get("digest")
 
 
 def tiles_stats(path: Path) -> dict[str, Any]:
@@ -381,7 +412,7 @@ def tile_cohort(
         records,
         stage="tile",
         output_for=lambda r: slide_file(out_dir, r.slide_id),
-        config_hash_for=lambda r: config_hash(_tiling_config(r, tiling)),
+        config_hash_for=lambda r: config_hash(_tiling_config(r, tiling, lineage.resume_identity(r.path))),
         work=lambda r: tile_slide(r, out_dir=out_dir, tiling=tiling),
         stats_of=tiles_stats,
         summary_path=summary_path or out_dir / SUMMARY,

@@ -1,0 +1,31 @@
+"""How a command starts and ends, in one place for the CLI and the KFP components: SIGTERM (what
+``docker stop`` and Kubernetes send) ends it as Ctrl-C does (what finished is kept and summarised, a
+rerun resumes), and the output folders it locked are released."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+from histotransfer.errors import Terminated
+from histotransfer.outputs import release_all
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """Run a command: SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread while it runs;
+    its folder locks are released when it ends, however it ends."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        release_all()
