@@ -351,6 +351,51 @@ def _features_without_lineage(folder: Path) -> None:
             del f.attrs["lineage"]
 
 
+def _extract_made(*extra: str, manifest: str | None = None) -> Callable[[World, Path], list[str]]:
+    """`extract` into the test's copy of the made study (of ``manifest`` in the test's folder, else the
+    world's)."""
+
+    def argv(w: World, t: Path) -> list[str]:
+        m = str(t / manifest) if manifest else str(w.manifest)
+        weights = ["--weights", str(w.made.weights)]
+        return ["extract", m, "--tiles", str(_made(t) / "tiles"), "--encoder", E, *weights, "--out",
+                str(_made(t) / "features"), *extra]  # fmt: skip
+
+    return argv
+
+
+def _train_made(w: World, t: Path) -> list[str]:
+    """`train` on the features of the test's copy of the made study."""
+    return ["train", str(w.manifest), "--features", str(_made(t) / "features" / E), "--out", str(t / "mil")]
+
+
+def _predict_made(w: World, t: Path) -> list[str]:
+    """`predict` the four slides with the bundle of the test's copy of the made study."""
+    return ["predict", str(w.manifest), "--bundle", str(_made(t) / "onnx" / "best"), "--out", str(t / "p")]
+
+
+def _tile_the_manifest(w: World, t: Path) -> list[str]:
+    """`tile` of the manifest the row's setup writes (m.csv)."""
+    return ["tile", str(t / "m.csv"), "--out", str(t / "x")]
+
+
+def _tile_with_config(w: World, t: Path) -> list[str]:
+    """`tile` with the config file the row's setup writes (c.yaml)."""
+    return ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")]
+
+
+def _train_on_the_copy(w: World, t: Path) -> list[str]:
+    """`train` on the copy of the synthetic features _features_copy made."""
+    return [
+        "train",
+        str(w.small),
+        "--features",
+        str(t / "features" / w.features.name),
+        "--out",
+        str(t / "mil"),
+    ]
+
+
 def _mil_copy(change: Callable[[Path], None]) -> Callable[[World, Path], None]:
     """The world's MIL result copied into a study folder of the test's (t/s/mil/ID), changed."""
 
@@ -722,14 +767,12 @@ CASES: dict[str, Case] = {
         setup=lambda w, t: (t / "bad.yaml").write_text("tiling: [1"),
     ),
     "a manifest that is not UTF-8": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "line 2: not UTF-8 text",
         setup=_latin1_manifest,
     ),
-    "a manifest that does not exist": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")], EXIT_BAD_INPUT, "not found"
-    ),
+    "a manifest that does not exist": Case(_tile_the_manifest, EXIT_BAD_INPUT, "not found"),
     "a config file that is not UTF-8": Case(
         lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / M)],
         EXIT_BAD_INPUT,
@@ -843,7 +886,7 @@ CASES: dict[str, Case] = {
         setup=_write("c.yaml", "mil:\n  epochs: 1\nmil:\n  lr: 0.01\n"),
     ),
     "a config with epochs twice in one section": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it has the key 'target_mpp' twice in one mapping (lines 2 and 4)",
         setup=_write("c.yaml", "tiling:\n  target_mpp: 0.5\n  patch_size_px: 256\n  target_mpp: 1.0\n"),
@@ -863,7 +906,7 @@ CASES: dict[str, Case] = {
         "cannot read the value of --set 'mil={epochs: 1, epochs: 2}': it has the key 'epochs' twice",
     ),
     "a config that is an alias bomb": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it expands to more than 100,000 values through YAML aliases",
         setup=_write("c.yaml", _alias_bomb()),
@@ -881,55 +924,55 @@ CASES: dict[str, Case] = {
         "through YAML aliases",
     ),
     "a config whose alias contains itself": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "YAML aliases must not loop",
         setup=_write("c.yaml", "tiling: &t {tissue: *t}\n"),
     ),
     "a config nested thousands deep": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it nests lists and mappings more than 32 levels deep",
         setup=_write("c.yaml", "tiling: " + "[" * 5000 + "]" * 5000 + "\n"),
     ),
     "a config syntax error names its line": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "c.yaml: it is not valid YAML at line 4, column 1",
         setup=_write("c.yaml", "tiling:\n  target_mpp: 0.5\n  patch_size_px: [224\n"),
     ),
     "a config indented with a tab": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it is not valid YAML at line 2",
         setup=_write("c.yaml", "tiling:\n\ttarget_mpp: 0.5\n"),
     ),
     "a config that asks for a Python object": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
         setup=_write("c.yaml", "tiling: !!python/object/apply:os.system [touch pwned]\n"),
     ),
     "a config value with a wrong tag": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it has a value at line 2, column 18 that is not a valid int",
         setup=_write("c.yaml", "tiling:\n  patch_size_px: !!int two-hundred\n"),
     ),
     "a config number of 5000 digits": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "that is not a valid int (Exceeds the limit (4300 digits)",
         setup=_write("c.yaml", "tiling: {patch_size_px: " + "7" * 5000 + "}\n"),
     ),
     "a config of two megabytes": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it is 2,097,155 bytes, and a config is a few KB (at most 1,048,576): is it the right file?",
         setup=_write("c.yaml", "# " + "x" * (2 << 20) + "\n"),
     ),
     "a config with a NUL character": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "it is not valid YAML at line 2 (character 0x0000 is not allowed in YAML text)",
         setup=_write("c.yaml", b"tiling: {}\n\x00\n"),
@@ -958,7 +1001,7 @@ CASES: dict[str, Case] = {
         "tiling.patch_size_px: Input should be a valid integer (got [7, 7, 7, 7, 7, 7, ...])",
     ),
     "a 100,000-character key is echoed short": Case(
-        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "x"), "--config", str(t / "c.yaml")],
+        _tile_with_config,
         EXIT_BAD_INPUT,
         "kkkkkkkkkkkkkkkkkkkk: Extra inputs are not permitted (got 1)",
         setup=_write("c.yaml", "tiling:\n  ? " + "k" * 100_000 + "\n  : 1\n"),  # an explicit key: any length
@@ -1133,56 +1176,56 @@ CASES: dict[str, Case] = {
         "--mpp: Value error, um/px must be within 0.01 to 100",
     ),
     "a stray quote that swallows a long manifest": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 3: cannot be read as CSV (field larger than field limit (131072)); check its quoting",
         setup=_cohort('a,a.svs,tumor\nb,"b.svs,normal\n' + "c,c.svs,tumor\n" * 20_000),
     ),
     "a quote never closed at the end of a manifest": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 4: cannot be read as CSV (unexpected end of data)",
         setup=_cohort('a,a.svs,tumor\nb,b.svs,normal\nc,c.svs,"tumor\n'),
     ),
     "a label spanning two lines": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 3: label spans lines 3 to 4 (a line break inside quotes)",
         setup=_cohort('a,a.svs,tumor\nb,b.svs,"normal\n"\nc,c.svs,tumor\n'),
     ),
     "a label with an unquoted comma": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 2: has 4 fields but the header names 3: a value holding a comma must be in quotes",
         setup=_cohort("a,a.svs,tumor, grade 2\nb,b.svs,normal\n"),
     ),
     "a manifest naming a column twice": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 1: the header names column(s) path twice",
         setup=_write(M, "slide_id,path,label,path\na,a.svs,t,b.svs\n"),
     ),
     "a slide path that is a symbolic link loop": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 3: slide file 'loop.svs' is a symbolic link that loops back to itself",
         setup=_cohort("a,a.svs,tumor\nb,loop.svs,normal\n", symlinks={"loop.svs": "loop.svs"}),
     ),
     "a slide path too long for the file system": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "cannot be read (File name too long)",
         setup=_cohort(f"a,a.svs,tumor\nb,{'b' * 300}.svs,normal\n"),
     ),
     "one slide under two ids, through a symbolic link": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 4: lines 2 and 4 list the same slide file 'link.svs' (as 'a' and 'c'); one slide must "
         "have one id (a copy under two ids would be trained on and tested on)",
         setup=_cohort("a,a.svs,tumor\nb,b.svs,normal\nc,link.svs,normal\n", symlinks={"link.svs": "a.svs"}),
     ),
     "one slide under two ids, through a hard link": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "lines 3 and 4 list the same slide file 'copy.svs' (as 'b' and 'c')",
         setup=_cohort("a,a.svs,tumor\nb,b.svs,normal\nc,copy.svs,normal\n", hardlinks={"copy.svs": "b.svs"}),
@@ -1195,26 +1238,26 @@ CASES: dict[str, Case] = {
         setup=_cohort("a,gs://bucket/s.svs,\nb,gs://bucket/s.svs,\n"),
     ),
     "Tumor and tumor": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv lines 2, 3: labels 'Tumor' (line 2), 'tumor' (line 3) differ only in case or spacing, so "
         "they would be different classes: spell each class one way",
         setup=_cohort("a,a.svs,Tumor\nb,b.svs,tumor\nc,c.svs,normal\n"),
     ),
     "tumor and tu mor": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "labels 'tumor' (line 2), 'tu mor' (line 4) differ only in case or spacing",
         setup=_cohort("a,a.svs,tumor \nb,b.svs,normal\nc,c.svs,tu mor\n"),
     ),
     "a manifest mpp of 72 dpi": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "m.csv line 2: mpp '352.8' is outside 0.01 to 100 microns per pixel",
         setup=_cohort("a,a.svs,t,352.8\n", header="slide_id,path,label,mpp"),
     ),
     "a manifest mpp of nan": Case(
-        lambda w, t: ["tile", str(t / M), "--out", str(t / "x")],
+        _tile_the_manifest,
         EXIT_BAD_INPUT,
         "mpp 'nan' is outside 0.01 to 100 microns per pixel",
         setup=_cohort("a,a.svs,t,nan\nb,b.svs,t,0.25\n", header="slide_id,path,label,mpp"),
@@ -1325,56 +1368,21 @@ CASES: dict[str, Case] = {
     ),
     # ---- lineage: artifacts used with what they were not made from (issue 26) ----------------------
     "extract with two slides' tiles files swapped": Case(
-        lambda w, t: [
-            "extract",
-            str(w.manifest),
-            "--tiles",
-            str(_made(t) / "tiles"),
-            "--encoder",
-            E,
-            "--weights",
-            str(w.made.weights),
-            "--out",
-            str(_made(t) / "features"),
-            "--overwrite",
-        ],
+        _extract_made("--overwrite"),
         EXIT_BAD_INPUT,
         "holds the tiles of slide",
         setup=_copy_made(_swap_tiles),
         integration=True,
     ),
     "extract with a manifest row naming another slide's file": Case(
-        lambda w, t: [
-            "extract",
-            str(t / M),
-            "--tiles",
-            str(_made(t) / "tiles"),
-            "--encoder",
-            E,
-            "--weights",
-            str(w.made.weights),
-            "--out",
-            str(_made(t) / "features"),
-        ],
+        _extract_made(manifest=M),
         EXIT_BAD_INPUT,
         "its tiles were made from",
         setup=_copy_made(lambda w, t: _another_file_manifest(w, t)),
         integration=True,
     ),
     "extract where a slide was replaced after tiling: that slide fails": Case(
-        lambda w, t: [
-            "extract",
-            str(t / M),
-            "--tiles",
-            str(_made(t) / "tiles"),
-            "--encoder",
-            E,
-            "--weights",
-            str(w.made.weights),
-            "--out",
-            str(_made(t) / "features"),
-            "--overwrite",
-        ],
+        _extract_made("--overwrite", manifest=M),
         EXIT_SLIDES_FAILED,
         "the file changed since tiling; tile it again with --overwrite",
         out="study",
@@ -1382,14 +1390,7 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "train on a features folder with another encoder's file moved in": Case(
-        lambda w, t: [
-            "train",
-            str(w.manifest),
-            "--features",
-            str(_made(t) / "features" / E),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_made,
         EXIT_BAD_INPUT,
         f"was made by encoder resnet34, but lies in the folder of {E}",
         out="mil",
@@ -1397,14 +1398,7 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "train on a features folder mixing two sets of weights": Case(
-        lambda w, t: [
-            "train",
-            str(w.manifest),
-            "--features",
-            str(_made(t) / "features" / E),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_made,
         EXIT_BAD_INPUT,
         "mixes features of different weights or settings",
         out="mil",
@@ -1499,14 +1493,7 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "predict with bundle.json's classes swapped": Case(
-        lambda w, t: [
-            "predict",
-            str(w.manifest),
-            "--bundle",
-            str(_made(t) / "onnx" / "best"),
-            "--out",
-            str(t / "p"),
-        ],
+        _predict_made,
         EXIT_BAD_INPUT,
         "bundle.json was changed after export",
         out="p",
@@ -1514,14 +1501,7 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "predict with bundle.json's tiling edited": Case(
-        lambda w, t: [
-            "predict",
-            str(w.manifest),
-            "--bundle",
-            str(_made(t) / "onnx" / "best"),
-            "--out",
-            str(t / "p"),
-        ],
+        _predict_made,
         EXIT_BAD_INPUT,
         "bundle.json was changed after export",
         out="p",
@@ -1529,14 +1509,7 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "predict with a graph of another bundle": Case(
-        lambda w, t: [
-            "predict",
-            str(w.manifest),
-            "--bundle",
-            str(_made(t) / "onnx" / "best"),
-            "--out",
-            str(t / "p"),
-        ],
+        _predict_made,
         EXIT_BAD_INPUT,
         "aggregator.onnx does not match bundle.json",
         out="p",
@@ -1544,70 +1517,35 @@ CASES: dict[str, Case] = {
         integration=True,
     ),
     "train with a features file of the wrong rank": Case(
-        lambda w, t: [
-            "train",
-            str(w.small),
-            "--features",
-            str(t / "features" / w.features.name),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_on_the_copy,
         EXIT_BAD_INPUT,
         "are not (n, dim) and (n, 2)",
         out="mil",
         setup=_features_copy(_features_of_rank_one),
     ),
     "train with a features file that is not h5": Case(
-        lambda w, t: [
-            "train",
-            str(w.small),
-            "--features",
-            str(t / "features" / w.features.name),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_on_the_copy,
         EXIT_BAD_INPUT,
         "bag-003.h5: not a readable h5 file",
         out="mil",
         setup=_features_copy(lambda f: (f / "bag-003.h5").write_text("slide_id,feature\nbag-003,0.1\n")),
     ),
     "train with one slide's features under another's name": Case(
-        lambda w, t: [
-            "train",
-            str(w.small),
-            "--features",
-            str(t / "features" / w.features.name),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_on_the_copy,
         EXIT_BAD_INPUT,
         "bag-001.h5 holds the features of slide 'bag-002', not of 'bag-001'",
         out="mil",
         setup=_features_copy(_renamed_features),
     ),
     "train with features that record no lineage": Case(
-        lambda w, t: [
-            "train",
-            str(w.small),
-            "--features",
-            str(t / "features" / w.features.name),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_on_the_copy,
         EXIT_BAD_INPUT,
         "records no lineage (made by an older histotransfer or another tool)",
         out="mil",
         setup=_features_copy(_features_without_lineage),
     ),
     "train with a summary.csv that is not a summary": Case(
-        lambda w, t: [
-            "train",
-            str(w.small),
-            "--features",
-            str(t / "features" / w.features.name),
-            "--out",
-            str(t / "mil"),
-        ],
+        _train_on_the_copy,
         EXIT_BAD_INPUT,
         "summary.csv is not a summary histotransfer wrote",
         out="mil",
