@@ -354,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compile":
         options = options_from(args)
+        if (existing := next((p for p in (args.out_dir, *args.out_dir.parents) if p.exists()), None)) and (
+            not existing.is_dir()
+        ):
+            raise ConfigError(f"--out-dir {args.out_dir}: {existing} is a file; give a folder for the YAML")
         for name in PIPELINES:
             print(f"compiled {compile_pipeline(name, args.out_dir / f'{name}.yaml', options)}")
     elif args.command == "run-local":

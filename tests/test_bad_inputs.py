@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from histotransfer import lineage
 from histotransfer.cli import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -255,7 +256,7 @@ def _edit_lineage(path: Path, **changes) -> None:
         made = json.loads(f.attrs["lineage"])
         for key, value in changes.items():
             made[key] = value if not isinstance(value, dict) else made[key] | value
-        f.attrs["lineage"] = json.dumps(made)
+        f.attrs["lineage"] = lineage.h5_attr(made)  # sealed again: a consistent record, of another thing
 
 
 def _foreign_features(w: World, t: Path) -> None:
@@ -282,8 +283,10 @@ def _replaced_head(w: World, t: Path) -> None:
 
     mil = _made(t) / "mil" / E
     fold = read_spec(_made(t) / "onnx" / "best").aggregator.fold
-    torch.save({k: v * 2 for k, v in torch.load(mil / f"fold{fold}" / "model.pt", weights_only=True).items()},
-               mil / f"fold{fold}" / "model.pt")  # fmt: skip
+    torch.save(
+        {k: v * 2 for k, v in torch.load(mil / f"fold{fold}" / "model.pt", weights_only=True).items()},
+        mil / f"fold{fold}" / "model.pt",
+    )
 
 
 def _edit_bundle_json(**changes) -> Callable[[World, Path], None]:
@@ -307,8 +310,10 @@ def _replaced_slide_manifest(w: World, t: Path) -> None:
     records = read_manifest(w.manifest)
     replaced = shutil.copy(records[1].path, t / "replaced.svs")
     _edit_lineage(_made(t) / "tiles" / f"{records[0].slide_id}.h5", slide={"path": str(replaced)})
-    rows = [{"slide_id": r.slide_id, "path": str(replaced) if i == 0 else r.path, "label": r.label}
-            for i, r in enumerate(records)]  # fmt: skip
+    rows = [
+        {"slide_id": r.slide_id, "path": str(replaced) if i == 0 else r.path, "label": r.label}
+        for i, r in enumerate(records)
+    ]
     write_csv(t / M, rows)
 
 
@@ -358,8 +363,18 @@ def _extract_made(*extra: str, manifest: str | None = None) -> Callable[[World, 
     def argv(w: World, t: Path) -> list[str]:
         m = str(t / manifest) if manifest else str(w.manifest)
         weights = ["--weights", str(w.made.weights)]
-        return ["extract", m, "--tiles", str(_made(t) / "tiles"), "--encoder", E, *weights, "--out",
-                str(_made(t) / "features"), *extra]  # fmt: skip
+        return [
+            "extract",
+            m,
+            "--tiles",
+            str(_made(t) / "tiles"),
+            "--encoder",
+            E,
+            *weights,
+            "--out",
+            str(_made(t) / "features"),
+            *extra,
+        ]
 
     return argv
 
@@ -394,6 +409,80 @@ def _train_on_the_copy(w: World, t: Path) -> list[str]:
         "--out",
         str(t / "mil"),
     ]
+
+
+def _edit_json(name: str, **changes) -> Callable[[Path], None]:
+    """A change to a JSON file (under a folder) that keeps it valid JSON: each key's value replaced by
+    ``change(old value)``."""
+
+    def change(folder: Path) -> None:
+        data = json.loads((folder / name).read_text())
+        for key, value in changes.items():
+            data[key] = value(data[key])
+        (folder / name).write_text(json.dumps(data, indent=2))
+
+    return change
+
+
+def _get_attr(path: Path, name: str) -> str:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f.attrs[name])
+
+
+def _set_attr(path: Path, name: str, value, dataset: str | None = None) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        (f[dataset] if dataset else f).attrs[name] = value
+
+
+def _add_to_dataset(path: Path, name: str, value: float) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f[name][0] = f[name][0] + value
+
+
+def _flipped_labels(w: World, t: Path) -> None:
+    rows = [
+        {"slide_id": r.slide_id, "path": r.path, "label": {"tumor": "normal"}.get(r.label, "tumor")}
+        for r in read_manifest(w.manifest)
+    ]
+    write_csv(t / M, rows)
+
+
+def _another_file_manifest_all(w: World, t: Path) -> None:
+    """The four ids, the first naming a copy of another cohort's slide (here: a copy of the second
+    slide's file, which is not the first slide)."""
+    records = read_manifest(w.manifest)
+    other = shutil.copy(records[1].path, t / "other.svs")
+    rows = [
+        {"slide_id": r.slide_id, "path": str(other) if i == 0 else r.path, "label": r.label}
+        for i, r in enumerate(records)
+    ]
+    write_csv(t / M, rows)
+
+
+def _flipped_prediction(w: World, t: Path) -> None:
+    table = _made(t) / "predictions" / "predictions.csv"
+    text = table.read_text()
+    for a, b in (("tumor", "@"), ("normal", "tumor"), ("@", "normal")):
+        text = text.replace(a, b)
+    table.write_text(text)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header declaring ``width`` x ``height`` pixels, and no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def _mil_copy(change: Callable[[Path], None]) -> Callable[[World, Path], None]:
@@ -1540,7 +1629,7 @@ CASES: dict[str, Case] = {
     "train with features that record no lineage": Case(
         _train_on_the_copy,
         EXIT_BAD_INPUT,
-        "records no lineage (made by an older histotransfer or another tool)",
+        "records no readable lineage (made by an older histotransfer or another tool, or changed since)",
         out="mil",
         setup=_features_copy(_features_without_lineage),
     ),
@@ -1591,9 +1680,11 @@ CASES: dict[str, Case] = {
         "holds no artifact histotransfer made",
     ),
     "verify a path that does not exist": Case(
-        lambda w, t: ["verify", str(t / "nothing")], EXIT_BAD_INPUT, "nothing is not a folder"
+        lambda w, t: ["verify", str(t / "nothing")], EXIT_BAD_INPUT, "nothing does not exist"
     ),
-    "verify a file": Case(lambda w, t: ["verify", str(w.manifest)], EXIT_BAD_INPUT, "is not a folder"),
+    "verify a file": Case(
+        lambda w, t: ["verify", str(w.manifest)], EXIT_BAD_INPUT, "is a file: give the folder it belongs to"
+    ),
     # ---- outputs recognised by content: never written into or over when not ours (issue 26) --------
     "predict --out a folder holding the user's own predictions.csv": Case(
         lambda w, t: ["predict", str(w.manifest), "--bundle", str(w.bundle), "--out", str(t / "mine")],
@@ -1727,6 +1818,227 @@ CASES: dict[str, Case] = {
         out="-",
         setup=_write("report/summary.md", "# my notes\n"),
     ),
+    # ---- found by an adversarial pass over the lineage checks (issue 26) ---------------------------
+    "export a MIL result whose metrics.json classes were swapped": Case(
+        lambda w, t: ["export", "--mil", str(t / "s" / "mil" / w.mil.name), "--out", str(t / "b")],
+        EXIT_BAD_INPUT,
+        "metrics.json was changed after histotransfer wrote it",
+        out="b",
+        setup=_mil_copy(_edit_json("metrics.json", classes=lambda c: c[::-1])),
+    ),
+    "report a MIL result whose AUC was edited": Case(
+        lambda w, t: ["report", str(t / "s")],
+        EXIT_BAD_INPUT,
+        "metrics.json was changed after histotransfer wrote it",
+        setup=_mil_copy(_edit_json("metrics.json", pooled=lambda p: p | {"auc": p["auc"] | {"value": 0.99}})),
+    ),
+    "export a fold whose history.json was edited": Case(
+        lambda w, t: [
+            "export",
+            "--mil",
+            str(t / "s" / "mil" / w.mil.name),
+            "--fold",
+            "1",
+            "--out",
+            str(t / "b"),
+        ],
+        EXIT_BAD_INPUT,
+        "history.json was changed after histotransfer wrote it",
+        out="b",
+        setup=_mil_copy(_edit_json("fold1/history.json", best_epoch=lambda e: e + 1)),
+    ),
+    "verify a MIL result whose metrics.json is a list": Case(
+        lambda w, t: ["verify", str(t / "s" / "mil" / w.mil.name)],
+        EXIT_SLIDES_FAILED,
+        "is a list, not what histotransfer writes there",
+        setup=lambda w, t: (
+            _mil_copy(lambda m: (m / "metrics.json").write_text("[]"))(w, t),
+            (t / "s" / "tiles").mkdir(),
+        ),
+    ),
+    "train with a features file whose lineage is not JSON": Case(
+        _train_on_the_copy,
+        EXIT_BAD_INPUT,
+        "bag-002.h5 records no readable lineage",
+        out="mil",
+        setup=_features_copy(lambda f: _set_attr(f / "bag-002.h5", "lineage", "{not json")),
+    ),
+    "train with a features file whose lineage was edited": Case(
+        _train_on_the_copy,
+        EXIT_BAD_INPUT,
+        "bag-004.h5 records no readable lineage",
+        out="mil",
+        setup=_features_copy(
+            lambda f: _set_attr(
+                f / "bag-004.h5",
+                "lineage",
+                _get_attr(f / "bag-004.h5", "lineage").replace("synthetic", "other", 1),
+            )
+        ),
+    ),
+    "train with features whose values were edited after extraction": Case(
+        lambda w, t: [*_train_on_the_copy(w, t), "--folds", "2", "--epochs", "1"],
+        EXIT_BAD_INPUT,
+        "bag-005.h5 was changed after extraction",
+        out="mil",
+        setup=_features_copy(lambda f: _add_to_dataset(f / "bag-005.h5", "features", 1.0)),
+    ),
+    "extract with a tiles file whose read level was edited: that slide fails": Case(
+        lambda w, t: [
+            "extract",
+            str(w.manifest),
+            "--tiles",
+            str(t / "tiles"),
+            "--encoder",
+            "resnet18@layer1+random",
+            "--out",
+            str(t / "f"),
+        ],
+        EXIT_SLIDES_FAILED,
+        "sample-001.h5 was changed after tiling",
+        out="f",
+        setup=lambda w, t: (
+            shutil.copytree(w.tiled, t / "tiles"),
+            _set_attr(t / "tiles" / "sample-001.h5", "read_level", 1, dataset="coords"),
+        ),
+    ),
+    "report --bundle of a bundle outside the study links it": Case(
+        lambda w, t: ["report", str(t / "s"), "--bundle", str(w.bundle)],
+        EXIT_OK,
+        "",
+        out="s",
+        setup=_mil_copy(lambda m: None),
+    ),
+    "report --bundle that is no bundle": Case(
+        lambda w, t: ["report", str(t / "s"), "--bundle", str(t / "s" / "mil")],
+        EXIT_BAD_INPUT,
+        "is not a bundle (no bundle.json): give STUDY/onnx/NAME",
+        setup=_mil_copy(lambda m: None),
+    ),
+    "predict --bundle a study folder": Case(
+        lambda w, t: ["predict", str(w.manifest), "--bundle", str(t / "s"), "--out", str(t / "p")],
+        EXIT_BAD_INPUT,
+        "is a study, not a bundle: give --bundle its bundle folder",
+        out="p",
+        setup=lambda w, t: shutil.copytree(w.bundle, t / "s" / "onnx" / "best"),
+    ),
+    "train --features a study's features folder": Case(
+        lambda w, t: ["train", str(w.small), "--features", str(w.features.parent), "--out", str(t / "mil")],
+        EXIT_BAD_INPUT,
+        "holds the features of encoders (resnet18@layer1+syn), not features: give --features one",
+    ),
+    "cka --study with --out": Case(
+        lambda w, t: [
+            "cka",
+            str(w.manifest),
+            "--study",
+            str(t / "s"),
+            "--encoder",
+            "resnet18",
+            "--out",
+            str(t / "c"),
+        ],
+        EXIT_BAD_INPUT,
+        "--a/--b, --tiles and --out go without --study",
+    ),
+    "extract --tiles given the manifest": Case(
+        lambda w, t: [
+            "extract",
+            str(w.manifest),
+            "--tiles",
+            str(w.manifest),
+            "--encoder",
+            "resnet18+random",
+            "--out",
+            str(t / "f"),
+        ],
+        EXIT_BAD_INPUT,
+        "is a file, not a tiles folder",
+    ),
+    "an empty --out": Case(
+        lambda w, t: ["tile", str(w.manifest), "--out", ""],
+        EXIT_BAD_INPUT,
+        "an empty path: give a file or folder",
+    ),
+    "a manifest that is a folder": Case(
+        lambda w, t: ["tile", str(w.manifest.parent), "--out", str(t / "x")],
+        EXIT_BAD_INPUT,
+        "is not a file (a folder, a device or a pipe): give the cohort's CSV file",
+    ),
+    "pipeline compile --out-dir a file": Case(
+        lambda w, t: ["pipeline", "compile", "--out-dir", str(w.manifest)],
+        EXIT_BAD_INPUT,
+        "is a file; give a folder for the YAML",
+    ),
+    "finetune with a manifest whose labels changed since the frozen MIL": Case(
+        lambda w, t: [
+            "finetune",
+            str(t / M),
+            "--study",
+            str(_made(t)),
+            "--encoder",
+            E,
+            "--weights",
+            str(w.made.weights),
+            "--k",
+            "2",
+            "--epochs",
+            "1",
+        ],
+        EXIT_BAD_INPUT,
+        "was trained on another cohort than this manifest's (slide ids, labels, patients or splits differ)",
+        out="study",
+        setup=_copy_made(_flipped_labels),
+        integration=True,
+    ),
+    "train without --tiles on features whose slide the manifest no longer names": Case(
+        lambda w, t: [
+            "train",
+            str(t / M),
+            "--features",
+            str(_made(t) / "features" / E),
+            "--out",
+            str(t / "mil"),
+            "--folds",
+            "2",
+        ],
+        EXIT_BAD_INPUT,
+        "its tiles were made from",
+        out="mil",
+        setup=_copy_made(_another_file_manifest_all),
+        integration=True,
+    ),
+    "verify a prediction table edited after predicting": Case(
+        lambda w, t: ["verify", str(_made(t) / "predictions")],
+        EXIT_SLIDES_FAILED,
+        "predictions.csv does not say what slides/sample-000.h5 holds",
+        setup=_copy_made(_flipped_prediction),
+        integration=True,
+    ),
+    "tile --out a folder holding a PNG that declares 20000 x 20000 pixels": Case(
+        lambda w, t: ["tile", str(w.manifest), "--out", str(t / "mine")],
+        EXIT_BAD_INPUT,
+        "(sample-000.png)",
+        setup=_write("mine/sample-000.png", _png_header(20_000, 20_000)),
+    ),
+    "export a MIL result whose metrics.json nests 100,000 deep": Case(
+        lambda w, t: ["export", "--mil", str(t / "s" / "mil" / w.mil.name), "--out", str(t / "b")],
+        EXIT_BAD_INPUT,
+        "metrics.json cannot be read as JSON",
+        out="b",
+        setup=_mil_copy(lambda m: (m / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)),
+    ),
+    "verify a MIL result whose predictions.csv holds a 200 KB field": Case(
+        lambda w, t: ["verify", str(t / "s" / "mil" / w.mil.name)],
+        EXIT_SLIDES_FAILED,
+        "its files or records are damaged (Error: field larger than field limit",
+        setup=lambda w, t: (
+            _mil_copy(lambda m: (m / "predictions.csv").write_text('slide_id\n"' + "x" * 200_000 + '"\n'))(
+                w, t
+            ),
+            (t / "s" / "tiles").mkdir(),
+        ),
+    ),
     # ---- what `run` can know before the first slide (issue 26) -------------------------------------
     "run on a cohort that cannot be split into its folds": Case(
         lambda w, t: [
@@ -1825,9 +2137,11 @@ def test_bad_input(name, world, tmp_path, capsys, request):
         code = main(case.argv(world, work))
     except SystemExit as exc:  # argparse's usage errors
         code = exc.code
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert code == case.code, err[-2000:]
-    assert case.message in err, err[-2000:]
+    shown = said.out + err if code == EXIT_SLIDES_FAILED else err  # verify reports on stdout
+    assert case.message in shown, shown[-3000:]
     if code != EXIT_OK:
         assert "Traceback" not in err
         assert len([line for line in err.splitlines() if line.startswith("error:")]) <= 1

@@ -27,6 +27,7 @@ from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.study import MILResult
+from histotransfer.provenance import sealed_json
 from histotransfer.wsi.tiling import load_tiles
 from tests.helpers import SMALL_STUDY_ENCODER, write_csv
 
@@ -118,7 +119,9 @@ def test_choose_fold_by_validation_else_training_loss(tmp_path, losses, fold):
         history = [{"epoch": 1, "train_loss": 9.0, "val_loss": None if val is None else 9.0}]
         history.append({"epoch": 2, "train_loss": train, "val_loss": val})
         (tmp_path / f"fold{k}").mkdir()
-        (tmp_path / f"fold{k}" / "history.json").write_text(json.dumps({"best_epoch": 2, "history": history}))
+        (tmp_path / f"fold{k}" / "history.json").write_text(
+            sealed_json({"best_epoch": 2, "history": history})
+        )
     chosen, loss = choose_fold(tmp_path)
     assert chosen == fold
     assert (loss.val_loss, loss.train_loss) == losses[fold]
@@ -241,10 +244,10 @@ def test_corrupt_bundle_is_a_clear_error(bundle_copy, capsys):
 def test_mismatched_or_incomplete_bundle_is_a_clear_error(bundle_copy, tmp_path):
     """bundle.json is checked against itself (any edit: test_lineage) and, sealed again as a buggy tool
     might write it, against the files it describes."""
-    from histotransfer.deploy.bundle import BUNDLE_VERSION, integrity
+    from histotransfer.deploy.bundle import BUNDLE_VERSION
 
     def write(spec: dict) -> None:
-        (bundle_copy / BUNDLE_FILE).write_text(json.dumps({**spec, "integrity": integrity(spec)}))
+        (bundle_copy / BUNDLE_FILE).write_text(sealed_json(spec))
 
     spec = json.loads((bundle_copy / BUNDLE_FILE).read_text())
     spec["encoder"]["dim"] = 7  # bundle.json no longer describes these files

@@ -127,7 +127,7 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     gcs, sample_cohort, tmp_path, monkeypatch, capsys
 ):
     from histotransfer.cli import main
-    from histotransfer.storage import COMPLETE_MARKER, is_complete, staging_dir
+    from histotransfer.storage import COMPLETE_MARKER, WRITING_MARKER, is_complete, staging_dir
     from tests.fault_proxy import FaultProxy
 
     emulator = int(gcs.client._connection.API_BASE_URL.rsplit(":", 1)[1])
@@ -145,6 +145,7 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     remote = _objects(gcs, "faulty/tiles")
     assert 0 < len(remote) < len(list(local.rglob("*.h5"))) * 2 + 1
     assert COMPLETE_MARKER not in remote
+    assert remote.pop(WRITING_MARKER)  # the objects of the upload that stopped are recognisably ours
     for name, data in remote.items():  # what arrived is whole
         assert (local / name).read_bytes() == data
     assert main(["tile", str(sample_cohort), "--out", uri]) == 0
@@ -153,6 +154,7 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     assert is_complete(uri)
     final = _objects(gcs, "faulty/tiles")
     final.pop(COMPLETE_MARKER)
+    assert WRITING_MARKER not in final
     assert final == {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
     proxy.close()
 
@@ -224,3 +226,23 @@ def test_encoder_weights_from_a_bucket(gcs, tmp_path):
     assert encoder.weights_source.startswith("file:r18.pth")
     with pytest.raises(WeightsError, match="does not exist"):
         build_encoder("resnet18@layer1+mine", weights=f"gs://{BUCKET}/models/missing.pth")
+
+
+def test_an_output_root_holding_objects_we_did_not_write_is_refused_before_any_work(
+    gcs, sample_cohort, tmp_path, capsys
+):
+    from histotransfer.cli import main
+    from histotransfer.storage import staging_dir, upload_tree
+
+    gcs.blob("shared/results/predictions.csv").upload_from_string("patient,score\nP1,0.9\n")
+    uri = f"gs://{BUCKET}/shared/results"
+    assert main(["tile", str(sample_cohort), "--out", uri]) == 2
+    err = capsys.readouterr().err
+    assert "holds objects histotransfer did not write (predictions.csv); nothing was changed" in err
+    assert not staging_dir(uri).exists()  # refused before any work
+    assert gcs.blob("shared/results/predictions.csv").download_as_bytes() == b"patient,score\nP1,0.9\n"
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "predictions.csv").write_text("ours")
+    with pytest.raises(StorageError, match=r"did not write \(predictions.csv\)"):
+        upload_tree(tmp_path / "tree", uri)  # nor by an upload, if it got that far
+    assert gcs.blob("shared/results/predictions.csv").download_as_bytes() == b"patient,score\nP1,0.9\n"

@@ -48,8 +48,8 @@ def _extract(study: MadeStudy, manifest: Path, *extra: str) -> int:
 
 def test_every_artifact_records_its_lineage_and_the_study_verifies(study, capsys):
     slide_id = read_manifest(study.manifest)[0].slide_id
-    tiles = lineage.read_record(study.root / "tiles" / f"{slide_id}.h5")
-    features = lineage.read_record(study.features / f"{slide_id}.h5")
+    tiles = lineage.read_record(study.root / "tiles" / f"{slide_id}.h5", "tiles")
+    features = lineage.read_record(study.features / f"{slide_id}.h5", "features")
     assert tiles["slide"]["quickhash"]
     assert tiles["slide"]["size"] > 0
     assert features["tiles"]["digest"] == tiles["digest"]
@@ -112,7 +112,7 @@ def test_a_slide_changed_after_tiling_fails_alone_with_the_reason(study, tmp_pat
     with h5py.File(s.root / "tiles" / f"{records[0].slide_id}.h5", "a") as f:  # ...at the tiled path
         made = json.loads(f.attrs["lineage"])
         made["slide"]["path"] = str(changed)
-        f.attrs["lineage"] = json.dumps(made)
+        f.attrs["lineage"] = lineage.h5_attr(made)  # sealed again: a consistent record, of another thing
     manifest = _manifest(tmp_path, s, **{records[0].slide_id: str(changed)})
     assert _extract(s, manifest, "--overwrite") == EXIT_SLIDES_FAILED
     err = capsys.readouterr().err
@@ -130,7 +130,7 @@ def test_features_of_another_encoder_or_of_other_tiles_are_refused_by_train(stud
     with h5py.File(stranger / f"{slide_ids[0]}.h5", "a") as f:  # a file of another encoder, moved in
         made = json.loads(f.attrs["lineage"])
         made["encoder"] |= {"id": "resnet34", "weights_sha256": "0" * 64}
-        f.attrs["lineage"] = json.dumps(made)
+        f.attrs["lineage"] = lineage.h5_attr(made)  # sealed again: a consistent record, of another thing
     assert main([*train, "--features", str(stranger)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert (
@@ -203,6 +203,18 @@ def _swap_bundle_head(s: MadeStudy) -> None:
     shutil.copy(s.mil / "fold1" / "model.pt", s.mil / "fold0" / "model.pt")
 
 
+def _edit_attr(path: Path, dataset: str, name: str, value) -> None:
+    with h5py.File(path, "a") as f:
+        f[dataset].attrs[name] = value
+
+
+def _edit_metrics(path: Path) -> None:
+    """The classes swapped, as valid JSON: every prediction of an export would be flipped."""
+    data = json.loads(path.read_text())
+    data["classes"] = data["classes"][::-1]
+    path.write_text(json.dumps(data))
+
+
 def _edit_h5(path: Path, dataset: str) -> None:
     with h5py.File(path, "a") as f:
         f[dataset][0] = f[dataset][0] + 1
@@ -220,8 +232,13 @@ def _edit_h5(path: Path, dataset: str) -> None:
         (lambda s, i: _swap_features(s, i), f"features/{ENCODER}/", "holds the features of slide"),
         (lambda s, i: (s.root / "tiles" / f"{i}.h5").rename(s.root / "tiles" / "other.h5"), "tiles/",
          "other.h5 holds the tiles of slide"),
+        (lambda s, i: _edit_attr(s.root / "tiles" / f"{i}.h5", "coords", "patch_size", 112), "tiles/",
+         "was changed after tiling (its coordinates or geometry"),
+        (lambda s, i: _edit_metrics(s.mil / "metrics.json"), f"mil/{ENCODER}/",
+         "metrics.json was changed after histotransfer wrote it"),
     ],
-    ids=["tiles", "features", "mil", "bundle-head", "features-swapped", "tiles-renamed"],
+    ids=["tiles", "features", "mil", "bundle-head", "features-swapped", "tiles-renamed", "tiles-geometry",
+         "metrics-json"],
 )  # fmt: skip
 def test_verify_names_each_kind_of_tampering(study, tmp_path, capsys, tamper, artifact, said):
     s = study.copy(tmp_path)
@@ -243,7 +260,7 @@ def test_verify_predictions_against_a_bundle_exported_again(study, tmp_path, cap
         with h5py.File(path, "a") as f:
             made = json.loads(f.attrs["lineage"])
             made["bundle"]["path"] = str(bundle)
-            f.attrs["lineage"] = json.dumps(made)
+            f.attrs["lineage"] = lineage.h5_attr(made)  # sealed again: a consistent record, of another thing
     assert main(["verify", str(predictions)]) == EXIT_OK
     export = ["export", "--mil", str(s.mil), "--weights", str(s.weights), "--fold", "1", "--out", str(bundle)]
     assert main([*export, "--overwrite"]) == EXIT_OK
@@ -289,6 +306,45 @@ def test_a_slide_replaced_at_its_path_is_done_again_by_a_plain_rerun(study, tmp_
     redone = sorted(name for name in now if now[name] != before[name])
     assert redone == [f"{ENCODER}/{first}.h5", f"tiles/{first}.h5"]  # its tiles and features, no more
     assert (
-        lineage.read_record(s.tiles / f"{first}.h5")["slide"]["quickhash"]
-        == (lineage.read_record(s.tiles / f"{second}.h5")["slide"]["quickhash"])
+        lineage.read_record(s.tiles / f"{first}.h5", "tiles")["slide"]["quickhash"]
+        == (lineage.read_record(s.tiles / f"{second}.h5", "tiles")["slide"]["quickhash"])
     )
+
+
+def test_verify_compares_prediction_files_with_their_table(study, tmp_path, capsys):
+    s = study.copy(tmp_path)
+    predictions = s.root / "predictions"
+    (slide,) = (predictions / "slides").glob("*.h5")
+    with h5py.File(slide, "a") as f:  # the probabilities swapped: the table no longer agrees either
+        f["probabilities"][...] = f["probabilities"][:][::-1]
+    assert main(["verify", str(predictions)]) == EXIT_SLIDES_FAILED
+    assert f"slides/{slide.name} was changed after it was predicted" in capsys.readouterr().out
+
+
+def test_fine_tuned_features_and_folds_are_tied_to_their_fine_tuning(study, tmp_path, capsys):
+    """A fine-tuned fold's features are of that fold's encoder: swapped fold folders, or features kept
+    from a fine-tuning that was redone, are named by verify (and redone by a rerun)."""
+    s = study.copy(tmp_path)
+    tune = [
+        "finetune",
+        str(s.manifest),
+        "--study",
+        str(s.root),
+        "--encoder",
+        ENCODER,
+        "--weights",
+        str(s.weights),
+    ]
+    mil = ["--set", "mil={folds: 2, epochs: 1, restarts: 1}", "--set", "evaluation.bootstrap=100"]
+    assert main([*tune, "--k", "2", "--epochs", "1", *mil]) == EXIT_OK
+    assert main(["verify", str(s.root)]) == EXIT_OK
+    capsys.readouterr()
+    tuned = s.root / "features" / f"{ENCODER}+ft"
+    (tuned / "fold0").rename(tuned / "x")
+    (tuned / "fold1").rename(tuned / "fold0")
+    (tuned / "x").rename(tuned / "fold1")
+    shutil.rmtree(s.root / "mil" / f"{ENCODER}+ft")
+    assert main(["verify", str(s.root)]) == EXIT_SLIDES_FAILED
+    out = capsys.readouterr().out
+    assert f"MISMATCH  features/{ENCODER}+ft/fold0/" in out
+    assert "not made by the encoder fold0 of the fine-tuning in the study" in out

@@ -198,3 +198,48 @@ def test_sigterm_keeps_what_finished_says_so_and_resumes(sample_cohort, tmp_path
     assert not list(out.glob(".*.partial"))
     assert main(["tile", str(sample_cohort), "--out", str(out)]) == EXIT_OK  # resumes
     assert len(list(out.glob("*.h5"))) == 4
+
+
+def test_a_folder_replaced_whole_keeps_the_users_dotfiles_and_refuses_their_other_files(tmp_path):
+    from histotransfer.atomic import atomic_dir
+
+    fold = tmp_path / "fold0"
+    with atomic_dir(fold) as stage:
+        (stage / "history.json").write_text(json.dumps({"histotransfer_version": "0"}))
+    (fold / ".notes").write_text("the user's notes")
+    with atomic_dir(fold) as stage:  # --overwrite: the fold is made again
+        (stage / "history.json").write_text(json.dumps({"histotransfer_version": "1"}))
+    assert (fold / ".notes").read_text() == "the user's notes"
+    assert json.loads((fold / "history.json").read_text())["histotransfer_version"] == "1"
+    (fold / "sub").mkdir()
+    (fold / "sub" / ".hidden").write_text("deeper: not the folder's own")
+    with (
+        pytest.raises(OutputError, match=r"holds files histotransfer did not write \(sub/.hidden\)"),
+        atomic_dir(fold),
+    ):
+        pass
+    assert (fold / "sub" / ".hidden").is_file()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_sigterm_during_a_folder_swap_waits_until_the_new_folder_is_in_place(tmp_path, monkeypatch):
+    from histotransfer import atomic
+    from histotransfer.atomic import atomic_dir
+    from histotransfer.errors import Terminated
+    from histotransfer.lifecycle import command_scope
+
+    fold = tmp_path / "fold0"
+    with atomic_dir(fold) as stage:
+        (stage / "history.json").write_text(json.dumps({"histotransfer_version": "old"}))
+    real = os.replace
+
+    def replace_then_terminated(src, dst):  # SIGTERM arrives between moving the old folder aside...
+        real(src, dst)
+        if str(dst).endswith(".old.partial"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_terminated)
+    with command_scope(), pytest.raises(Terminated), atomic_dir(fold) as stage:
+        (stage / "history.json").write_text(json.dumps({"histotransfer_version": "new"}))
+    # ...and is handled once the new folder is in place: never neither
+    assert json.loads((fold / "history.json").read_text())["histotransfer_version"] == "new"

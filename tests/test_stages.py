@@ -101,7 +101,7 @@ def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
     assert main([*train, *c]) == 0
     common = [m, "--study", str(study), "--encoder", encoder_id, *c]
     assert main(["finetune", *common]) == 0
-    history = read_record(study / "finetune" / encoder_id / "fold0" / "history.json")
+    history = read_record(study / "finetune" / encoder_id / "fold0" / "history.json", "finetune")
     assert history["frozen"]["encoder"]["weights_source"].startswith("file:mine.pt")
     seen = {}
 

@@ -1,10 +1,11 @@
 """Atomic file writes: an artifact appears under its final name only once it is complete, and never
 over a file that histotransfer did not write.
 
-Temporary names are ``.{final name}.{host}-{pid}-{token}.partial``: neither a glob over finished
-artifacts nor a reader sees them, and the leftovers of a killed writer are removed by the next write of
-the same artifact, but only when that writer is known to be gone (same host, no such process): a live
-process's temporary file is never removed by another.
+Temporary names are ``.{final name}.{host}-{pid}-{token}.partial`` (host: the host name and PID
+namespace): neither a glob over finished artifacts nor a reader sees them, and the leftovers of a killed
+writer are removed by the next write of the same artifact, but only when that writer is known to be gone
+(same host and namespace, no such process): a live process's temporary file is never removed by another.
+A folder's swap (atomic_dir) is not interrupted by Ctrl-C or SIGTERM half way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from pathlib import Path
 
 from histotransfer.errors import OutputError
 
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+def _host() -> str:
+    """This machine and process namespace: the host name and the PID namespace (containers sharing a
+    host's name and network have their own process ids), as one name token."""
+    try:
+        namespace = f"-ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return (re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:48] or "host") + namespace
+
+
+HOST = _host()
 PARTIAL = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}(\.old)?\.partial$")
 
 
@@ -58,15 +70,20 @@ def _remove_stale(final: Path) -> None:
                 stale.unlink(missing_ok=True)
 
 
+def _kept(relative: Path) -> bool:
+    """A folder's own dotfile (``.gitignore``, ``.notes``): kept when the folder is replaced whole."""
+    return len(relative.parts) == 1 and relative.name.startswith(".") and PARTIAL.match(relative.name) is None
+
+
 def refuse_foreign(final: Path) -> None:
     """Raise OutputError when ``final`` exists and is not a file histotransfer wrote (by its content)."""
     if not (final.exists() or final.is_symlink()):
         return
     from histotransfer.marks import is_ours
 
-    if final.is_dir():
+    if final.is_dir():  # its own dotfiles are carried over by atomic_dir; any other file must be ours
         foreign = [
-            p for p in final.rglob("*") if p.is_file() and not p.name.startswith(".") and not is_ours(p)
+            p for p in final.rglob("*") if p.is_file() and not _kept(p.relative_to(final)) and not is_ours(p)
         ]
         if not foreign:
             return
@@ -125,9 +142,31 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield staging
         old = temporary_name(final, ".old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
+        with _signals_held():  # the old folder aside and the new one in place, or neither
+            if final.exists():
+                for kept in (p for p in final.iterdir() if _kept(p.relative_to(final))):
+                    if not (staging / kept.name).exists():  # the user's dotfiles stay with the folder
+                        os.replace(kept, staging / kept.name)
+                os.replace(final, old)
+            os.replace(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (in the main thread; elsewhere they do not
+    arrive)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

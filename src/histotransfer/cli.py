@@ -8,6 +8,7 @@ Exit status, decided in ``main`` only (the README's table):
   2    unusable input or usage: one line naming the file, row, key or folder, and the fix
   70   internal error (a bug): one line, and the traceback in a log file whose path is printed
   130  interrupted (Ctrl-C): what finished is kept, and a rerun resumes from it
+  141  the reader of the output went away (`| head`): quietly, as a process killed by SIGPIPE
   143  terminated (SIGTERM: docker stop, Kubernetes): as 130
 """
 
@@ -35,7 +36,7 @@ from histotransfer.runner import StageResult
 from histotransfer.storage import check_destination, fetch_gcs, is_gcs_uri, staging_dir, upload_tree
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
-EXIT_TERMINATED = 143
+EXIT_TERMINATED, EXIT_BROKEN_PIPE = 143, 141
 
 # The modules of the install extras (pyproject.toml): the core installs predict only (the slim image).
 EXTRAS = {
@@ -312,8 +313,11 @@ def cmd_cka(args: argparse.Namespace) -> int:
         },
     )
     if args.study is not None:  # a study's frozen encoder vs its fine-tuned copy
-        if args.encoder is None or args.a or args.b:
-            raise ConfigError("--study takes --encoder ID (frozen vs fine-tuned), not --a/--b")
+        if args.encoder is None or args.a or args.b or args.out or args.tiles:
+            raise ConfigError(
+                "--study takes --encoder ID (frozen vs fine-tuned) and writes STUDY/cka; --a/--b, --tiles "
+                "and --out go without --study"
+            )
         layout = StudyLayout.at(args.study, manifest=args.manifest)
         records = read_manifest(layout.manifest)
         path = stages.cka(
@@ -440,9 +444,16 @@ OUTPUT_ARGS = {
 }
 
 
+def _path(value: str) -> Path:
+    """A path flag's value; an empty one is a usage error (Path("") would be the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder")
+    return Path(value)
+
+
 def _output(value: str) -> Path | str:
     """An output root: a local Path, or a gs:// URI kept as text (Path would fold its '//')."""
-    return value if is_gcs_uri(value) else Path(value)
+    return value if is_gcs_uri(value) else _path(value)
 
 
 def _run_with_remote_output(args: argparse.Namespace) -> int:
@@ -472,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, help="YAML config (params.yaml schema); flags override it")
+        p.add_argument("--config", type=_path, help="YAML config (params.yaml schema); flags override it")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
 
     p = sub.add_parser("sample-data", help="build the sample cohort from real H&E pixels")
@@ -505,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract patch features of tiled slides with one encoder")
     p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
-    p.add_argument("--tiles", type=Path, required=True, help="tiles folder (from `histotransfer tile`)")
+    p.add_argument("--tiles", type=_path, required=True, help="tiles folder (from `histotransfer tile`)")
     p.add_argument("--encoder", required=True, help="ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`")
     p.add_argument("--weights", help="checkpoint file, hf-hub:ORG/NAME or timm (default: per encoder id)")
     p.add_argument("--out", type=_output, required=True, help="features root; writes OUT/ENCODER_ID/*.h5")
@@ -522,10 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="cross-validate attention-MIL on one encoder's features")
     p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
-    p.add_argument("--features", type=Path, required=True, help="the encoder's folder: FEATURES/ENCODER_ID")
+    p.add_argument("--features", type=_path, required=True, help="the encoder's folder: FEATURES/ENCODER_ID")
     p.add_argument("--out", type=_output, required=True, help="MIL root; writes OUT/ENCODER_ID/")
     p.add_argument(
-        "--tiles", type=Path, help="tiles folder: checks alignment, enables heatmaps and localisation"
+        "--tiles", type=_path, help="tiles folder: checks alignment, enables heatmaps and localisation"
     )
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -543,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
     p.add_argument(
-        "--study", type=Path, required=True, help="folder with tiles/, features/ and mil/ of the frozen run"
+        "--study", type=_path, required=True, help="folder with tiles/, features/ and mil/ of the frozen run"
     )
     p.add_argument("--encoder", required=True, help="an encoder whose frozen-feature MIL has run")
     p.add_argument("--weights", help="its weights, as given to extract")
@@ -564,9 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cka", help="layer-by-layer CKA: two encoders (--a, --b), or a study's frozen vs fine-tuned encoder"
     )
     p.add_argument("manifest", type=_output, help="cohort CSV (local or gs://)")
-    p.add_argument("--study", type=Path, help="a study folder: compare --encoder with its fine-tuned copy")
+    p.add_argument("--study", type=_path, help="a study folder: compare --encoder with its fine-tuned copy")
     p.add_argument("--encoder", help="with --study: the frozen encoder id (fold cka.fold's copy is used)")
-    p.add_argument("--tiles", type=Path, help="tiles folder (without --study)")
+    p.add_argument("--tiles", type=_path, help="tiles folder (without --study)")
     p.add_argument("--a", help="encoder id")
     p.add_argument("--b", help="encoder id (e.g. resnet18+ft with --weights-b FILE)")
     p.add_argument("--weights-a", help="weights of --a (or of --encoder); default: per id and config")
@@ -585,15 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="export a MIL result (one fold's head and its encoder) as an ONNX bundle"
     )
-    p.add_argument("--mil", type=Path, help="the MIL result folder: STUDY/mil/ENCODER_ID")
+    p.add_argument("--mil", type=_path, help="the MIL result folder: STUDY/mil/ENCODER_ID")
     p.add_argument(
-        "--study", type=Path, help="or a study folder: exports its best model (the report's first)"
+        "--study", type=_path, help="or a study folder: exports its best model (the report's first)"
     )
     p.add_argument("--out", type=_output, required=True, help="bundle folder, e.g. STUDY/onnx/NAME")
     p.add_argument("--encoder", help="the encoder id (checked against the MIL result; default: its id)")
     p.add_argument("--weights", help="the encoder's weights as given to extract (fine-tuned: found per fold)")
     p.add_argument("--fold", type=int, help="default: export.fold, else the fold with the lowest loss")
-    p.add_argument("--tiles", type=Path, help="the study's tiles folder (default: STUDY/tiles)")
+    p.add_argument("--tiles", type=_path, help="the study's tiles folder (default: STUDY/tiles)")
     p.add_argument("--fp16", action="store_true", help="float16 encoder for GPUs")
     p.add_argument("--overwrite", action="store_true")
     add_config(p)
@@ -601,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify slides with an ONNX bundle (ONNX Runtime only, no torch)")
     p.add_argument("slides", help="a slide file, a gs:// URI or a manifest CSV (label column optional)")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder from `histotransfer export`")
+    p.add_argument("--bundle", type=_path, required=True, help="bundle folder from `histotransfer export`")
     p.add_argument(
         "--out", type=_output, required=True, help="writes predictions.csv, slides/, heatmaps/, tiles/"
     )
@@ -619,8 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="(re)write a study's report from its MIL results")
-    p.add_argument("study", type=Path, help="the study's output_dir")
-    p.add_argument("--bundle", type=Path, help="ONNX bundle to describe (default: the study's one bundle)")
+    p.add_argument("study", type=_path, help="the study's output_dir")
+    p.add_argument("--bundle", type=_path, help="ONNX bundle to describe (default: the study's one bundle)")
     p.add_argument(
         "--tracking",
         action="store_true",
@@ -633,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="walk an artifact's lineage: were these outputs made from these slides with these weights?",
     )
     p.add_argument(
-        "path", type=Path, help="a study folder, a bundle, a predictions folder or an artifact folder"
+        "path", type=_path, help="a study folder, a bundle, a predictions folder or an artifact folder"
     )
     p.set_defaults(func=cmd_verify)
 
@@ -708,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
             return _internal_error(argv, exc)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader of the output went away (`histotransfer encoders | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # a file or folder the user named cannot be read or written
         name = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)

@@ -274,9 +274,13 @@ class StudyLayout:
         return MILLayout.finished(self.mil)
 
     # ----------------------------------------------------------------------------------- finetune
+    def finetune_dir(self, encoder_id: str) -> Path:
+        """``finetune/{encoder_id}/``: every fold's fine-tuning of the frozen ``encoder_id``."""
+        return self.finetune / _component(encoder_id)
+
     def finetune_fold(self, encoder_id: str, fold: int) -> FinetuneFoldLayout:
         """Fold ``fold``'s fine-tuning of the frozen ``encoder_id``."""
-        return FinetuneFoldLayout(self.finetune / _component(encoder_id) / fold_name(fold))
+        return FinetuneFoldLayout(self.finetune_dir(encoder_id) / fold_name(fold))
 
     # ---------------------------------------------------------------------------------------- cka
     def cka_files(self, name_a: str, name_b: str) -> tuple[Path, Path]:

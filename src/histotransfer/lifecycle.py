@@ -26,6 +26,6 @@ def command_scope() -> Iterator[None]:
     try:
         yield
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # a handler installed outside Python reads as None: restore the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         release_all()

@@ -51,7 +51,7 @@ def array_digest(*arrays: np.ndarray) -> str:
     for array in arrays:
         a = np.ascontiguousarray(array)
         digest.update(f"{a.dtype.str}:{a.shape};".encode())
-        digest.update(a.tobytes())
+        digest.update(a.data)  # the buffer itself: no copy
     return digest.hexdigest()
 
 
@@ -74,12 +74,17 @@ IDENTITY = ("size", "dimensions", "quickhash")
 
 
 def resume_identity(path: str, identity: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The identity of the slide at ``path`` as a resume key holds it: a local slide's fingerprint
-    (``identity`` when the caller has it, else read now: under a millisecond), so that a slide replaced
-    at the same path is done again; None for a gs:// slide (its URI names it; the fingerprint would
-    need the download) or a file OpenSlide cannot open (the work will say why)."""
+    """The identity of the slide at ``path`` as a resume key holds it, so that a slide replaced at the
+    same path is done again: a local slide's fingerprint (``identity`` when the caller has it, else read
+    now: under a millisecond), a gs:// object's content digest (its metadata: one request, no
+    download); None when it cannot be read (the work will say why)."""
     if path.startswith("gs://"):
-        return None
+        from histotransfer.storage import StorageError, object_identity
+
+        try:
+            return {"object": object_identity(path)}
+        except StorageError:
+            return None
     if identity is not None:
         return {k: identity[k] for k in IDENTITY}
     import openslide
@@ -99,14 +104,20 @@ def short(digest: str | None) -> str:
 
 
 def tiles_record(
-    record: SlideRecord, identity: Mapping[str, Any], tiling: str, coords: np.ndarray, fractions: np.ndarray
+    record: SlideRecord,
+    identity: Mapping[str, Any],
+    tiling: str,
+    coords: np.ndarray,
+    fractions: np.ndarray,
+    geometry: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """A tiles file's lineage: the slide it was made from, the tiling settings' hash, its content."""
+    """A tiles file's lineage: the slide it was made from, the tiling settings' hash, its content
+    (``tiles_digest`` of the coordinates, fractions and ``geometry``)."""
     return {
         "kind": "tiles",
         "slide": {"id": record.slide_id, "path": record.path, **identity},
         "tiling": tiling,
-        "digest": array_digest(coords, fractions),
+        "digest": tiles_digest(coords, fractions, geometry),
     }
 
 
@@ -119,11 +130,13 @@ def features_record(
     features: np.ndarray,
     coords: np.ndarray,
 ) -> dict[str, Any]:
-    """A features file's lineage: its tiles (``tiles``: their lineage), the encoder (id, weights sha256
-    and source), the extraction settings' hash, its content."""
+    """A features file's lineage: its slide and tiles (``tiles``: the tiles' lineage), the encoder (id,
+    weights sha256 and source), the extraction settings' hash, its content."""
     return {
         "kind": "features",
         "slide_id": slide_id,
+        # the slide its tiles were made from (id, path, fingerprint): features made elsewhere have none
+        **({"slide": dict(tiles["slide"])} if "slide" in tiles else {}),
         "tiles": {"digest": tiles["digest"], "tiling": tiles["tiling"]},
         "encoder": {k: encoder[k] for k in ("id", "weights_sha256", "weights_source")},
         "extraction": extraction,
@@ -131,26 +144,79 @@ def features_record(
     }
 
 
-def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The lineage an artifact records (h5 attribute or JSON key); None when it records none."""
+ENCODER = ("id", "weights_sha256", "weights_source")
+# The keys of each kind of record (and of the records inside it): a record lacking one is not used.
+TILES, BUNDLE_MIL = ("digest", "tiling"), ("dir", "encoder_id", "fold", "head", "features", "cohort")
+SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "tiles": {"slide": ("id", "path", *IDENTITY), "tiling": (), "digest": ()},
+    "features": {"slide_id": (), "tiles": TILES, "encoder": ENCODER, "extraction": (), "digest": ()},
+    "mil": {"encoder": (), "extraction": (), "features": (), "tiling": (), "cohort": (), "files": ()},
+    "finetune": {"fold": (), "frozen": ("mil", "head", "features", "encoder"), "encoder": ENCODER},
+    "cka": {"a": ENCODER, "b": ENCODER, "tiles": ()},
+    "bundle": {"mil": BUNDLE_MIL, "encoder": ENCODER, "tiling": ()},
+    "prediction": {
+        "slide": ("id", "path"),
+        "tiles": TILES,
+        "bundle": ("path", "integrity", "name"),
+        "digest": (),
+    },
+}
+
+
+def well_formed(record: Any, kind: str) -> bool:
+    """Whether ``record`` is a record of ``kind`` with every key its consumers read."""
+    if not isinstance(record, dict) or record.get("kind") != kind:
+        return False
+    for key, inner in SHAPES[kind].items():
+        if key not in record or (
+            inner and not (isinstance(record[key], dict) and set(inner) <= set(record[key]))
+        ):
+            return False
+    return True
+
+
+def h5_attr(record: Mapping[str, Any]) -> str:
+    """The record as an h5 attribute value, sealed: its ``integrity`` covers the rest of it."""
+    from histotransfer.provenance import INTEGRITY, integrity
+
+    content = json.loads(canonical_json(dict(record)))
+    return canonical_json({**content, INTEGRITY: integrity(content)})
+
+
+def parse_attr(raw: Any, kind: str) -> dict[str, Any] | None:
+    """An h5 ``lineage`` attribute's record of ``kind``; None when there is none, or it is not JSON, not
+    intact (changed after it was written) or lacks a key."""
+    from histotransfer.provenance import intact
+
+    try:
+        record = json.loads(str(raw)) if raw is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return record if well_formed(record, kind) and intact(record) else None
+
+
+def read_record(path: str | os.PathLike[str], kind: str) -> dict[str, Any] | None:
+    """The record of ``kind`` an artifact keeps (an h5 attribute, or a sealed JSON file's key); None when
+    it keeps none, or a damaged or changed one (see parse_attr)."""
+    from histotransfer.provenance import intact
+
     path = Path(path)
     try:
         if path.suffix == ".h5":
             import h5py
 
             with h5py.File(path, "r") as f:
-                raw = f.attrs.get(LINEAGE)
-            record = json.loads(str(raw)) if raw is not None else None
-        else:
-            record = json.loads(path.read_text(encoding="utf-8")).get(LINEAGE)
-    except (OSError, ValueError, AttributeError):
+                return parse_attr(f.attrs.get(LINEAGE), kind)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(data, dict) or not intact(data):
+        return None
+    record = data.get(LINEAGE)
+    return record if well_formed(record, kind) else None
 
 
-def h5_attr(record: Mapping[str, Any]) -> str:
-    """The record as an h5 attribute value."""
-    return canonical_json(dict(record))
+NO_RECORD = "records no readable lineage (made by an older histotransfer or another tool, or changed since)"
 
 
 def _fail(problems: Sequence[str], what: str) -> None:
@@ -164,49 +230,68 @@ def _fail(problems: Sequence[str], what: str) -> None:
 # ---------------------------------------------------------------------------------------------- tiles
 
 
-def same_slide(path: str, recorded: Mapping[str, Any]) -> bool:
-    """Whether the slide at ``path`` (a local file) is the one a record names: same size, same
-    quickhash (a moved slide is still the same slide). A gs:// URI is compared as text."""
-    if path.startswith("gs://") or not Path(path).is_file():
-        return path == recorded.get("path")
-    import openslide
+def tiles_digest(coords: np.ndarray, fractions: np.ndarray, geometry: Mapping[str, Any]) -> str:
+    """A tiles file's content: its coordinates, tissue fractions and the geometry that reads them
+    (level, read size, tile size, level-0 footprint and stride, mpp, the slide's level-0 size)."""
+    return hashlib.sha256(
+        (array_digest(coords, fractions) + canonical_json(dict(geometry))).encode()
+    ).hexdigest()
 
-    try:
-        with openslide.OpenSlide(path) as slide:
-            identity = slide_identity(path, slide)
-    except (openslide.OpenSlideError, OSError):
+
+def same_slide(path: str, recorded: Mapping[str, Any]) -> bool:
+    """Whether the slide at ``path`` (a local file) is the one a record names: same size, level-0 size
+    and quickhash (a moved slide is still the same slide); a missing file is not. A gs:// URI is
+    compared as text."""
+    if path.startswith("gs://"):
+        return path == recorded.get("path")
+    if not Path(path).is_file():
         return False
-    return identity == {k: recorded.get(k) for k in IDENTITY}
+    return resume_identity(path) == {k: recorded.get(k) for k in IDENTITY}
+
+
+def _damaged(path: Path, redo: str) -> str:
+    return f"{path} {NO_RECORD}: move it away, then {redo}"
+
+
+def _manifest_names(slide: Mapping[str, Any], record: SlideRecord, what: str) -> str | None:
+    """Why ``slide`` (a record's slide: id and path) is not the manifest's ``record``, or None."""
+    if slide.get("id") != record.slide_id:
+        return (
+            f"{what} holds the tiles of slide {slide.get('id')!r}, not of {record.slide_id!r} (a renamed "
+            "file?): restore the name, or tile that slide again (histotransfer tile ... --overwrite)"
+        )
+    if slide.get("path") != record.path and not same_slide(record.path, slide):
+        return (
+            f"{record.slide_id}: its tiles were made from {slide.get('path')}, but the manifest lists "
+            f"{record.path} (another file): correct the manifest, or tile again with --overwrite"
+        )
+    return None
 
 
 def check_tiles(tiles_dir: Path, records: Iterable[SlideRecord]) -> dict[str, dict[str, Any]]:
     """Each slide's tiles file (where tiling made one) was made from the slide the manifest lists under
     that id: its recorded id is the file's, its recorded path the manifest's (or the slide there is the
-    same slide, moved). Returns the tiles records by slide id."""
-    problems, found = [], {}
+    same slide, moved); all were made with one tiling. Returns the tiles records by slide id."""
+    problems, found, tilings = [], {}, {}
     for r in records:
         path = slide_file(tiles_dir, r.slide_id)
         if not path.is_file():
             continue
-        rec = read_record(path)
-        if rec is None or rec.get("kind") != "tiles":
-            problems.append(
-                f"{path} records no lineage (made by an older histotransfer or another tool): tile the "
-                "cohort again into a new folder, or with --overwrite"
-            )
+        if (rec := read_record(path, "tiles")) is None:
+            problems.append(_damaged(path, f"tile {r.slide_id} again (histotransfer tile ... --overwrite)"))
             continue
-        slide = rec["slide"]
-        if slide.get("id") != r.slide_id:
-            problems.append(
-                f"{path} holds the tiles of slide {slide.get('id')!r}, not of {r.slide_id!r} (a renamed "
-                f"file?): tile {r.slide_id} again (histotransfer tile --overwrite), or restore the name"
-            )
-        elif slide.get("path") != r.path and not same_slide(r.path, slide):
-            problems.append(
-                f"{r.slide_id}: its tiles were made from {slide.get('path')}, but the manifest lists "
-                f"{r.path} (another file): correct the manifest, or tile again with --overwrite"
-            )
+        if why := _manifest_names(rec["slide"], r, str(path)):
+            problems.append(why)
+        tilings.setdefault(rec["tiling"], []).append(r.slide_id)
         found[r.slide_id] = rec
+    if len(tilings) > 1:
+        parts = "; ".join(
+            f"{t[:8]}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}" for t, ids in tilings.items()
+        )
+        problems.append(
+            f"{tiles_dir} mixes tiles made with {len(tilings)} tiling settings ({parts}): tile the whole "
+            "cohort into a new folder with one config"
+        )
     _fail(problems, f"the tiles in {tiles_dir} do not belong to this manifest's slides")
     return found
 
@@ -231,17 +316,20 @@ def _identity(identity: Mapping[str, Any]) -> str:
 
 def check_slides(records: Iterable[SlideRecord], tiles: Mapping[str, Mapping[str, Any]]) -> None:
     """Every slide a stage will read tiles from (``tiles``: their records by slide id) is still the slide
-    they were made from; a gs:// slide is checked as its cached copy is opened (``check_slide``)."""
-    from histotransfer.wsi.slides import open_slide
+    they were made from (``check_slide``; a gs:// slide's cached copy, which the stage reads next)."""
+    import openslide
+
+    from histotransfer.storage import StorageError, fetch_gcs
 
     problems = []
     for r in records:
-        if r.slide_id not in tiles or r.path.startswith("gs://"):
+        if r.slide_id not in tiles:
             continue
         try:
-            with open_slide(r.path) as slide:
-                check_slide(tiles[r.slide_id], Path(r.path), slide)
-        except (LineageError, OSError, ValueError, RuntimeError) as exc:
+            local = fetch_gcs(r.path) if r.path.startswith("gs://") else Path(r.path)  # read next anyway
+            with openslide.OpenSlide(str(local)) as slide:
+                check_slide(tiles[r.slide_id], local, slide)
+        except (LineageError, StorageError, openslide.OpenSlideError, OSError) as exc:
             problems.append(str(exc))
     _fail(problems, "slides changed since they were tiled")
 
@@ -263,14 +351,45 @@ class FeatureSet:
     def digest(self) -> str:
         return mapping_digest(self.slides)
 
-    def summary(self) -> dict[str, Any]:
-        """What a consumer records about the feature set it read."""
-        return {
-            "encoder": self.encoder,
-            "extraction": self.extraction,
-            "tiling": self.tiling,
-            "digest": self.digest,
-        }
+
+def _features_problems(path: Path, r: SlideRecord, expected: str, tiles) -> tuple[dict | None, list[str]]:
+    """One features file's record and what is wrong with it (shapes, name, folder, slide, tiles)."""
+    import h5py
+
+    redo = f"extract {r.slide_id} again (histotransfer extract ... --overwrite)"
+    try:
+        with h5py.File(path, "r") as f:
+            shapes = {name: f[name].shape for name in ("features", "coords") if name in f}
+            rec = parse_attr(f.attrs.get(LINEAGE), "features")
+    except OSError as exc:
+        return None, [f"{path}: not a readable h5 file ({exc}): move it away, then {redo}"]
+    n = shapes.get("features", (None,))[0]
+    if len(shapes.get("features", ())) != 2 or shapes.get("coords") != (n, 2):
+        return None, [
+            f"{path}: datasets `features` {shapes.get('features')} and `coords` {shapes.get('coords')} are "
+            f"not (n, dim) and (n, 2): not a features file of this format; move it away, then {redo}"
+        ]
+    if rec is None:
+        return None, [_damaged(path, redo)]
+    problems = []
+    if rec["slide_id"] != r.slide_id:
+        problems.append(f"{path} holds the features of slide {rec['slide_id']!r}, not of {r.slide_id!r}")
+    elif isinstance(slide := rec.get("slide"), dict) and (why := _manifest_names(slide, r, str(path))):
+        problems.append(why)
+    if rec["encoder"]["id"] != expected:
+        problems.append(
+            f"{path} was made by encoder {rec['encoder']['id']}, but lies in the folder of {expected}"
+        )
+    if (
+        tiles is not None
+        and (t := tiles.get(r.slide_id)) is not None
+        and rec["tiles"]["digest"] != t["digest"]
+    ):
+        problems.append(
+            f"{path} was extracted from other tiles than the study's {r.slide_id}.h5 (tiled again since?): "
+            "extract again with --overwrite"
+        )
+    return rec, problems
 
 
 def check_features(
@@ -281,10 +400,9 @@ def check_features(
     tiles: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> FeatureSet:
     """The features files in ``folder`` for ``records`` (those that exist) are one encoder's with one set
-    of weights and settings (``encoder_id``, default: the folder's name), each of the slide its name says,
-    made from the tiles now in the study (``tiles``: their records by slide id, from check_tiles)."""
-    import h5py
-
+    of weights and settings (``encoder_id``, default: the folder's name), each of the slide the manifest
+    lists under its name, made from the tiles now in the study (``tiles``: their records by slide id,
+    from check_tiles)."""
     expected = encoder_id or folder.name
     problems: list[str] = []
     groups: dict[str, list[str]] = {}
@@ -294,42 +412,10 @@ def check_features(
         path = slide_file(folder, r.slide_id)
         if not path.is_file():
             continue
-        try:
-            with h5py.File(path, "r") as f:
-                shapes = {name: f[name].shape for name in ("features", "coords") if name in f}
-                raw = f.attrs.get(LINEAGE)
-        except OSError as exc:
-            problems.append(f"{path}: not a readable h5 file ({exc}); extract this slide again")
+        rec, found = _features_problems(path, r, expected, tiles)
+        problems += found
+        if rec is None:
             continue
-        n = shapes.get("features", (None,))[0]
-        if len(shapes.get("features", ())) != 2 or shapes.get("coords") != (n, 2):
-            problems.append(
-                f"{path}: datasets `features` {shapes.get('features')} and `coords` {shapes.get('coords')} "
-                "are not (n, dim) and (n, 2): not a features file of this format; extract again"
-            )
-            continue
-        rec = json.loads(str(raw)) if raw is not None else None
-        if not isinstance(rec, dict) or rec.get("kind") != "features":
-            problems.append(
-                f"{path} records no lineage (made by an older histotransfer or another tool): extract "
-                "again into a new folder, or with --overwrite"
-            )
-            continue
-        if rec["slide_id"] != r.slide_id:
-            problems.append(f"{path} holds the features of slide {rec['slide_id']!r}, not of {r.slide_id!r}")
-        if rec["encoder"]["id"] != expected:
-            problems.append(
-                f"{path} was made by encoder {rec['encoder']['id']}, but lies in the folder of {expected}"
-            )
-        if (
-            tiles is not None
-            and (t := tiles.get(r.slide_id)) is not None
-            and rec["tiles"]["digest"] != t["digest"]
-        ):
-            problems.append(
-                f"{path} was extracted from other tiles than the study's {r.slide_id}.h5 (tiled again "
-                "since?): extract again with --overwrite"
-            )
         key = canonical_json([rec["encoder"]["weights_sha256"], rec["extraction"], rec["tiles"]["tiling"]])
         groups.setdefault(key, []).append(r.slide_id)
         first = first or rec
@@ -421,26 +507,32 @@ def check_mil(
     folds: Iterable[int],
     weights: tuple[str, str] | None = None,
     features: FeatureSet | None = None,
+    records: Sequence[SlideRecord] | None = None,
     tiling: str | None = None,
     weights_fix: str = "",
 ) -> None:
     """What a consumer of a MIL result (export, fine-tuning) is about to use with it matches what the
     result was trained on: the fold heads are the files it wrote, ``weights`` ((sha256, source) of the
     encoder built for it) are the weights its features were extracted with, ``features`` is the feature
-    set it read, ``tiling`` the tiling settings."""
+    set it read, ``records`` the cohort (ids, labels, patients, splits), ``tiling`` the tiling settings."""
     what = f"the MIL result {mil_dir}"
     retrain = "train it again (histotransfer train ... --overwrite, or rerun the study)"
-    if record is None or record.get("kind") != "mil":
-        raise LineageError(f"{what} records no lineage (made by an older histotransfer): {retrain}")
+    if not well_formed(record, "mil"):
+        raise LineageError(f"{what}: its metrics.json {NO_RECORD}: {retrain}")
     for fold in folds:
         name = f"fold{fold}/model.pt"
         check_file(mil_dir / name, record["files"].get(name), what, retrain)
         if weights is not None:
-            check_weights(what, of_fold(record["encoder"], fold), *weights, weights_fix)
+            check_weights(what, of_fold(record["encoder"], fold) or {}, *weights, weights_fix)
     if features is not None and record["features"].get("*") != features.digest:
         raise LineageError(
             f"the features in {features.folder} changed after {what} was trained on them (feature set "
             f"{short(features.digest)}, trained on {short(record['features'].get('*'))}): {retrain}"
+        )
+    if records is not None and record["cohort"] != cohort_digest(records):
+        raise LineageError(
+            f"{what} was trained on another cohort than this manifest's (slide ids, labels, patients or "
+            f"splits differ): use the manifest it was trained with, or {retrain}"
         )
     if tiling is not None and record["tiling"] != tiling:
         raise LineageError(
@@ -466,13 +558,28 @@ def finetune_record(frozen_dir: Path, fold: int, head: str, features: FeatureSet
     }
 
 
+def check_finetuned_file(history: Path, file: Path) -> None:
+    """A file of a fine-tuned fold (its ``encoder.pt``) is the one that fold wrote (``history``: the
+    fold's history.json, which records its sha256)."""
+    from histotransfer.errors import ArtifactError
+    from histotransfer.provenance import read_json
+
+    fix = "fine-tune again (histotransfer finetune ... --overwrite, or rerun the study)"
+    try:
+        files = read_json(history, redo=fix, keys=("files",))["files"]
+    except ArtifactError as exc:
+        raise LineageError(str(exc)) from None
+    recorded = files.get(file.name) if isinstance(files, dict) else None
+    check_file(file, recorded, f"the fine-tuning of {history.parent}", fix)
+
+
 def check_finetuned(history: Path, encoder) -> None:
     """An encoder built from a fine-tuned fold's ``encoder.pt`` has the weights that fold made
     (``history``: the fold's history.json, which records them)."""
-    record = read_record(history)
+    record = read_record(history, "finetune")
     fix = "fine-tune again (histotransfer finetune ... --overwrite, or rerun the study)"
-    if record is None or record.get("kind") != "finetune":
-        raise LineageError(f"{history} records no lineage (made by an older histotransfer): {fix}")
+    if record is None:
+        raise LineageError(_damaged(history, fix))
     what = f"the fine-tuned encoder of {history.parent}"
     check_weights(what, record["encoder"], encoder.weights_sha256, encoder.weights_source, fix)
 

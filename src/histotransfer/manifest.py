@@ -267,7 +267,8 @@ def read_manifest(path: str | Path, *, labels: bool = True) -> list[SlideRecord]
     """
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"manifest {path} not found")
+        what = "is not a file (a folder, a device or a pipe)" if path.exists() else "not found"
+        raise ManifestError(f"manifest {path} {what}: give the cohort's CSV file")
     columns, rows = _csv_rows(_decode(path), path)
     _check_columns(path, columns, REQUIRED_COLUMNS if labels else ("slide_id", "path"))
     records: list[SlideRecord] = []

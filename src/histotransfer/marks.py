@@ -72,7 +72,7 @@ def is_ours(path: str | os.PathLike[str]) -> bool:
         return False
     try:
         return bool(check(path))
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error):
+    except Exception:  # whatever a foreign file makes a reader raise, it is not ours
         return False
 
 
@@ -123,8 +123,8 @@ def _sample_manifest(path: Path) -> bool:
 def _png(path: Path) -> bool:
     from PIL import Image
 
-    with Image.open(path) as image:
-        return str(getattr(image, "text", {}).get(PNG_SOFTWARE, "")).startswith("histotransfer")
+    with Image.open(path) as image:  # the text chunks before the pixels: nothing is decoded
+        return str(image.info.get(PNG_SOFTWARE, "")).startswith("histotransfer")
 
 
 def _html(path: Path) -> bool:
@@ -138,9 +138,12 @@ def _markdown(path: Path) -> bool:
 def _tiff(path: Path) -> bool:
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # the header only: no pixels are decoded
-    with Image.open(path) as image:
-        return "histotransfer" in str(image.tag_v2.get(270, ""))
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a slide is large; only its header is read
+    try:
+        with Image.open(path) as image:
+            return "histotransfer" in str(image.tag_v2.get(270, ""))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _yaml(path: Path) -> bool:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histotransfer.atomic import PARTIAL
 from histotransfer.errors import OutputError
 from histotransfer.layout import (
     BUNDLE_SPEC,
@@ -50,7 +49,7 @@ class Kind:
     what: str
     files: tuple[str, ...] = ()
     folders: tuple[tuple[str | Callable[[str], bool], Kind], ...] = ()
-    whole: bool = False  # the command replaces the folder as a whole: every file is read, no dotfiles
+    whole: bool = False  # the command replaces the folder as a whole: every file is read
 
     def folder_kind(self, name: str) -> Kind | None:
         for rule, kind in self.folders:
@@ -68,9 +67,8 @@ class Kind:
         for entry in sorted(folder.iterdir()):
             name = prefix + entry.name
             if entry.name.startswith("."):
-                if self.whole and not PARTIAL.match(entry.name):
-                    found.append(name)  # a whole artifact is replaced: a dotfile in it would be lost
-                continue  # dotfiles (.gitignore, .DS_Store, our temporaries) are left alone
+                continue  # dotfiles (.gitignore, .DS_Store, our temporaries) are left alone (and carried
+                # into a folder replaced whole: histotransfer.atomic.atomic_dir)
             if entry.is_dir():
                 kind = self.folder_kind(entry.name)
                 found += [name + "/"] if kind is None else kind.foreign(entry, name + "/")
@@ -149,12 +147,17 @@ def claim_output(
     kind: str,
     *,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
+    fix: str = "give a new or empty folder",
+    lock: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Check that ``folder`` may receive a ``kind`` artifact, create it, prove it writable and lock it
     for this process.
 
     ``inputs``: folders (or files) the command reads; the output may neither lie inside one nor
-    contain one. Raises OutputError naming the folder and the fix; returns the folder.
+    contain one. ``fix``: what to do about files that are not ours in it (for a folder the command
+    cannot be told to put elsewhere). ``lock``: the part of the folder the command writes (an encoder's
+    folder in features/: commands on other encoders may run beside it); default: all of it. Raises
+    OutputError naming the folder and the fix; returns it.
     """
     spec = KINDS[kind]
     folder = Path(folder)
@@ -180,7 +183,7 @@ def claim_output(
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
             raise OutputError(
                 f"{where} holds files that are not {spec.what or kind} written by histotransfer ({shown}); "
-                "nothing was changed: give a new or empty folder"
+                f"nothing was changed: {fix}"
             )
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,9 @@ def claim_output(
             f"{where} cannot be written ({reason}{f': {exc.filename}' if exc.filename else ''}): "
             "give a folder you can write to"
         ) from exc
-    hold(folder)
+    if lock is not None:
+        Path(lock).mkdir(parents=True, exist_ok=True)
+    hold(Path(lock) if lock is not None else folder)
     return folder
 
 

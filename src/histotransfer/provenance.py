@@ -60,26 +60,59 @@ def is_current(path: str | os.PathLike[str], expected_hash: str) -> bool:
         if path.suffix == ".h5":
             with h5py.File(path, "r") as f:
                 return f.attrs.get(CONFIG_HASH_ATTR) == expected_hash
-        if path.suffix == ".json":
-            return json.loads(path.read_text()).get(CONFIG_HASH_ATTR) == expected_hash
+        if path.suffix == ".json":  # an edited artifact is not current: it is made again
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data.get(CONFIG_HASH_ATTR) == expected_hash and intact(data)
     except (OSError, ValueError, KeyError):
         return False
     raise ValueError(f"no resume rule for artifact type {path.suffix!r}: {path}")
 
 
+INTEGRITY = "integrity"  # a JSON artifact's sha256 of its own content (see sealed_json)
+
+
+def integrity(content: dict[str, Any]) -> str:
+    """The sha256 of a JSON artifact's content without its ``integrity`` key, as canonical JSON."""
+    body = {k: v for k, v in content.items() if k != INTEGRITY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def sealed_json(data: dict[str, Any]) -> str:
+    """The JSON text of an artifact that covers itself: ``integrity`` is the sha256 of everything else
+    as a reader parses it, so any edit (a swapped class list, a changed metric) is seen."""
+    content = json.loads(json.dumps(data, default=str))
+    return json.dumps({**content, INTEGRITY: integrity(content)}, indent=1)
+
+
+def intact(data: dict[str, Any]) -> bool:
+    """Whether a JSON artifact's content is what was sealed (see sealed_json)."""
+    return data.get(INTEGRITY) == integrity(data)
+
+
 def read_json(path: str | os.PathLike[str], *, redo: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A JSON artifact's top level (an object holding ``keys``); an ArtifactError names the file and
-    ``redo`` (what makes it again) when it is missing, unreadable, truncated or not such an object."""
+    """A sealed JSON artifact's top level (an object holding ``keys``); an ArtifactError names the file
+    and ``redo`` (what makes it again) when it is missing, unreadable, truncated, not such an object, or
+    changed after it was written."""
     path = Path(path)
+    damaged = f"it is damaged or not histotransfer's: move it away, then {redo}"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing: {redo}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{path} cannot be read as JSON ({exc}): {redo}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path} cannot be read as JSON ({str(exc)[:200]}): {damaged}") from None
     if not isinstance(data, dict) or (missing := [k for k in keys if k not in data]):
         what = f"lacks {', '.join(missing)}" if isinstance(data, dict) else f"is a {type(data).__name__}"
-        raise ArtifactError(f"{path} {what}, not what histotransfer writes there: {redo}")
+        raise ArtifactError(f"{path} {what}, not what histotransfer writes there: {damaged}")
+    if INTEGRITY not in data:
+        raise ArtifactError(
+            f"{path} is not sealed (written by an older histotransfer, or by hand): {damaged}"
+        )
+    if not intact(data):
+        raise ArtifactError(
+            f"{path} was changed after histotransfer wrote it (its content does not match its `integrity` "
+            f"sha256): {damaged}"
+        )
     return data
 
 

@@ -211,10 +211,10 @@ def _pairs_markdown(pairs) -> str:
 
 
 def _link(report_dir: Path, target: Path) -> str:
-    """A relative, URL-quoted link from the report to an artifact of the same study."""
+    """A relative, URL-quoted link from the report to an artifact (of the study, or elsewhere: a bundle
+    given with --bundle)."""
     # abspath, not resolve: a study view links its entries elsewhere, the links must stay inside it
-    study = Path(os.path.abspath(report_dir.parent))
-    return quote(str(Path("..") / Path(os.path.abspath(target)).relative_to(study)))
+    return quote(os.path.relpath(os.path.abspath(target), os.path.abspath(report_dir)))
 
 
 def _figure(src: str, caption: str, css: str = "") -> str:

@@ -11,8 +11,8 @@ weights, predictions against their bundle and slide). Time stamps play no part. 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +72,26 @@ class Verification:
 # ------------------------------------------------------------------------------------------- walking
 
 
-def verify(path: str | Path) -> Verification:
+def verify(path: str | Path, *, deep: bool = True) -> Verification:
     """Verify everything under ``path`` (a study, a bundle, a predictions folder, or one artifact folder
-    of a study); a LayoutError when ``path`` holds nothing histotransfer made."""
-    path = Path(path)
+    of a study); a LayoutError when ``path`` holds nothing histotransfer made. ``deep=False`` compares
+    the records only (what each artifact recorded against what the others record, and that the files
+    exist), without reading content (arrays, weights, slides): what the report shows at any scale."""
+    token = _DEEP.set(deep)
+    try:
+        return _verify(Path(path))
+    finally:
+        _DEEP.reset(token)
+
+
+_DEEP: ContextVar[bool] = ContextVar("deep", default=True)  # read content, or records only (verify)
+
+
+def _verify(path: Path) -> Verification:
+    if not path.exists():
+        raise LayoutError(f"{path} does not exist: give a study, a bundle, predictions or an artifact folder")
     if not path.is_dir():
-        raise LayoutError(
-            f"{path} is not a folder: give a study, a bundle, predictions or an artifact folder"
-        )
+        raise LayoutError(f"{path} is a file: give the folder it belongs to (a study, a bundle, predictions)")
     root = _study_root(path)
     layout = StudyLayout.at(root) if root is not None else None
     findings = [f for check in _checks(path, layout) for f in check()]
@@ -102,93 +114,150 @@ def _study_root(path: Path) -> Path | None:
     return None
 
 
+def _guarded(artifact: Path, check: Callable[[], Finding], redo: str = "") -> Callable[[], list[Finding]]:
+    """``check`` of one artifact; records damaged past what their checks expect are that artifact's
+    mismatch, not a crash of the walk."""
+
+    def run() -> list[Finding]:
+        try:
+            return [check()]
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            ValueError,
+            IndexError,
+            OSError,
+            csv.Error,
+            RecursionError,
+        ) as exc:
+            why = f"its files or records are damaged ({type(exc).__name__}: {str(exc)[:200]})"
+            return [Finding(f"{artifact}/", "unreadable", [why], redo or "make it again")]
+
+    return run
+
+
 def _checks(path: Path, layout: StudyLayout | None) -> list[Callable[[], list[Finding]]]:
     """What to check under ``path``: the whole study at its root, else the artifacts ``path`` holds."""
     if (path / BUNDLE_SPEC).is_file():
-        return [lambda: [_bundle(path, layout)]]
+        return [_guarded(path, lambda: _bundle(path, layout))]
     if (path / "predictions.csv").is_file() and (path / "slides").is_dir():
-        return [lambda: [_predictions(PredictionLayout(path))]]
+        return [_guarded(path, lambda: _predictions(PredictionLayout(path)))]
     if layout is None:
-        return [lambda: _loose(path)]
+        return [_guarded(path, lambda: _loose(path))] if list(path.glob("*.h5")) else []
     checks = []
 
     def within(folder: Path) -> bool:  # an artifact under the folder verified, or holding it
         return folder.is_relative_to(path) or path.is_relative_to(folder)
 
     if within(layout.tiles) and layout.tiles.is_dir():
-        checks.append(lambda: [_tiles(layout.tiles)])
+        checks.append(_guarded(layout.tiles, lambda: _tiles(layout.tiles, layout)))
     for folder in sorted(layout.features.glob("*/")) if layout.features.is_dir() else []:
         folds = sorted(p for p in folder.glob("fold*/") if p.is_dir())
         for sub in folds or [folder]:
             if within(sub):
-                checks.append(lambda sub=sub, folder=folder: [_features(sub, folder.name, layout)])
+                checks.append(
+                    _guarded(sub, lambda sub=sub, folder=folder: _features(sub, folder.name, layout))
+                )
     for mil in layout.mil_results() if layout.mil.is_dir() else []:
         if within(mil.dir):
-            checks.append(lambda mil=mil: [_mil(mil, layout)])
+            checks.append(_guarded(mil.dir, lambda mil=mil: _mil(mil, layout)))
     for history in sorted(layout.finetune.glob("*/fold*/history.json")) if layout.finetune.is_dir() else []:
         if within(history.parent):
-            checks.append(lambda history=history: [_finetune(history, layout)])
+            checks.append(_guarded(history.parent, lambda history=history: _finetune(history, layout)))
     for result in layout.cka_results() if layout.cka.is_dir() else []:
         if within(result):
-            checks.append(lambda result=result: [_cka(result, layout)])
+            checks.append(_guarded(result, lambda result=result: _cka(result, layout)))
     for bundle in layout.bundles() if layout.onnx.is_dir() else []:
         if within(bundle):
-            checks.append(lambda bundle=bundle: [_bundle(bundle, layout)])
+            checks.append(_guarded(bundle, lambda bundle=bundle: _bundle(bundle, layout)))
     return checks
 
 
-def _loose(path: Path) -> list[Finding]:
-    """A folder outside a study: tiles or features by what its files record."""
-    first = next((read_record(p) for p in sorted(path.glob("*.h5"))), None) or {}
-    if first.get("kind") == "tiles":
-        return [_tiles(path)]
-    if first.get("kind") == "features":
-        return [_features(path, path.name, None)]
-    return []
+def _loose(path: Path) -> Finding:
+    """A folder outside a study: tiles or features by what its files record (the first that records
+    anything readable says which)."""
+    for file in sorted(path.glob("*.h5")):
+        if read_record(file, "tiles") is not None:
+            return _tiles(path, None)
+        if read_record(file, "features") is not None:
+            return _features(path, path.name, None)
+    names = ", ".join(p.name for p in sorted(path.glob("*.h5"))[:3])
+    return Finding(
+        f"{path}/", "unknown", [f"no file records a readable lineage ({names}, ...)"], "make it again"
+    )
 
 
 # -------------------------------------------------------------------------------------------- checks
 
 
-def _h5_digest(path: Path, names: Iterable[str]) -> str:
+def _h5_digest(path: Path, names: Iterable[str], recorded: str) -> str:
+    """The digest of an h5 file's datasets now (``recorded`` when only records are compared)."""
     import h5py
 
+    if not _DEEP.get():
+        return recorded
     with h5py.File(path, "r") as f:
         return lineage.array_digest(*(f[name][:] for name in names))
+
+
+def _same_slide(path: str, recorded: dict[str, Any]) -> bool:
+    """lineage.same_slide, or only that the file exists when records alone are compared."""
+    return lineage.same_slide(path, recorded) if _DEEP.get() else Path(path).is_file()
 
 
 def _records(folder: Path, kind: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The lineage of each ``*.h5`` in ``folder`` by file stem, and a problem per file without one."""
     found, problems = {}, []
     for path in sorted(folder.glob("*.h5")):
-        record = read_record(path)
-        if record is None or record.get("kind") != kind:
-            problems.append(
-                f"{path.name} records no lineage (made by an older histotransfer or another tool)"
-            )
+        if (record := read_record(path, kind)) is None:
+            problems.append(f"{path.name} {lineage.NO_RECORD}")
         else:
             found[path.stem] = record
     return found, problems
 
 
-def _tiles(folder: Path) -> Finding:
+def _manifest_paths(layout: StudyLayout | None) -> dict[str, str]:
+    """The study's manifest's slide paths by id (none when it has no readable manifest)."""
+    from histotransfer.errors import ManifestError
+    from histotransfer.manifest import read_manifest
+
+    if layout is None or not layout.manifest.is_file():
+        return {}
+    try:
+        return {r.slide_id: r.path for r in read_manifest(layout.manifest)}
+    except ManifestError:
+        return {}
+
+
+def _tiles(folder: Path, layout: StudyLayout | None) -> Finding:
+    from histotransfer.errors import SlideError
+    from histotransfer.wsi.tiling import load_tiles
+
     records, problems = _records(folder, "tiles")
     notes = set()
+    listed = _manifest_paths(layout)  # a moved study's slides are where its manifest says
     for slide_id, rec in records.items():
-        if _h5_digest(folder / f"{slide_id}.h5", ("coords", "tissue_fraction")) != rec["digest"]:
-            problems.append(f"{slide_id}.h5 was changed after tiling (its content does not match its digest)")
-        if rec["slide"]["id"] != slide_id:
-            problems.append(f"{slide_id}.h5 holds the tiles of slide {rec['slide']['id']!r} (renamed?)")
+        try:
+            if _DEEP.get():
+                load_tiles(folder / f"{slide_id}.h5")  # its content is what its lineage recorded
+        except SlideError as exc:
+            problems.append(str(exc).removeprefix(f"{folder}/"))
         slide = rec["slide"]
-        if str(slide.get("path", "")).startswith("gs://"):
+        if slide["id"] != slide_id:
+            problems.append(f"{slide_id}.h5 holds the tiles of slide {slide['id']!r} (renamed?)")
+        path = listed.get(slide_id, slide["path"])
+        if str(path).startswith("gs://"):
             notes.add("slides on gs:// are not opened (their tiles' records are checked)")
-        elif not Path(slide["path"]).is_file():
-            problems.append(f"{slide_id}: its slide {slide['path']} is gone")
-        elif not lineage.same_slide(slide["path"], slide):
+        elif not Path(path).is_file():
+            problems.append(f"{slide_id}: its slide {path} is gone")
+        elif not _same_slide(path, slide):
             problems.append(
-                f"{slide_id}: the slide {slide['path']} changed since tiling (size, dimensions or quickhash)"
+                f"{slide_id}: the slide {path} is not the one tiled (size, dimensions or quickhash)"
             )
     tilings = sorted({rec["tiling"][:8] for rec in records.values()})
+    if len(tilings) > 1:
+        problems.append(f"the folder mixes tiles of {len(tilings)} tiling settings ({', '.join(tilings)})")
     return Finding(
         str(folder) + "/",
         f"{len(records)} slide(s), each from its slide file, tiling {', '.join(tilings) or 'none'}",
@@ -202,9 +271,9 @@ def _features(folder: Path, encoder_id: str, layout: StudyLayout | None) -> Find
     records, problems = _records(folder, "features")
     tiles = {}
     if layout is not None and layout.tiles.is_dir():
-        tiles = {p.stem: r for p in layout.tiles.glob("*.h5") if (r := read_record(p)) is not None}
+        tiles = {p.stem: r for p in layout.tiles.glob("*.h5") if (r := read_record(p, "tiles")) is not None}
     for slide_id, rec in records.items():
-        if _h5_digest(folder / f"{slide_id}.h5", ("features", "coords")) != rec["digest"]:
+        if _h5_digest(folder / f"{slide_id}.h5", ("features", "coords"), rec["digest"]) != rec["digest"]:
             problems.append(
                 f"{slide_id}.h5 was changed after extraction (its content does not match its digest)"
             )
@@ -217,8 +286,14 @@ def _features(folder: Path, encoder_id: str, layout: StudyLayout | None) -> Find
         elif tiles and t["digest"] != rec["tiles"]["digest"]:
             problems.append(f"{slide_id}: extracted from other tiles than the study's (tiled again since)")
     weights = {(r["encoder"]["weights_source"], r["encoder"]["weights_sha256"]) for r in records.values()}
-    if len(weights) > 1:
-        problems.append(f"the folder mixes {len(weights)} sets of weights")
+    if len({(r["extraction"], r["tiles"]["tiling"]) for r in records.values()}) > 1 or len(weights) > 1:
+        problems.append("the folder mixes features of different weights or settings")
+    if layout is not None and folder.name.startswith("fold") and encoder_id.endswith("+ft") and weights:
+        made = read_record(
+            layout.finetune_fold(encoder_id.removesuffix("+ft"), int(folder.name[4:])).history, "finetune"
+        )
+        if made is None or {made["encoder"]["weights_sha256"]} != {h for _, h in weights}:
+            problems.append(f"not made by the encoder {folder.name} of the fine-tuning in the study")
     shown = ", ".join(f"{s} (sha256 {short(h)})" for s, h in sorted(weights)[:2]) or "no weights recorded"
     notes = [] if tiles or layout is None else ["the study has no tiles folder: tiles not compared"]
     return Finding(
@@ -235,8 +310,7 @@ def _feature_set_now(folder: Path, slide_ids: Iterable[str]) -> str | None:
     """The digest of the feature set ``folder`` holds now for ``slide_ids`` (None: a file is missing)."""
     digests = {}
     for slide_id in slide_ids:
-        record = read_record(folder / f"{slide_id}.h5")
-        if record is None:
+        if (record := read_record(folder / f"{slide_id}.h5", "features")) is None:
             return None
         digests[slide_id] = record["digest"]
     return mapping_digest(digests)
@@ -250,9 +324,22 @@ def _files_now(folder: Path, recorded: dict[str, str], what: str) -> list[str]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is gone")
-        elif sha256_file(path) != sha:
+        elif _DEEP.get() and sha256_file(path) != sha:
             problems.append(f"{name} was changed after {what} wrote it")
     return problems
+
+
+def _sealed(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A sealed JSON artifact's content, or None and why it cannot be used."""
+    from histotransfer.errors import ArtifactError
+    from histotransfer.provenance import read_json
+
+    try:
+        return read_json(path, redo="make it again"), None
+    except ArtifactError as exc:
+        return None, str(exc).removesuffix(
+            ": it is damaged or not histotransfer's: move it away, then make it again"
+        )
 
 
 def _slides_of(mil: MILLayout) -> list[str]:
@@ -261,17 +348,18 @@ def _slides_of(mil: MILLayout) -> list[str]:
 
 
 def _mil(mil: MILLayout, layout: StudyLayout) -> Finding:
-    try:
-        metrics = json.loads(mil.metrics.read_text(encoding="utf-8"))
-        record = metrics.get("lineage")
-    except (OSError, ValueError) as exc:
-        return Finding(
-            str(mil.dir) + "/", "unreadable", [f"metrics.json cannot be read ({exc})"], _train(mil)
+    name = mil.dir.name
+    if name.endswith("+ft"):  # made by fine-tuning: redone by it
+        redo = (
+            f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder "
+            f"{name.removesuffix('+ft')} --overwrite"
         )
-    if not isinstance(record, dict) or record.get("kind") != "mil":
-        return Finding(
-            str(mil.dir) + "/", "no lineage recorded", ["metrics.json records no lineage"], _train(mil)
-        )
+    else:
+        redo = f"train again: histotransfer train MANIFEST --features FEATURES/{name} --out {mil.dir.parent}"
+        redo += " --overwrite"
+    metrics, why = _sealed(mil.metrics)
+    if metrics is None or not lineage.well_formed(record := metrics.get("lineage"), "mil"):
+        return Finding(str(mil.dir) + "/", "unreadable", [why or f"metrics.json {lineage.NO_RECORD}"], redo)
     problems = _files_now(mil.dir, record["files"], "training")
     slides = _slides_of(mil) if mil.predictions.is_file() else []
     encoder_id, notes = metrics["encoder_id"], []
@@ -287,31 +375,22 @@ def _mil(mil: MILLayout, layout: StudyLayout) -> Finding:
         f"{len(slides)} slide(s) of features by {encoder_id} with {encoders[0].get('weights_source')}"
         + (f" (one encoder per fold, {len(encoders)})" if len(encoders) > 1 else ""),
         problems,
-        _train(mil),
+        redo,
         notes,
-    )
-
-
-def _train(mil: MILLayout) -> str:
-    return (
-        f"train again: histotransfer train MANIFEST --features FEATURES/{mil.dir.name} --out "
-        f"{mil.dir.parent} --overwrite"
     )
 
 
 def _finetune(history: Path, layout: StudyLayout) -> Finding:
     encoder_id, fold = history.parent.parent.name, int(history.parent.name.removeprefix("fold"))
-    redo = (
-        f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder {encoder_id} "
-        "--overwrite"
-    )
-    record = read_record(history)
-    if record is None or record.get("kind") != "finetune":
+    redo = f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder {encoder_id}"
+    redo += " --overwrite"
+    data, why = _sealed(history)
+    record = None if data is None else data.get("lineage")
+    if data is None or not lineage.well_formed(record, "finetune"):
         return Finding(
-            str(history.parent) + "/", "no lineage recorded", ["history.json records no lineage"], redo
+            str(history.parent) + "/", "unreadable", [why or f"history.json {lineage.NO_RECORD}"], redo
         )
-    files = json.loads(history.read_text(encoding="utf-8")).get("files", {})
-    problems = _files_now(history.parent, files, "fine-tuning")
+    problems = _files_now(history.parent, data.get("files", {}), "fine-tuning")
     frozen = layout.mil_result(encoder_id)
     head = _files_now(frozen.dir, {f"fold{fold}/model.pt": record["frozen"]["head"]}, "MIL")
     problems += [f"the frozen MIL head it started from: {p}" for p in head]
@@ -336,19 +415,23 @@ def _recorded_weights(layout: StudyLayout, encoder_id: str) -> str | None:
     encoder) record now."""
     base, _, fold = encoder_id.partition("-fold")
     if fold.isdigit() and base.endswith("+ft"):
-        record = read_record(layout.finetune_fold(base.removesuffix("+ft"), int(fold)).history)
+        record = read_record(layout.finetune_fold(base.removesuffix("+ft"), int(fold)).history, "finetune")
         return None if record is None else record["encoder"]["weights_sha256"]
     folder = layout.features_dir(encoder_id)
-    record = next((read_record(p) for p in sorted(folder.glob("*.h5"))), None) if folder.is_dir() else None
+    record = (
+        next((read_record(p, "features") for p in sorted(folder.glob("*.h5"))), None)
+        if folder.is_dir()
+        else None
+    )
     return None if record is None else record["encoder"]["weights_sha256"]
 
 
 def _cka(path: Path, layout: StudyLayout) -> Finding:
-    record = read_record(path)
     redo = f"compare again: histotransfer cka MANIFEST --study {layout.root} --encoder ENCODER"
-    if record is None or record.get("kind") != "cka":
-        return Finding(str(path), "no lineage recorded", [f"{path.name} records no lineage"], redo)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data, why = _sealed(path)
+    record = None if data is None else data.get("lineage")
+    if data is None or not lineage.well_formed(record, "cka"):
+        return Finding(str(path), "unreadable", [why or f"{path.name} {lineage.NO_RECORD}"], redo)
     problems, notes = [], []
     for side in ("a", "b"):
         name, used = data[side], record[side]
@@ -362,7 +445,7 @@ def _cka(path: Path, layout: StudyLayout) -> Finding:
                 f"{name}: compared with weights {short(used['weights_sha256'])}, the study's are {short(now)}"
             )
     for slide_id, digest in record["tiles"].items():
-        tiles = read_record(layout.tiles_file(slide_id))
+        tiles = read_record(layout.tiles_file(slide_id), "tiles")
         if tiles is None or tiles["digest"] != digest:
             problems.append(f"the tiles of {slide_id} it sampled changed or are gone")
     made = f"{record['a']['id']} vs {record['b']['id']} on tiles of {len(record['tiles'])} slide(s)"
@@ -375,14 +458,15 @@ def _bundle(folder: Path, layout: StudyLayout | None) -> Finding:
     redo = f"export again: histotransfer export --mil MIL_RESULT --out {folder} --overwrite"
     try:
         spec = read_spec(folder)
-        verify_files(folder, spec)
+        if _DEEP.get():
+            verify_files(folder, spec)
     except BundleError as exc:
         return Finding(str(folder) + "/", "unreadable", [str(exc)], redo)
     record, problems, notes = spec.lineage, [], []
     made = (
         f"{spec.encoder.id} ({spec.encoder.weights_source}) with the MIL head of fold {spec.aggregator.fold}"
     )
-    if record.get("kind") != "bundle":
+    if not lineage.well_formed(record, "bundle"):
         return Finding(str(folder) + "/", made, [], redo, ["records no lineage (made outside a study)"])
     mil = record["mil"]
     candidates = [layout.mil_result(mil["encoder_id"]).dir] if layout is not None else []
@@ -390,12 +474,10 @@ def _bundle(folder: Path, layout: StudyLayout | None) -> Finding:
     if source is None:
         notes.append(f"its MIL result {mil['dir']} is not here: the head and weights are not compared")
     else:
-        problems += [
-            f"its MIL result: {p}"
-            for p in _files_now(source, {f"fold{mil['fold']}/model.pt": mil["head"]}, "MIL")
-        ]
-        trained = (read_record(MILLayout(source).metrics) or {}).get("encoder", {})
-        recorded = lineage.of_fold(trained, mil["fold"]) or {}
+        head = {f"fold{mil['fold']}/model.pt": mil["head"]}
+        problems += [f"its MIL result: {p}" for p in _files_now(source, head, "MIL")]
+        trained = read_record(MILLayout(source).metrics, "mil")
+        recorded = {} if trained is None else lineage.of_fold(trained["encoder"], mil["fold"]) or {}
         if recorded.get("weights_sha256") != record["encoder"]["weights_sha256"]:
             problems.append(f"its encoder's weights are not those {source} was trained on")
     return Finding(str(folder) + "/", made, problems, redo, notes)
@@ -403,24 +485,33 @@ def _bundle(folder: Path, layout: StudyLayout | None) -> Finding:
 
 def _predictions(out: PredictionLayout) -> Finding:
     from histotransfer.deploy.bundle import read_spec
+    from histotransfer.deploy.predict import read_slide_prediction
 
     records, problems = _records(out.dir / "slides", "prediction")
     notes, bundles = set(), {}
+    table = _table(out.table)
     for slide_id, rec in records.items():
-        path = Path(rec["bundle"]["path"])
-        if path not in bundles:
+        path = out.slide(slide_id)
+        if _h5_digest(path, ("probabilities", "attention", "coords"), rec["digest"]) != rec["digest"]:
+            problems.append(f"slides/{slide_id}.h5 was changed after it was predicted")
+        elif (row := table.get(slide_id)) is None or any(
+            str(row.get(k)) != str(v) for k, v in read_slide_prediction(path).items() if k != "n_tiles"
+        ):
+            problems.append(f"predictions.csv does not say what slides/{slide_id}.h5 holds (edited?)")
+        bundle = Path(rec["bundle"]["path"])
+        if bundle not in bundles:
             try:
-                bundles[path] = read_spec(path).integrity
+                bundles[bundle] = read_spec(bundle).integrity
             except BundleError:
-                bundles[path] = None
-        if bundles[path] is None:
-            notes.add(f"the bundle {path} is not here (or not readable): not compared")
-        elif bundles[path] != rec["bundle"]["integrity"]:
-            problems.append(f"{slide_id}: predicted by another export of {path} than the one there now")
+                bundles[bundle] = None
+        if bundles[bundle] is None:
+            notes.add(f"the bundle {bundle} is not here (or not readable): not compared")
+        elif bundles[bundle] != rec["bundle"]["integrity"]:
+            problems.append(f"{slide_id}: predicted by another export of {bundle} than the one there now")
         slide = rec["slide"]
         if str(slide.get("path", "")).startswith("gs://"):
             notes.add("slides on gs:// are not opened")
-        elif not lineage.same_slide(slide["path"], slide):
+        elif not _same_slide(slide["path"], slide):
             problems.append(
                 f"{slide_id}: the slide {slide['path']} changed or is gone since it was predicted"
             )
@@ -434,9 +525,18 @@ def _predictions(out: PredictionLayout) -> Finding:
     )
 
 
+def _table(path: Path) -> dict[str, dict[str, str]]:
+    """predictions.csv's rows of finished slides, by slide id."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {row["slide_id"]: row for row in csv.DictReader(f) if row.get("status") != "failed"}
+
+
 def check(path: str | Path) -> Verification:
-    """verify(path), as the report and pipelines use it: never raises for a study it cannot read."""
+    """verify(path, deep=False), as the report uses it: the records of every artifact compared (cheap at
+    any scale); never raises for a study it cannot read."""
     try:
-        return verify(path)
-    except (LayoutError, LineageError, OSError, ValueError) as exc:
+        return verify(path, deep=False)
+    except (LayoutError, LineageError, OSError, ValueError, csv.Error) as exc:
         return Verification(Path(path), [Finding(str(path), "not verifiable", [str(exc)])])

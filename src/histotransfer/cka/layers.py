@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
 from histotransfer.marks import mark
 from histotransfer.plots import cka_matrix
+from histotransfer.provenance import sealed_json
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import load_tiles
 
@@ -116,6 +116,6 @@ def write_cka(
     }
     if made_from is not None:
         payload["lineage"] = made_from
-    json_path = write_text_atomic(Path(json_path), json.dumps(mark(payload), indent=1))
+    json_path = write_text_atomic(Path(json_path), sealed_json(mark(payload)))
     png_path = cka_matrix(png_path, result.matrix, result.layers_a, result.layers_b, name_a, name_b)
     return json_path, png_path

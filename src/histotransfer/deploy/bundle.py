@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from histotransfer.config import TilingConfig
 from histotransfer.errors import BundleError
 from histotransfer.layout import BUNDLE_SPEC
-from histotransfer.provenance import canonical_json, sha256_file
+from histotransfer.provenance import intact, sealed_json, sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
 BUNDLE_VERSION = 2  # 2: integrity and lineage
@@ -80,17 +79,9 @@ class BundleSpec(_Strict):
     integrity: str  # sha256 of the canonical JSON of every other key (see integrity())
 
 
-def integrity(content: dict[str, Any]) -> str:
-    """The sha256 of a bundle.json's content without its ``integrity`` key, as canonical JSON."""
-    return hashlib.sha256(
-        canonical_json({k: v for k, v in content.items() if k != "integrity"}).encode()
-    ).hexdigest()
-
-
 def spec_json(spec: BundleSpec) -> str:
-    """bundle.json's text for ``spec``, its integrity computed over what a reader will parse."""
-    content = json.loads(spec.model_dump_json(exclude={"integrity"}))
-    return json.dumps({**content, "integrity": integrity(content)}, indent=1)
+    """bundle.json's text for ``spec``, sealed (provenance.sealed_json: its ``integrity``)."""
+    return sealed_json(json.loads(spec.model_dump_json(exclude={"integrity"})))
 
 
 @dataclass
@@ -114,6 +105,11 @@ def read_spec(path: str | Path) -> BundleSpec:
     if not folder.is_dir():
         raise BundleError(f"no bundle folder {folder}: export one with `histotransfer export`")
     if not file.is_file():
+        if inside := sorted(p.parent for p in folder.glob(f"onnx/*/{BUNDLE_FILE}")):  # a study's folder
+            raise BundleError(
+                f"{folder} is a study, not a bundle: give --bundle its bundle folder "
+                f"({', '.join(str(p) for p in inside[:3])})"
+            )
         raise BundleError(
             f"{file} is missing: {folder} is not a finished bundle (an export that stopped early "
             "never writes it); export again"
@@ -129,7 +125,7 @@ def read_spec(path: str | Path) -> BundleSpec:
             f"{file} has format_version {raw.get('format_version')!r}; this histotransfer reads version "
             f"{BUNDLE_VERSION}: export the bundle again with this version"
         )
-    if raw.get("integrity") != integrity(raw):
+    if not intact(raw):
         raise BundleError(
             f"{file} was changed after export (its content does not match its `integrity` sha256): a "
             "bundle is used whole or not at all; export it again (nothing was run)"

@@ -107,7 +107,7 @@ def predict_cohort(
         return {
             "stage": "predict",
             "bundle": spec.integrity,
-            "slide": record.path,
+            "slide": record.path if slide is None else None,  # a moved slide is the same slide
             "identity": slide,
             "mpp": record.mpp,
         }
@@ -117,19 +117,21 @@ def predict_cohort(
         tiles = load_tiles(slide_file(out.tiles, record.slide_id))
         local = local_slide_path(record.path)
         probs, attention = classify_tiles(bundle, local, tiles, batch_size=batch_size, readers=readers)
+        probs, attention = probs.astype(np.float32), attention.astype(np.float32)
         made_from = {
             "kind": "prediction",
             "slide": tiles.lineage["slide"],
             "tiles": {k: tiles.lineage[k] for k in ("digest", "tiling")},
-            "bundle": {"path": str(bundle.path), "integrity": spec.integrity, "name": spec.name},
+            "bundle": {"path": str(bundle.path.resolve()), "integrity": spec.integrity, "name": spec.name},
+            "digest": lineage.array_digest(probs, attention, tiles.coords),
         }
         with atomic_path(out.slide(record.slide_id)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(provenance_attrs(stage_config(record, tiles.lineage["slide"])))
             f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
             f.attrs.update(slide_id=record.slide_id, bundle=str(bundle.path), encoder_id=spec.encoder.id)
             f.attrs["classes"] = json.dumps(spec.classes)
-            f.create_dataset("probabilities", data=probs.astype(np.float32))  # (n_classes,)
-            f.create_dataset("attention", data=attention.astype(np.float32))  # (n_tiles,)
+            f.create_dataset("probabilities", data=probs)  # (n_classes,)
+            f.create_dataset("attention", data=attention)  # (n_tiles,)
             f.create_dataset("coords", data=tiles.coords)  # (n_tiles, 2), as in the tiles file
         if heatmaps:
             attention_heatmap(

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import torch
 
+from histotransfer import lineage
 from histotransfer.errors import FeaturesError
 from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord
@@ -48,6 +49,7 @@ class BagStore:
         if problems:
             raise FeaturesError(f"{len(problems)} feature file problem(s):\n  " + "\n  ".join(problems))
         self._cache: dict[str, torch.Tensor] = {}
+        self._verified: set[str] = set()
         self._budget = int(cache_gb * 2**30)
 
     def _check(self, record: SlideRecord) -> BagInfo:
@@ -86,8 +88,18 @@ class BagStore:
         """(n_tiles, dim) float32 features of a slide."""
         if slide_id in self._cache:
             return self._cache[slide_id]
-        with h5py.File(self.bags[slide_id].path, "r") as f:
-            x = torch.from_numpy(f["features"][:].astype(np.float32))  # (n_tiles, dim)
+        path = self.bags[slide_id].path
+        with h5py.File(path, "r") as f:
+            stored = f["features"][:]  # (n_tiles, dim)
+            if slide_id not in self._verified:  # the content its lineage recorded, read once
+                made = lineage.parse_attr(f.attrs.get(lineage.LINEAGE), "features")
+                if made is not None and lineage.array_digest(stored, f["coords"][:]) != made["digest"]:
+                    raise FeaturesError(
+                        f"{path} was changed after extraction (its content is not what its lineage "
+                        "recorded): move it away and extract this slide again"
+                    )
+                self._verified.add(slide_id)
+        x = torch.from_numpy(stored.astype(np.float32))
         if not torch.isfinite(x).all():
             raise FeaturesError(f"{self.bags[slide_id].path}: non-finite feature values")
         if self._budget >= x.numel() * 4:

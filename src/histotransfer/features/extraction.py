@@ -149,11 +149,16 @@ class EngineSettings:
             backend = "torch" if cuda else "onnxruntime"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+        asked = precision
         if precision == "auto":
             precision = "bf16" if cuda else "fp32"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-        if not cuda or backend == "onnxruntime":
+        if (not cuda or backend == "onnxruntime") and precision != "fp32":
+            if asked != "auto":
+                log.warning(
+                    "extraction.precision %s applies to torch on a CUDA GPU; %s runs float32", precision, dev
+                )
             precision = "fp32"
         workers = num_workers
         if workers is None and cuda:

@@ -79,6 +79,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read {path} as safetensors ({type(exc).__name__}: {exc})") from exc
 
 
+def _reason(exc: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to load it unsafely: what its unpickler
+    said, when it said something, else the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            said = line.split(marker, 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"not a plain checkpoint: {said}"[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (or model folder), unwrapped from known containers (safe
     unpickling only; safetensors hold nothing but tensors)."""
@@ -89,7 +101,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise WeightsError(
-            f"cannot load {path} as a weights-only checkpoint ({type(exc).__name__}: {exc}); "
+            f"cannot load {path} as a weights-only checkpoint ({type(exc).__name__}: {_reason(exc)}); "
             "histotransfer never unpickles arbitrary objects: re-save the file as a plain state_dict"
         ) from exc
     for _ in range(3):  # containers may nest (e.g. {"state_dict": {"model": ...}})

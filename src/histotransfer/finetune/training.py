@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from histotransfer.layout import FinetuneFoldLayout
 from histotransfer.marks import MARK_KEY, mark
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.training import TrainingError, class_weights
+from histotransfer.provenance import sealed_json
 from histotransfer.wsi.batches import tile_batches
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import TileSet
@@ -331,4 +331,4 @@ def save_finetuned(
             "files": lineage.files_record(stage, names),
             "lineage": made_from(state_sha256(encoder_state)),
         }
-        staged.history.write_text(json.dumps(mark(summary), indent=1), encoding="utf-8")
+        staged.history.write_text(sealed_json(mark(summary)), encoding="utf-8")

@@ -9,7 +9,6 @@ Output per the contract under ``{out_dir}/{encoder_id}/``: ``fold{k}/model.pt`` 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.mil.splits import Fold, make_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
-from histotransfer.provenance import config_hash, is_current, read_json
+from histotransfer.provenance import config_hash, is_current, read_json, sealed_json
 from histotransfer.wsi.geometry import tissue_fractions
 from histotransfer.wsi.tiling import load_tiles
 
@@ -119,7 +118,7 @@ def _write_history(stage: Path, fold_model) -> None:
         "history": fold_model.history,
         "files": lineage.files_record(stage, [MODEL_FILE]),
     }
-    (stage / HISTORY_FILE).write_text(json.dumps(mark(summary), indent=1), encoding="utf-8")
+    (stage / HISTORY_FILE).write_text(sealed_json(mark(summary)), encoding="utf-8")
 
 
 def _write_predictions(path: Path, preds: Sequence[SlidePrediction], classes: Sequence[str]) -> None:
@@ -245,7 +244,7 @@ def train_mil(
     written = [f"{fold_name(f['fold'])}/{name}" for f in per_fold for name in (MODEL_FILE, HISTORY_FILE)]
     files = lineage.files_record(out.dir, [*written, out.predictions.name])
     metrics["lineage"] = lineage.mil_record(named, records, files)
-    write_text_atomic(out.metrics, json.dumps(mark(metrics), indent=1))
+    write_text_atomic(out.metrics, sealed_json(mark(metrics)))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from histotransfer import lineage
 from histotransfer.config import StudyConfig
-from histotransfer.errors import ConfigError, ExportError, FeaturesError
+from histotransfer.errors import BundleError, ConfigError, ExportError, FeaturesError
 from histotransfer.layout import BUNDLE_SPEC, SUMMARY, StudyLayout
 from histotransfer.manifest import SlideRecord, read_manifest
 from histotransfer.outputs import claim_output
@@ -75,6 +75,11 @@ def tiled(layout: StudyLayout, records: Sequence[SlideRecord]) -> list[SlideReco
 
 def tiles_folder(layout: StudyLayout) -> Path:
     """The layout's tiles folder, which a stage reading tiles needs to exist."""
+    if layout.tiles.is_file():
+        raise FeaturesError(
+            f"--tiles {layout.tiles} is a file, not a tiles folder: give the folder that `histotransfer "
+            "tile` wrote"
+        )
     if not layout.tiles.is_dir():
         raise FeaturesError(
             f"tiles folder {layout.tiles} not found: tile the cohort first "
@@ -174,7 +179,9 @@ def extract(
     from histotransfer.features.extraction import extract_cohort
 
     settings = engine(config)  # devices first, then folders: a bad device leaves nothing behind
-    claim_output(layout.features, "features", inputs=[tiles_folder(layout)])
+    claim_output(
+        layout.features, "features", inputs=[tiles_folder(layout)], lock=layout.features_dir(encoder_id)
+    )
     usable = tiled(layout, records)
     lineage.check_tiles(layout.tiles, usable)  # the tiles are those of the manifest's slides
     encoder = build(config, encoder_id, weights)
@@ -203,7 +210,19 @@ def train(
     from histotransfer.mil.study import train_mil
 
     tiles = layout.tiles if layout.has("tiles") else None
-    claim_output(layout.mil, "mil", inputs=[layout.features_dir(encoder_id), tiles])
+    folder = layout.features_dir(encoder_id)
+    if folder.is_dir() and not any(folder.glob("*.h5")) and (inner := sorted(folder.glob("*/*.h5"))):
+        names = sorted({p.parent.name for p in inner})
+        if all(name.startswith("fold") for name in names):
+            raise FeaturesError(
+                f"{folder} holds the per-fold features of a fine-tuned encoder ({', '.join(names)}): "
+                "`histotransfer finetune` trains MIL on them (each fold's slides with that fold's encoder)"
+            )
+        raise FeaturesError(
+            f"{folder} holds the features of encoders ({', '.join(names[:5])}), not features: give "
+            f"--features one encoder's folder, e.g. {folder / names[0]}"
+        )
+    claim_output(layout.mil, "mil", inputs=[folder, tiles], lock=layout.mil_result(encoder_id).dir)
     usable = featured(layout, records, encoder_id)
     if records and not usable:
         raise FeaturesError(
@@ -236,6 +255,7 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
+    from histotransfer.features.registry import finetuned_id
     from histotransfer.finetune.study import finetune_study
     from histotransfer.mil.results import MILResult
 
@@ -245,8 +265,14 @@ def finetune(
             f"frozen features' MIL (run extraction and `histotransfer train` for {encoder_id} first)"
         )
     settings = engine(config)
-    for section in ("finetune", "features", "mil"):  # it reads these sections too: no input check
-        claim_output(getattr(layout, section), section)
+    tuned = finetuned_id(encoder_id)
+    locks = {
+        "finetune": layout.finetune_dir(encoder_id),
+        "features": layout.features_dir(tuned),
+        "mil": layout.mil_result(tuned).dir,
+    }
+    for section, lock in locks.items():  # it reads these sections too: no input check
+        claim_output(getattr(layout, section), section, lock=lock)
     usable = featured(layout, records, encoder_id)
     tiles = lineage.check_tiles(tiles_folder(layout), usable)
     lineage.check_slides(usable, tiles)  # fine-tuning reads its tiles from the slides
@@ -258,6 +284,7 @@ def finetune(
         folds=frozen.folds(),
         weights=(encoder.weights_sha256, encoder.weights_source),
         features=features,
+        records=usable,
         weights_fix="give --weights the checkpoint given to extract, or leave it out to use the config's",
     )
     return finetune_study(
@@ -369,7 +396,7 @@ def cka(
     frozen = build(config, encoder_id, weights)
     lineage.check_weights(
         f"the fine-tuned encoder of {history.parent}",
-        lineage.read_record(history)["frozen"]["encoder"],
+        lineage.read_record(history, "finetune")["frozen"]["encoder"],
         frozen.weights_sha256,
         frozen.weights_source,
         "compare it with the encoder it was fine-tuned from: give --weights-a the checkpoint given to "
@@ -418,9 +445,11 @@ def export(
     if fold is None:
         fold = choose_fold(mil_dir)[0]
     if weights is None and (base := frozen_id(encoder_id)) is not None:
-        weights = layout.finetune_fold(base, fold).encoder
+        tuned = layout.finetune_fold(base, fold)
+        weights = tuned.encoder
         if not weights.is_file():
             raise ExportError(f"{weights} not found: the fine-tuned encoder of fold {fold} is missing")
+        lineage.check_finetuned_file(tuned.history, weights)  # the study's encoder.pt is that fold's
     return export_study_model(
         mil_dir,
         out=out,
@@ -456,15 +485,21 @@ def report(
             )
         if bundle is None and len(bundles := layout.bundles()) == 1:
             bundle = bundles[0]
-    claim_output(layout.report, "report", inputs=[layout.mil])
+        elif bundle is None and bundles:
+            names = ", ".join(str(b) for b in bundles)
+            log.warning("the study has %d bundles (%s): give --bundle to describe one", len(bundles), names)
+    if bundle is not None and not (bundle / BUNDLE_SPEC).is_file():
+        raise BundleError(f"--bundle {bundle} is not a bundle (no {BUNDLE_SPEC}): give STUDY/onnx/NAME")
+    fixed = "move them out: a study's report is always written there"
+    claim_output(layout.report, "report", inputs=[layout.mil], fix=fixed)
     if tracking:
-        claim_output(layout.tracking_plots, "plots")
+        claim_output(layout.tracking_plots, "plots", fix=fixed)
     path = write_report(
         results,
         report_dir=layout.report,
         tiles_dir=layout.tiles,
         cka=layout.cka_results() if cka is None else cka,
-        bundle=bundle if bundle is not None and (bundle / BUNDLE_SPEC).is_file() else None,
+        bundle=bundle,
         verification=check(layout.report.parent),
     )
     if tracking:

@@ -13,14 +13,33 @@ from pathlib import Path
 
 from histotransfer import stages
 from histotransfer.config import StudyConfig
-from histotransfer.errors import ExportError, FeaturesError, SplitError, TrainingError, WeightsError
+from histotransfer.errors import (
+    ArtifactError,
+    ExportError,
+    FeaturesError,
+    LineageError,
+    OutputError,
+    SplitError,
+    TrainingError,
+    WeightsError,
+)
 from histotransfer.layout import StudyLayout
 from histotransfer.manifest import SlideRecord
 from histotransfer.outputs import claim_output
 from histotransfer.runner import StageResult
 
 log = logging.getLogger(__name__)
-STAGE_ERRORS = (FeaturesError, SplitError, TrainingError, WeightsError, ExportError)
+# what one encoder's stage can fail with while the others go on (its inputs, its folder, its training)
+STAGE_ERRORS = (
+    ArtifactError,
+    ExportError,
+    FeaturesError,
+    LineageError,
+    OutputError,
+    SplitError,
+    TrainingError,
+    WeightsError,
+)
 
 
 @dataclass

@@ -11,7 +11,6 @@ whether attention finds the lesion and whether tiling QC drops the artefacts. A 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from histotransfer.config import SampleDataConfig
 from histotransfer.layout import CohortLayout
 from histotransfer.manifest import write_manifest
 from histotransfer.marks import mark, png_info
-from histotransfer.provenance import config_hash, is_current
+from histotransfer.provenance import config_hash, is_current, sealed_json
 from histotransfer.wsi.svs import reduce_rgb, write_aperio_svs
 from histotransfer.wsi.tissue import detect_tissue
 
@@ -484,7 +483,7 @@ def write_cohort(
         "sites": [asdict(s) for s in sites],
         "slides": slides,
     }
-    write_text_atomic(layout.meta, json.dumps(mark(cohort), indent=2))
+    write_text_atomic(layout.meta, sealed_json(mark(cohort)))
     return manifest
 
 

@@ -5,7 +5,6 @@ where the mask says tissue, written per the tiles contract (CLAM-compatible h5 +
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,7 +200,19 @@ def _write_tiles_h5(path: Path, *, coords, fractions, geometry, info, record, ti
     read_w, read_h = info.level_dimensions[geometry.read_level]
     config = _tiling_config(record, tiling, lineage.resume_identity(record.path, identity))
     coords, fractions = coords.astype(np.int64), fractions.astype(np.float32)
-    made_from = lineage.tiles_record(record, identity, tiling_hash(tiling), coords, fractions)
+    geometry_read = {
+        "read_level": geometry.read_level,
+        "read_size_px": geometry.read_size_px,
+        "patch_size_px": geometry.patch_size_px,
+        "patch_size_level0": geometry.patch_size_level0,
+        "stride_level0": geometry.stride_level0,
+        "target_mpp": geometry.target_mpp,
+        "slide_mpp": geometry.slide_mpp,
+        "level0": [width, height],
+    }
+    made_from = lineage.tiles_record(
+        record, identity, tiling_hash(tiling), coords, fractions, _geometry(geometry_read)
+    )
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(provenance_attrs(config))
         f.attrs[lineage.LINEAGE] = lineage.h5_attr(made_from)
@@ -234,8 +245,8 @@ def _tiling_config(record: SlideRecord, tiling: TilingConfig, identity: dict | N
         "stage": "tile",
         # The QC picture's switch changes no tile: tiles made with or without it are the same output.
         "tiling": tiling.model_dump(mode="json", exclude={"qc_image"}),
-        "slide": record.path,
-        "identity": identity,
+        "slide": record.path if identity is None else None,  # the content, not where it lies: a moved
+        "identity": identity,  # study (or slide) is not tiled again
         "mpp": record.mpp,
     }
 
@@ -311,9 +322,21 @@ class TileSet:
         )
 
 
+def _geometry(values: dict[str, Any]) -> dict[str, Any]:
+    """How a tiles file's coordinates are read, as its lineage digest covers it (plain numbers)."""
+    ints = ("read_level", "read_size_px", "patch_size_px", "patch_size_level0", "stride_level0")
+    return {
+        **{k: int(values[k]) for k in ints},
+        "target_mpp": float(values["target_mpp"]),
+        "slide_mpp": float(values["slide_mpp"]),
+        "level0": [int(v) for v in values["level0"]],
+    }
+
+
 def load_tiles(path: Path) -> TileSet:
     """Read a tiles h5 file; a missing, unreadable or inconsistent one (coordinates that are not (n, 2)
-    or fall outside the slide it records) is a SlideError naming it."""
+    or fall outside the slide it records, content that is not what its lineage recorded) is a
+    SlideError naming it."""
     if not Path(path).is_file():
         raise SlideError(f"no tiles file {path}: tiling failed or has not run (see summary.csv beside it)")
     try:
@@ -332,11 +355,21 @@ def load_tiles(path: Path) -> TileSet:
                 target_mpp=float(coords.attrs["target_mpp"]),
                 slide_mpp=float(coords.attrs["slide_mpp"]),
                 config_hash=str(f.attrs["config_hash"]),
-                lineage=json.loads(str(raw)) if raw is not None else None,
+                lineage=lineage.parse_attr(raw, "tiles"),
             )
             size = (int(f.attrs["level0_width"]), int(f.attrs["level0_height"]))
+            geometry = _geometry({**coords.attrs, "read_size_px": coords.attrs["patch_size"], "level0": size})
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise SlideError(f"{path}: not a readable tiles file ({exc}); tile the slide again") from exc
+        why = f"{path}: not a readable tiles file ({exc}); move it away and tile the slide again"
+        raise SlideError(why) from exc
+    if (
+        tiles.lineage is not None
+        and lineage.tiles_digest(tiles.coords, tiles.tissue_fraction, geometry) != (tiles.lineage["digest"])
+    ):
+        raise SlideError(
+            f"{path} was changed after tiling (its coordinates or geometry are not what its lineage "
+            "recorded): move it away and tile the slide again"
+        )
     c = tiles.coords
     if c.ndim != 2 or c.shape[1] != 2 or len(tiles.tissue_fraction) != len(c) or c.dtype.kind not in "iu":
         raise SlideError(f"{path}: coords of shape {c.shape} ({c.dtype}) are not (n, 2) integers; tile again")
@@ -381,7 +414,7 @@ def read_tile(regions: RegionReader | openslide.OpenSlide, tiles: TileSet, index
 def tiles_digest(path: Path) -> str | None:
     """The content digest a tiles file's lineage records (None when there is no file or no record):
     reads attributes only."""
-    record = lineage.read_record(path) if Path(path).is_file() else None
+    record = lineage.read_record(path, "tiles") if Path(path).is_file() else None
     return None if record is None else record.get("digest")
 
 
