@@ -445,9 +445,9 @@ def check_weights(
     """The weights a consumer was given are the ones ``recorded`` (an encoder record) names."""
     if recorded.get("weights_sha256") != weights_sha256:
         raise LineageError(
-            f"{what} was made from the weights {recorded.get('weights_source')} (sha256 "
+            f"{what} was made from the weights {recorded.get('weights_source')} (tensors sha256 "
             f"{short(recorded.get('weights_sha256'))}), but the weights given are {weights_source} "
-            f"(sha256 {short(weights_sha256)}): {fix}"
+            f"(tensors sha256 {short(weights_sha256)}): {fix}"
         )
 
 

@@ -294,7 +294,8 @@ def _features(folder: Path, encoder_id: str, layout: StudyLayout | None) -> Find
         )
         if made is None or {made["encoder"]["weights_sha256"]} != {h for _, h in weights}:
             problems.append(f"not made by the encoder {folder.name} of the fine-tuning in the study")
-    shown = ", ".join(f"{s} (sha256 {short(h)})" for s, h in sorted(weights)[:2]) or "no weights recorded"
+    shown = ", ".join(f"{s} (tensors sha256 {short(h)})" for s, h in sorted(weights)[:2])
+    shown = shown or "no weights recorded"
     notes = [] if tiles or layout is None else ["the study has no tiles folder: tiles not compared"]
     return Finding(
         str(folder) + "/",
