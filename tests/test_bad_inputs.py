@@ -485,6 +485,15 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def _export_copy(*extra: str) -> Callable[[World, Path], list[str]]:
+    """`export` of the test's copy of the world's MIL result (see _mil_copy) into t/b."""
+
+    def argv(w: World, t: Path) -> list[str]:
+        return ["export", "--mil", str(t / "s" / "mil" / w.mil.name), *extra, "--out", str(t / "b")]
+
+    return argv
+
+
 def _mil_copy(change: Callable[[Path], None]) -> Callable[[World, Path], None]:
     """The world's MIL result copied into a study folder of the test's (t/s/mil/ID), changed."""
 
@@ -1641,22 +1650,14 @@ CASES: dict[str, Case] = {
         setup=_features_copy(lambda f: (f / "summary.csv").write_text("name;state\nbag-000;ok\n")),
     ),
     "export a MIL result whose metrics.json is truncated": Case(
-        lambda w, t: ["export", "--mil", str(t / "s" / "mil" / w.mil.name), "--out", str(t / "b")],
+        _export_copy(),
         EXIT_BAD_INPUT,
         "metrics.json cannot be read as JSON",
         out="b",
         setup=_mil_copy(_truncate("metrics.json")),
     ),
     "export a fold whose history.json is truncated": Case(
-        lambda w, t: [
-            "export",
-            "--mil",
-            str(t / "s" / "mil" / w.mil.name),
-            "--fold",
-            "1",
-            "--out",
-            str(t / "b"),
-        ],
+        _export_copy("--fold", "1"),
         EXIT_BAD_INPUT,
         "history.json cannot be read as JSON",
         out="b",
@@ -1820,7 +1821,7 @@ CASES: dict[str, Case] = {
     ),
     # ---- found by an adversarial pass over the lineage checks (issue 26) ---------------------------
     "export a MIL result whose metrics.json classes were swapped": Case(
-        lambda w, t: ["export", "--mil", str(t / "s" / "mil" / w.mil.name), "--out", str(t / "b")],
+        _export_copy(),
         EXIT_BAD_INPUT,
         "metrics.json was changed after histotransfer wrote it",
         out="b",
@@ -1833,15 +1834,7 @@ CASES: dict[str, Case] = {
         setup=_mil_copy(_edit_json("metrics.json", pooled=lambda p: p | {"auc": p["auc"] | {"value": 0.99}})),
     ),
     "export a fold whose history.json was edited": Case(
-        lambda w, t: [
-            "export",
-            "--mil",
-            str(t / "s" / "mil" / w.mil.name),
-            "--fold",
-            "1",
-            "--out",
-            str(t / "b"),
-        ],
+        _export_copy("--fold", "1"),
         EXIT_BAD_INPUT,
         "history.json was changed after histotransfer wrote it",
         out="b",
@@ -2022,7 +2015,7 @@ CASES: dict[str, Case] = {
         setup=_write("mine/sample-000.png", _png_header(20_000, 20_000)),
     ),
     "export a MIL result whose metrics.json nests 100,000 deep": Case(
-        lambda w, t: ["export", "--mil", str(t / "s" / "mil" / w.mil.name), "--out", str(t / "b")],
+        _export_copy(),
         EXIT_BAD_INPUT,
         "metrics.json cannot be read as JSON",
         out="b",

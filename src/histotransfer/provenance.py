@@ -89,12 +89,15 @@ def intact(data: dict[str, Any]) -> bool:
     return data.get(INTEGRITY) == integrity(data)
 
 
+DAMAGED = "it is damaged or not histotransfer's: move it away, then "  # + what makes it again
+
+
 def read_json(path: str | os.PathLike[str], *, redo: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """A sealed JSON artifact's top level (an object holding ``keys``); an ArtifactError names the file
     and ``redo`` (what makes it again) when it is missing, unreadable, truncated, not such an object, or
     changed after it was written."""
     path = Path(path)
-    damaged = f"it is damaged or not histotransfer's: move it away, then {redo}"
+    damaged = DAMAGED + redo
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -183,8 +183,9 @@ def remote_tree(bucket, prefix: str, *, client, retry) -> RemoteTree:
     return RemoteTree(blobs, frozenset(ours))
 
 
-def _refuse_foreign(uri: str, tree: RemoteTree) -> None:
-    if foreign := tree.foreign:
+def _refuse_foreign(uri: str, foreign: list[str]) -> None:
+    """A StorageError naming the objects under ``uri`` that histotransfer did not write, if any."""
+    if foreign:
         shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
         raise StorageError(
             f"the output {uri} holds objects histotransfer did not write ({shown}); nothing was changed: "
@@ -205,7 +206,7 @@ def check_destination(uri: str, *, client=None) -> None:
             f"the output {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:300]}): check the bucket "
             f"name and your access to it, or {LOGIN} (nothing was run)"
         ) from exc
-    _refuse_foreign(uri, tree)
+    _refuse_foreign(uri, tree.foreign)
 
 
 def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
@@ -251,7 +252,7 @@ def upload_tree(local: str | Path, uri: str, *, client=None) -> dict[str, int]:
             else:
                 changed.append((path, rel))
         if replaced := [rel for _, rel in changed if rel in tree.objects and rel not in tree.ours]:
-            _refuse_foreign(uri, RemoteTree({rel: "" for rel in replaced}, frozenset()))
+            _refuse_foreign(uri, replaced)
         if changed:  # the tree is about to change: not complete until the new marker is written
             put(WRITING_MARKER, {"files": sorted(tree.ours | set(listing))})
             if COMPLETE_MARKER in tree.objects:

@@ -333,14 +333,13 @@ def _files_now(folder: Path, recorded: dict[str, str], what: str) -> list[str]:
 def _sealed(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """A sealed JSON artifact's content, or None and why it cannot be used."""
     from histotransfer.errors import ArtifactError
-    from histotransfer.provenance import read_json
+    from histotransfer.provenance import DAMAGED, read_json
 
+    redo = "make it again"
     try:
-        return read_json(path, redo="make it again"), None
-    except ArtifactError as exc:
-        return None, str(exc).removesuffix(
-            ": it is damaged or not histotransfer's: move it away, then make it again"
-        )
+        return read_json(path, redo=redo), None
+    except ArtifactError as exc:  # the reason only: the finding names what to redo
+        return None, str(exc).removesuffix(f": {DAMAGED}{redo}")
 
 
 def _slides_of(mil: MILLayout) -> list[str]:
@@ -351,10 +350,7 @@ def _slides_of(mil: MILLayout) -> list[str]:
 def _mil(mil: MILLayout, layout: StudyLayout) -> Finding:
     name = mil.dir.name
     if name.endswith("+ft"):  # made by fine-tuning: redone by it
-        redo = (
-            f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder "
-            f"{name.removesuffix('+ft')} --overwrite"
-        )
+        redo = _finetune_again(layout, name.removesuffix("+ft"))
     else:
         redo = f"train again: histotransfer train MANIFEST --features FEATURES/{name} --out {mil.dir.parent}"
         redo += " --overwrite"
@@ -381,10 +377,17 @@ def _mil(mil: MILLayout, layout: StudyLayout) -> Finding:
     )
 
 
+def _finetune_again(layout: StudyLayout, encoder_id: str) -> str:
+    """What remakes the fine-tuning of ``encoder_id`` (its folds, features and MIL)."""
+    return (
+        f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder {encoder_id} "
+        "--overwrite"
+    )
+
+
 def _finetune(history: Path, layout: StudyLayout) -> Finding:
     encoder_id, fold = history.parent.parent.name, int(history.parent.name.removeprefix("fold"))
-    redo = f"fine-tune again: histotransfer finetune MANIFEST --study {layout.root} --encoder {encoder_id}"
-    redo += " --overwrite"
+    redo = _finetune_again(layout, encoder_id)
     data, why = _sealed(history)
     record = None if data is None else data.get("lineage")
     if data is None or not lineage.well_formed(record, "finetune"):

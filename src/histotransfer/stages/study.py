@@ -11,18 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histotransfer import stages
+from histotransfer import errors, stages
 from histotransfer.config import StudyConfig
-from histotransfer.errors import (
-    ArtifactError,
-    ExportError,
-    FeaturesError,
-    LineageError,
-    OutputError,
-    SplitError,
-    TrainingError,
-    WeightsError,
-)
 from histotransfer.layout import StudyLayout
 from histotransfer.manifest import SlideRecord
 from histotransfer.outputs import claim_output
@@ -31,14 +21,14 @@ from histotransfer.runner import StageResult
 log = logging.getLogger(__name__)
 # what one encoder's stage can fail with while the others go on (its inputs, its folder, its training)
 STAGE_ERRORS = (
-    ArtifactError,
-    ExportError,
-    FeaturesError,
-    LineageError,
-    OutputError,
-    SplitError,
-    TrainingError,
-    WeightsError,
+    errors.ArtifactError,
+    errors.ExportError,
+    errors.FeaturesError,
+    errors.LineageError,
+    errors.OutputError,
+    errors.SplitError,
+    errors.TrainingError,
+    errors.WeightsError,
 )
 
 
@@ -92,7 +82,7 @@ def check_cohort(config: StudyConfig, records: Sequence[SlideRecord]) -> None:
     from histotransfer.storage import gcs_client
 
     if len(labels := sorted({r.label for r in records})) < 2:
-        raise SplitError(f"the cohort has a single label ({labels}); MIL needs at least two classes")
+        raise errors.SplitError(f"the cohort has a single label ({labels}); MIL needs at least two classes")
     study_folds(records, config.mil)  # a SplitError naming the fold, the class and the fixes
     if any(r.path.startswith("gs://") for r in records):
         gcs_client()  # a StorageError when there are no credentials
