@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,9 +239,18 @@ def test_sigterm_during_a_folder_swap_waits_until_the_new_folder_is_in_place(tmp
         real(src, dst)
         if str(dst).endswith(".old.partial"):
             os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # ...and has reached a thread (a worker's, perhaps) before the swap goes on
 
     monkeypatch.setattr(atomic.os, "replace", replace_then_terminated)
-    with command_scope(), pytest.raises(Terminated), atomic_dir(fold) as stage:
-        (stage / "history.json").write_text(json.dumps({"histotransfer_version": "new"}))
+    # a worker thread alive (as torch's are): the kernel may hand the process's signal to it
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait)
+    worker.start()
+    try:
+        with command_scope(), pytest.raises(Terminated), atomic_dir(fold) as stage:
+            (stage / "history.json").write_text(json.dumps({"histotransfer_version": "new"}))
+    finally:
+        done.set()
+        worker.join()
     # ...and is handled once the new folder is in place: never neither
     assert json.loads((fold / "history.json").read_text())["histotransfer_version"] == "new"

@@ -156,17 +156,26 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (in the main thread; elsewhere they do not
-    arrive)."""
+    """Ctrl-C and SIGTERM wait until the block is done, then take effect as they would have (in the main
+    thread; elsewhere they do not arrive).
+
+    The Python handlers are swapped for a recorder rather than the signals blocked: a signal sent to
+    the process goes to any thread that does not block it (torch's and ONNX Runtime's workers), and its
+    handler then runs in the main thread all the same, so only the handler can hold it back."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():  # None: installed outside Python; the default is closest
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])  # delivered now, to the handler it was meant for
