@@ -128,8 +128,8 @@ def run(job) -> tuple:
     from sklearn.metrics import roc_auc_score
 
     from histotransfer.features.bags import BagStore
+    from histotransfer.mil.crossval import LesionMasks, cross_validate, lesion_labels, localisation_summary
     from histotransfer.mil.splits import make_folds
-    from histotransfer.mil.study import LesionMasks, cross_validate, lesion_labels, localisation_summary
     from histotransfer.mil.training import SlidePrediction
 
     torch.set_num_threads(1)

@@ -1,8 +1,8 @@
 """KFP v2 components: thin wrappers whose bodies import histotransfer and call
-histotransfer.stages.orchestration. All run in components.image.IMAGE and install nothing at run time."""
+histotransfer.stages.adapter. All run in components.image.IMAGE and install nothing at run time."""
 
 from components.image import IMAGE
-from components.study import (
+from components.steps import (
     cka_step,
     export_step,
     extract_shard,

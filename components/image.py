@@ -1,6 +1,27 @@
-"""The one container image every component runs in (built from containers/Dockerfile, target `gpu`,
-which also runs on CPU nodes). Bump VERSION with the package version: tests check they agree."""
+"""The container images, named here only (the Makefile asks this module): every component runs in the
+`gpu` target of containers/Dockerfile (it also runs on CPU nodes); `cpu` and `predict` are the slimmer
+ones. The tag is the package's version; the registry is HISTOTRANSFER_REGISTRY (default below), read
+when pipelines are compiled and images built.
 
-REGISTRY = "ghcr.io/histotransfer"
-VERSION = "0.1.0"
-IMAGE = f"{REGISTRY}/histotransfer:{VERSION}-gpu"
+    python -m components.image gpu     # prints the image reference, as `make image-gpu` uses it
+"""
+
+import os
+import sys
+
+from histotransfer import __version__
+
+REGISTRY = os.environ.get("HISTOTRANSFER_REGISTRY", "ghcr.io/histotransfer")
+VERSION = __version__
+TARGETS = {"cpu": "", "gpu": "-gpu", "predict": "-predict"}
+
+
+def image(target: str = "gpu") -> str:
+    """The reference of containers/Dockerfile's ``target`` image."""
+    return f"{REGISTRY}/histotransfer:{VERSION}{TARGETS[target]}"
+
+
+IMAGE = image("gpu")
+
+if __name__ == "__main__":
+    print(image(sys.argv[1] if len(sys.argv) > 1 else "gpu"))

@@ -1,2 +1,2 @@
 """KFP pipelines built from components/: `study` (the whole HistoTransfer study) and `inference`
-(an ONNX bundle classifying new slides). Compiled YAML beside them; see pipelines/cli.py."""
+(an ONNX bundle classifying new slides). Compiled YAML beside them; see pipelines/launch.py."""

@@ -50,7 +50,7 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
     """Pipeline parameters from a config file (validated by the same schema as `histotransfer run`)."""
     from histotransfer.config import StudyConfig, load_config
     from histotransfer.errors import ConfigError
-    from histotransfer.stages.orchestration import SECTIONS
+    from histotransfer.stages.adapter import SECTIONS
 
     config = load_config(config_path)
     # KFP parameters cannot hold null: drop None values, which works where None is the schema default
@@ -63,7 +63,7 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
                 f"{config_path}: section `{name}` sets a key to null where the default is not null; "
                 "pipeline parameters cannot carry null: give the value explicitly"
             )
-    params["manifest"] = "" if config.manifest is None else str(config.manifest)
+    params["manifest"] = None if config.manifest is None else str(config.manifest)
     return params
 
 

@@ -31,7 +31,7 @@ from histotransfer.cli import (
 )
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.manifest import read_manifest
-from histotransfer.mil.study import train_mil
+from histotransfer.mil.crossval import train_mil
 from tests.helpers import LINEAGE_ENCODER, MadeStudy, synthetic_cohort, write_csv
 
 

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from histotransfer.cli import EXIT_BAD_INPUT, main
 from histotransfer.manifest import read_manifest
-from histotransfer.mil.study import MILResult
+from histotransfer.mil.crossval import MILResult
 from tests.helpers import write_csv
 
 

@@ -25,8 +25,8 @@ from histotransfer.deploy.onnx_export import (
 from histotransfer.errors import BundleError, ExportError
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
+from histotransfer.mil.crossval import MILResult
 from histotransfer.mil.model import AttentionMIL
-from histotransfer.mil.study import MILResult
 from histotransfer.provenance import sealed_json
 from histotransfer.wsi.tiling import load_tiles
 from tests.helpers import SMALL_STUDY_ENCODER, write_csv

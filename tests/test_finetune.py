@@ -11,7 +11,7 @@ from torch import nn
 
 from histotransfer.config import FinetuneConfig, TilingConfig
 from histotransfer.features.encoders import build_encoder, parse_encoder_id
-from histotransfer.finetune.training import Bag, EncoderWithHead, finetune, select_tiles
+from histotransfer.finetune.tuning import Bag, EncoderWithHead, finetune, select_tiles
 from histotransfer.manifest import read_manifest
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.wsi.tiling import load_tiles, tile_cohort
@@ -167,10 +167,10 @@ evaluation: {{bootstrap: 100, heatmaps: 0}}
 
 @pytest.mark.integration
 def test_finetuning_inside_cross_validation_never_sees_the_test_fold(tmp_path, monkeypatch):
-    import histotransfer.finetune.study as stage
+    import histotransfer.finetune.folds as stage
     from histotransfer.config import load_config
     from histotransfer.mil.training import build_model
-    from histotransfer.stages.study import run_study
+    from histotransfer.stages import run_study
 
     seen = []
     real_finetune = stage.finetune

@@ -12,9 +12,9 @@ from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.errors import LineageError
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.manifest import SlideRecord
+from histotransfer.mil.crossval import cross_validate, train_mil
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.splits import SplitError, make_folds
-from histotransfer.mil.study import cross_validate, train_mil
 from histotransfer.mil.training import SlidePrediction, Standardizer, TrainingError, train_fold
 from tests.helpers import DIM, synthetic_cohort
 

@@ -32,7 +32,7 @@ BINARY = {".pt", ".onnx"}  # ours when a record of ours beside them lists them (
 def artifacts(tmp_path_factory, sample_cohort, tiny_bundle) -> dict[str, Path]:
     """One folder of each kind, written by histotransfer's own writers."""
     from histotransfer.cka.layers import CKAResult, write_cka
-    from histotransfer.mil.study import train_mil
+    from histotransfer.mil.crossval import train_mil
     from histotransfer.report import write_report, write_tracking
     from histotransfer.wsi.tiling import tile_cohort
     from tests.helpers import synthetic_cohort

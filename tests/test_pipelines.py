@@ -14,9 +14,9 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components.image import IMAGE
 from histotransfer.config import load_config
-from histotransfer.stages.orchestration import SECTIONS, study_config
-from pipelines.cli import compile_pipeline
-from pipelines.cli import main as pipeline_main
+from histotransfer.stages.adapter import SECTIONS, study_config
+from pipelines.launch import compile_pipeline
+from pipelines.launch import main as pipeline_main
 from pipelines.options import PARAMS, PipelineOptions
 from tests.fake_kfp import running
 
@@ -306,7 +306,7 @@ def test_a_node_selector_without_key_and_value_is_exit_2(selector, tmp_path, cap
 
 
 def test_node_selectors_that_are_fine():
-    from pipelines.cli import node_selector
+    from pipelines.launch import node_selector
 
     assert node_selector("") is None
     assert node_selector("pool=gpu") == ("pool", "gpu")
@@ -377,9 +377,9 @@ def test_an_unreachable_host_is_exit_2_naming_it(endpoint, reason, monkeypatch, 
     import contextlib
     import time
 
-    import pipelines.cli
+    import pipelines.launch
 
-    monkeypatch.setattr(pipelines.cli, "HOST_TIMEOUT_S", 1)
+    monkeypatch.setattr(pipelines.launch, "HOST_TIMEOUT_S", 1)
     made = endpoint()
     with (
         made if isinstance(made, contextlib.AbstractContextManager) else contextlib.nullcontext(made) as host
@@ -398,7 +398,7 @@ def test_the_module_entry_runs_through_histotransfers_exit_statuses(tmp_path):
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "pipelines.launch",
             "compile",
             "--out-dir",
             str(tmp_path),

@@ -7,8 +7,8 @@ from sklearn.metrics import roc_auc_score
 from histotransfer.config import EvaluationConfig, MILConfig
 from histotransfer.features.encoders import parse_encoder_id
 from histotransfer.manifest import SlideRecord
+from histotransfer.mil.crossval import LesionMasks, class_rocs, train_mil
 from histotransfer.mil.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
-from histotransfer.mil.study import LesionMasks, class_rocs, train_mil
 from histotransfer.report import family, write_report
 from tests.helpers import synthetic_cohort, write_features
 

@@ -18,6 +18,7 @@ from histotransfer import stages
 from histotransfer.config import StudyConfig, validate_config
 from histotransfer.errors import LayoutError
 from histotransfer.layout import SECTIONS, StudyLayout, slide_file
+from histotransfer.stages import common
 from tests.helpers import EASY_COHORT, write_csv
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -130,8 +131,8 @@ def test_slides_a_stage_recorded_as_failed_do_not_go_on(tmp_path):
     ]
     write_csv(layout.tiles / "summary.csv", rows)
     records = [SimpleNamespace(slide_id=s) for s in "abcd"]
-    assert [r.slide_id for r in stages.tiled(layout, records)] == ["a", "c", "d"]
-    assert [r.slide_id for r in stages.tiled(StudyLayout.of(), records)] == ["a", "b", "c", "d"]
+    assert [r.slide_id for r in common.tiled(layout, records)] == ["a", "c", "d"]
+    assert [r.slide_id for r in common.tiled(StudyLayout.of(), records)] == ["a", "b", "c", "d"]
 
 
 def test_finetuning_an_encoder_that_is_not_extracted_is_a_config_error():
@@ -144,7 +145,7 @@ def test_finetuning_an_encoder_that_is_not_extracted_is_a_config_error():
 def test_merging_shards_publishes_the_summary_atomically(tmp_path, monkeypatch):
     """Regression: a merge that died while writing summary.csv left a truncated file behind."""
     from histotransfer import atomic
-    from histotransfer.stages.orchestration import merge
+    from histotransfer.stages.adapter import merge
 
     parts = []
     for shard, slides in enumerate((["a", "c"], ["b"])):

@@ -197,7 +197,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from histotransfer.stages.study import run_study
+    from histotransfer.stages import run_study
 
     config = _config(args, {"output_dir": args.output_dir})  # a gs:// root arrives as its staging folder
     start = time.perf_counter()

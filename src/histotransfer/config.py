@@ -673,3 +673,17 @@ def parse_assignments(pairs: list[str], *, option: str = "--set") -> dict[str, A
             syntax_hint="; quote text and write lists as [a, b]",
         )
     return parsed
+
+
+# Settings that change how fast (or in how much memory) a stage runs, never what it makes: resume hashes
+# leave them out (a changed batch size reuses every result) and so do DVC's params (pipelines/dvc_stages.py).
+SPEED_ONLY: dict[str, set[str]] = {
+    "extraction": {"batch_size", "num_workers", "backend"},  # device stays: precision auto follows it
+    "mil": {"bag_cache_gb"},
+    "finetune": {"grad_checkpointing"},
+}
+
+
+def results_of(section: str, settings: BaseModel) -> dict[str, Any]:
+    """A config section's settings that change results (JSON-ready): what resume hashes cover."""
+    return settings.model_dump(mode="json", exclude=SPEED_ONLY.get(section, set()))

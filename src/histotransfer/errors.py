@@ -78,6 +78,11 @@ class LineageError(ValueError):
     features or weights); the message names both sides and what to redo."""
 
 
+class FanOutError(RuntimeError):
+    """(stages.fanout) A stage that fans out over encoders failed for every one of them; the message
+    gives each one's error."""
+
+
 class Terminated(KeyboardInterrupt):
     """(lifecycle) SIGTERM (docker stop, Kubernetes), handled as Ctrl-C is."""
 

@@ -9,7 +9,6 @@ OpenSlide handle) one batch ahead of the encoder, encode, aggregate, then write 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from histotransfer import lineage
 from histotransfer.atomic import atomic_path
 from histotransfer.config import PredictSettings
+from histotransfer.cpus import available_cpus
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
 from histotransfer.errors import ManifestError
 from histotransfer.layout import PredictionLayout, slide_file
@@ -100,7 +100,7 @@ def predict_cohort(
     """Classify every slide; failures are recorded in ``predictions.csv``, never raised."""
     out = PredictionLayout(Path(out_dir))
     spec = bundle.spec
-    readers = readers or min(8, os.cpu_count() or 1)
+    readers = readers or min(8, available_cpus())
 
     def stage_config(record: SlideRecord, identity: dict | None = None) -> dict[str, Any]:
         slide = lineage.resume_identity(record.path, identity)  # a slide replaced at its path: again

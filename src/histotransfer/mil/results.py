@@ -1,6 +1,6 @@
 """A finished MIL result and its ROC curves, read back from the files the MIL stage wrote. Torch-free:
 the report, export's choice of model and the pipelines' metrics read results without importing torch
-(histotransfer.mil.study, which trains them, re-exports all of this)."""
+(histotransfer.mil.crossval, which trains them, re-exports all of this)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from histotransfer.layout import MILLayout
 from histotransfer.provenance import read_json
@@ -86,3 +86,28 @@ def class_rocs(
             fpr, tpr, _ = roc_curve(positive, probs[:, k])
             curves[name] = (fpr, tpr, float(roc_auc_score(positive, probs[:, k])))
     return curves
+
+
+def classification_summary(mil_dir: Path) -> dict[str, Any]:
+    """What a UI shows for a MIL result: scalar metrics, the pooled ROC, the confusion matrix."""
+    result = MILResult.load(mil_dir)
+    metrics, classes = result.metrics, result.metrics["classes"]
+    y, probs, predicted = result.oof_predictions()
+    matrix = confusion_matrix(y, predicted, labels=list(range(len(classes)))).tolist()
+    roc = None
+    if (curve := binary_roc(y, probs)) is not None:
+        fpr, tpr, thresholds = curve
+        thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is +inf
+        roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
+    scalars = {
+        name: entry["value"] for name, entry in metrics["pooled"].items() if entry.get("value") is not None
+    }
+    if metrics["localisation"]["mean_auroc"] is not None:
+        scalars["localisation_auroc"] = metrics["localisation"]["mean_auroc"]
+    return {
+        "encoder": metrics["encoder_id"],
+        "metrics": scalars,
+        "classes": classes,
+        "confusion_matrix": matrix,
+        "roc": roc,
+    }

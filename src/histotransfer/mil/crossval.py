@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from histotransfer import __version__, lineage
 from histotransfer.atomic import atomic_dir, atomic_path, write_text_atomic
-from histotransfer.config import EvaluationConfig, MILConfig
+from histotransfer.config import EvaluationConfig, MILConfig, results_of
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.layout import (
     ENCODER_ID,
@@ -91,7 +91,7 @@ def _stage_config(
     trains again when any feature file was made again, differently)."""
     return {
         "stage": "mil",
-        "mil": mil.model_dump(mode="json"),
+        "mil": results_of("mil", mil),
         "evaluation": evaluation.model_dump(mode="json"),
         "cohort": [(r.slide_id, r.label, r.patient_id, r.split) for r in records],
         "features": {k: fs.digest for k, fs in feature_sets.items()},

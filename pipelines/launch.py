@@ -47,9 +47,9 @@ KFP_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def build(name: str, options: PipelineOptions):
-    from pipelines import inference, study
+    from pipelines import inference_pipeline, study_pipeline
 
-    return {"study": study.build, "inference": inference.build}[name](options)
+    return {"study": study_pipeline.build, "inference": inference_pipeline.build}[name](options)
 
 
 def compile_pipeline(name: str, path: Path, options: PipelineOptions | None = None) -> Path:
@@ -126,7 +126,7 @@ def check_parameters(pipeline: str, given: dict[str, Any], inputs: dict[str, Any
 
 def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str, Any]:
     """Run arguments: the config file's sections (study), then --param overrides; validated."""
-    from histotransfer.stages.orchestration import SECTIONS, study_config
+    from histotransfer.stages.adapter import SECTIONS, study_config
 
     inputs = parameters(pipeline)
     given = parse_assignments(params, option="--param")  # mil={epochs: 5}, shards=8
@@ -302,9 +302,16 @@ def submit(args: argparse.Namespace) -> str:
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """The compile-time options as flags; their defaults are PipelineOptions' (one source)."""
+    defaults = PipelineOptions()
+    selector = "=".join(defaults.gpu_node_selector or ())
     p.add_argument("--no-gpu", action="store_true", help="no GPU requests (CPU-only clusters)")
-    p.add_argument("--gpu-node-selector", default="nvidia.com/gpu.present=true", help="KEY=VALUE or ''")
-    p.add_argument("--gpu-toleration", default="nvidia.com/gpu", help="taint key GPU steps tolerate, or ''")
+    p.add_argument("--gpu-node-selector", default=selector, help="KEY=VALUE or '' (default: %(default)s)")
+    p.add_argument(
+        "--gpu-toleration",
+        default=defaults.gpu_toleration or "",
+        help="taint key GPU steps tolerate, or '' (default: %(default)s)",
+    )
     p.add_argument("--gcs-secret", help="Kubernetes secret holding key.json (default: workload identity)")
 
 

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from histotransfer import errors, stages
 from histotransfer.config import StudyConfig
@@ -17,19 +18,13 @@ from histotransfer.layout import StudyLayout
 from histotransfer.manifest import SlideRecord
 from histotransfer.outputs import claim_output
 from histotransfer.runner import StageResult
+from histotransfer.stages.fanout import FanOut, T, fan_out
+
+if TYPE_CHECKING:
+    from histotransfer.mil.results import MILResult
+    from histotransfer.stages.finetune import FinetuneOutputs
 
 log = logging.getLogger(__name__)
-# what one encoder's stage can fail with while the others go on (its inputs, its folder, its training)
-STAGE_ERRORS = (
-    errors.ArtifactError,
-    errors.ExportError,
-    errors.FeaturesError,
-    errors.LineageError,
-    errors.OutputError,
-    errors.SplitError,
-    errors.TrainingError,
-    errors.WeightsError,
-)
 
 
 @dataclass
@@ -42,9 +37,10 @@ class StudyOutputs:
     cka: list[Path] = field(default_factory=list)  # cka/{a}__{b}.json files
     bundle: Path | None = None  # onnx/{name}/: the best model, for `histotransfer predict`
 
-    def record(self, what: str, exc: Exception) -> None:
-        log.error("%s failed: %s", what, exc)
-        self.errors[what] = f"{type(exc).__name__}: {exc}"
+    def add(self, done: FanOut[T]) -> FanOut[T]:
+        """Record a fan-out's failures beside the others'."""
+        self.errors |= done.errors
+        return done
 
 
 def study_layout(config: StudyConfig) -> StudyLayout:
@@ -78,7 +74,7 @@ def check_cohort(config: StudyConfig, records: Sequence[SlideRecord]) -> None:
     """What can be known about the cohort before the first slide is tiled: it has two classes and
     splits into the configured folds, and slides on gs:// can be read (credentials). Each is the error
     a stage would raise hours later."""
-    from histotransfer.mil.study import study_folds
+    from histotransfer.mil.crossval import study_folds
     from histotransfer.storage import gcs_client
 
     if len(labels := sorted({r.label for r in records})) < 2:
@@ -97,35 +93,35 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
     records = stages.cohort(layout, config)
     check_cohort(config, records)
     outputs.stages["tile"] = stages.tile(layout, config, records, overwrite=overwrite)
-    for spec in config.extraction.encoders:
-        extracted = stages.extract(layout, config, records, spec.id, overwrite=overwrite)
-        outputs.stages[f"extract {spec.id}"] = extracted.result
-        try:
-            outputs.mil.append(stages.train(layout, config, records, spec.id, overwrite=overwrite))
-        except STAGE_ERRORS as exc:
-            outputs.record(f"{spec.id} (mil)", exc)
-    trained = {r.encoder_id for r in outputs.mil}
-    for encoder_id in config.finetune.encoders:
-        if encoder_id not in trained:
-            outputs.errors[f"{encoder_id} (fine-tuning)"] = "its frozen-feature MIL did not finish"
-            continue
-        try:
-            tuned = stages.finetune(layout, config, records, encoder_id, overwrite=overwrite)
-        except STAGE_ERRORS as exc:
-            outputs.record(f"{encoder_id} (fine-tuning)", exc)
-            continue
+
+    def frozen(encoder_id: str) -> MILResult:
+        extracted = stages.extract(layout, config, records, encoder_id, overwrite=overwrite)
+        outputs.stages[f"extract {encoder_id}"] = extracted.result
+        return stages.train(layout, config, records, encoder_id, overwrite=overwrite)
+
+    mil = outputs.add(fan_out([spec.id for spec in config.extraction.encoders], frozen, what="mil"))
+    outputs.mil.extend(mil.results.values())
+    waiting = [e for e in config.finetune.encoders if e in mil.results]
+    for encoder_id in (e for e in config.finetune.encoders if e not in mil.results):
+        outputs.errors[f"{encoder_id} (fine-tuning)"] = "its frozen-feature MIL did not finish"
+
+    def finetune(encoder_id: str) -> FinetuneOutputs:
+        tuned = stages.finetune(layout, config, records, encoder_id, overwrite=overwrite)
         for fold, stage in tuned.extraction.items():
             outputs.stages[f"extract {tuned.finetuned_id} fold{fold}"] = stage
         outputs.mil.append(tuned.mil)
-        try:
-            outputs.cka.append(stages.cka(layout, config, records, encoder_id))
-        except STAGE_ERRORS as exc:
-            outputs.record(f"{encoder_id} (cka)", exc)
+        return tuned
+
+    tuned = outputs.add(fan_out(waiting, finetune, what="fine-tuning"))
+    cka = outputs.add(fan_out(tuned.results, lambda e: stages.cka(layout, config, records, e), what="cka"))
+    outputs.cka.extend(cka.results.values())
     if config.export.enabled and outputs.mil:
-        try:
+
+        def export(name: str) -> Path:
             best = stages.best_mil_result(layout, outputs.mil)
-            outputs.bundle = stages.export(layout, config, mil_dir=best, overwrite=overwrite).path
-        except STAGE_ERRORS as exc:
-            outputs.record("export", exc)
+            return stages.export(layout, config, mil_dir=best, overwrite=overwrite).path
+
+        exported = outputs.add(fan_out([config.export.name], export, what="export"))
+        outputs.bundle = exported.results.get(config.export.name)
     outputs.report = stages.report(layout, results=outputs.mil, cka=outputs.cka, bundle=outputs.bundle)
     return outputs

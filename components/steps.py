@@ -1,7 +1,8 @@
 """The study's components, one per stage. Lightweight components: KFP ships each function's source,
-so bodies import what they use; artifacts carry the study layout (histotransfer.stages.orchestration)."""
+so bodies import what they use; artifacts carry the study layout (histotransfer.stages.adapter)."""
 
 import functools
+from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -12,12 +13,13 @@ component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_packa
 
 
 @component
-def make_cohort(manifest: str, sample_data: dict, cohort: Output[Dataset]):
+def make_cohort(sample_data: dict, cohort: Output[Dataset], manifest: Optional[str] = None):  # noqa: UP045
     """The cohort: the user's manifest (local path or gs:// URI; slide paths absolute or gs://), or
-    the sample cohort built from real H&E pixels when ``manifest`` is empty."""
-    from histotransfer.stages import orchestration as o
+    the sample cohort built from real H&E pixels when ``manifest`` is not given."""
+    from histotransfer.stages import adapter as a
 
-    stats = o.call(o.make_cohort, cohort.path, manifest=manifest, sample_data=sample_data)
+    sections = {"sample_data": sample_data}
+    stats = a.call(a.run_stage, "cohort", [], cohort.path, sections=sections, manifest=manifest)
     cohort.metadata.update(stats)
 
 
@@ -25,41 +27,42 @@ def make_cohort(manifest: str, sample_data: dict, cohort: Output[Dataset]):
 @component
 def plan_tiles(cohort: Input[Dataset], shards: int) -> list:
     """Tile shards: [{"shard": i, "shards": n}, ...] (at most one per slide)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    return o.call(o.plan, cohort.path, shards=shards)[0]
+    return a.call(a.plan, cohort.path, shards=shards)[0]
 
 
 @component
 def plan_extraction(cohort: Input[Dataset], shards: int, extraction: dict) -> list:
     """Extraction items: one per (encoder, shard)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    return o.call(o.plan, cohort.path, shards=shards, extraction=extraction)[1]
+    return a.call(a.plan, cohort.path, shards=shards, extraction=extraction)[1]
 
 
 @component
 def list_encoders(extraction: dict) -> list:
     """The encoder ids of the extraction section, validated."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    return [e.id for e in o.study_config(extraction=extraction).extraction.encoders]
+    return [e.id for e in a.study_config(extraction=extraction).extraction.encoders]
 
 
 @component
 def tile_shard(cohort: Input[Dataset], item: dict, tiling: dict, tiles: Output[Dataset]):
     """Tile one shard of the cohort's slides (h5 + QC picture per slide)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    tiles.metadata.update(o.call(o.tile_shard, cohort.path, tiles.path, item=item, tiling=tiling))
+    stats = a.call(a.run_stage, "tile", [cohort.path], tiles.path, sections={"tiling": tiling}, item=item)
+    tiles.metadata.update(stats)
 
 
 @component
 def merge_shards(parts: Input[list[Dataset]], merged: Output[Dataset]):
     """One artifact from the shards of a slide-parallel stage (per-shard summaries become one)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    merged.metadata["files"] = len(o.call(o.merge, [p.path for p in parts], merged.path))
+    merged.metadata["files"] = len(a.call(a.merge, [p.path for p in parts], merged.path))
 
 
 @component
@@ -67,12 +70,12 @@ def extract_shard(
     cohort: Input[Dataset], tiles: Input[Dataset], item: dict, extraction: dict, features: Output[Dataset]
 ):
     """Patch features of one shard's slides with one encoder (GPU when the node has one)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    stats = o.call(
-        o.extract_shard, [cohort.path, tiles.path], features.path, item=item, extraction=extraction
-    )
-    features.metadata.update(stats | {"encoder": item["encoder"]})
+    inputs = [cohort.path, tiles.path]
+    sections = {"extraction": extraction}
+    stats = a.call(a.run_stage, "extract", inputs, features.path, sections=sections, item=item)
+    features.metadata.update(stats)
 
 
 @component
@@ -88,16 +91,11 @@ def train_mil(
     classification: Output[ClassificationMetrics],
 ):
     """Cross-validated attention-MIL on one encoder's features: checkpoints, predictions, heatmaps."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    summary = o.call(
-        o.train,
-        [cohort.path, tiles.path, features.path],
-        model.path,
-        encoder=encoder,
-        mil=mil,
-        evaluation=evaluation,
-    )
+    inputs = [cohort.path, tiles.path, features.path]
+    sections = {"mil": mil, "evaluation": evaluation}
+    summary = a.call(a.run_stage, "train", inputs, model.path, sections=sections, encoder=encoder)
     model.metadata["encoder"] = encoder
     for name, value in summary["metrics"].items():
         metrics.log_metric(name, value)
@@ -110,9 +108,9 @@ def train_mil(
 @component
 def merge_models(parts: Input[list[Model]], merged: Output[Model]):
     """The MIL results of every encoder in one artifact."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    merged.metadata["files"] = len(o.call(o.merge, [p.path for p in parts], merged.path))
+    merged.metadata["files"] = len(a.call(a.merge, [p.path for p in parts], merged.path))
 
 
 @component
@@ -129,17 +127,12 @@ def finetune_step(
     metrics: Output[Metrics],
 ):
     """Attention top-k fine-tuning of each `finetune.encoders` id in every fold, then MIL again."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    result = o.call(
-        o.finetune,
-        [cohort.path, tiles.path, features.path, mil_results.path],
-        finetuned.path,
-        extraction=extraction,
-        mil=mil,
-        finetune=finetune,
-        evaluation=evaluation,
-    )
+    inputs = [cohort.path, tiles.path, features.path, mil_results.path]
+    sections = {"extraction": extraction, "mil": mil, "finetune": finetune, "evaluation": evaluation}
+    result = a.call(a.run_stage, "finetune", inputs, finetuned.path, sections=sections)
+    finetuned.metadata["errors"] = result["errors"]
     for encoder, values in result["metrics"].items():
         for name, value in values.items():
             metrics.log_metric(f"{encoder}/{name}", value)
@@ -156,17 +149,11 @@ def cka_step(
     comparison: Output[Dataset],
 ):
     """Layer-by-layer CKA of each frozen encoder against its fine-tuned version."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    names = o.call(
-        o.cka,
-        [cohort.path, tiles.path, finetuned.path],
-        comparison.path,
-        extraction=extraction,
-        finetune=finetune,
-        cka=cka,
-    )
-    comparison.metadata["files"] = names
+    inputs = [cohort.path, tiles.path, finetuned.path]
+    sections = {"extraction": extraction, "finetune": finetune, "cka": cka}
+    comparison.metadata.update(a.call(a.run_stage, "cka", inputs, comparison.path, sections=sections))
 
 
 @component
@@ -179,15 +166,11 @@ def export_step(
     bundle: Output[Model],
 ):
     """The study's best model as an ONNX bundle (encoder.onnx, aggregator.onnx, bundle.json)."""
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    info = o.call(
-        o.export,
-        [tiles.path, mil_results.path, finetuned.path],
-        bundle.path,
-        export=export,
-        extraction=extraction,
-    )
+    inputs = [tiles.path, mil_results.path, finetuned.path]
+    sections = {"export": export, "extraction": extraction}
+    info = a.call(a.run_stage, "export", inputs, bundle.path, sections=sections)
     bundle.metadata.update(
         {"encoder": info["encoder"], "fold": info["fold"]}
         | {f"parity_{k}": v.max_rel for k, v in info["parity"].items()}
@@ -211,10 +194,10 @@ def report_step(
     from pathlib import Path
 
     from histotransfer.report import inline_images
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
     inputs = [tiles.path, mil_results.path, finetuned.path, comparison.path, bundle.path]
-    index = o.call(o.report, inputs, report_dir.path)
+    index = a.call(a.report_folder, inputs, report_dir.path)
     Path(report.path).write_text(inline_images(index), encoding="utf-8")
     Path(summary.path).write_text((index.parent / "summary.md").read_text(encoding="utf-8"), encoding="utf-8")
     Path(lineage.path).write_text((index.parent / "lineage.md").read_text(encoding="utf-8"), encoding="utf-8")
@@ -225,9 +208,9 @@ def predict_step(bundle: Input[Model], slides: str, predictions: Output[Dataset]
     """Classify new slides (a slide, a gs:// URI or a manifest) with an ONNX bundle; no torch."""
     from pathlib import Path
 
-    from histotransfer.stages import orchestration as o
+    from histotransfer.stages import adapter as a
 
-    result = o.call(o.predict, bundle.path, slides, predictions.path)
+    result = a.call(a.classify, bundle.path, slides, predictions.path)
     predictions.metadata.update({k: v for k, v in result.items() if k != "predictions"})
     table = (Path(predictions.path) / "predictions.csv").read_text(encoding="utf-8").strip().splitlines()
     rows = ["| " + " | ".join(line.split(",")) + " |" for line in table]

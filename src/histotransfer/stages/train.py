@@ -1,0 +1,97 @@
+"""The MIL stage: cross-validated attention-MIL on one encoder's features."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from histotransfer import lineage
+from histotransfer.config import StudyConfig
+from histotransfer.errors import FeaturesError
+from histotransfer.layout import SUMMARY, StudyLayout
+from histotransfer.manifest import SlideRecord, read_manifest
+from histotransfer.outputs import claim_output
+from histotransfer.stages.common import going_on, tiled
+
+if TYPE_CHECKING:
+    from histotransfer.mil.crossval import LesionMasks
+    from histotransfer.mil.results import MILResult
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    layout: StudyLayout,
+    config: StudyConfig,
+    records: Sequence[SlideRecord],
+    encoder_id: str,
+    *,
+    folds: Sequence[int] | None = None,
+    overwrite: bool = False,
+) -> MILResult:
+    """Cross-validated attention-MIL on one encoder's features: ``mil/{encoder_id}/``. ``folds``: the
+    fine-tuning stage's per-fold features (``features/{id}+ft/fold{k}/``: fold k's slides encoded by
+    fold k's encoder, on the folds that stage checked against the frozen MIL result)."""
+    from histotransfer.mil.crossval import train_mil
+
+    tiles = layout.tiles if layout.has("tiles") else None
+    folder = layout.features_dir(encoder_id)
+    if (
+        folds is None
+        and folder.is_dir()
+        and not any(folder.glob("*.h5"))
+        and (inner := sorted(folder.glob("*/*.h5")))
+    ):
+        names = sorted({p.parent.name for p in inner})
+        if all(name.startswith("fold") for name in names):
+            raise FeaturesError(
+                f"{folder} holds the per-fold features of a fine-tuned encoder ({', '.join(names)}): "
+                "`histotransfer finetune` trains MIL on them (each fold's slides with that fold's encoder)"
+            )
+        raise FeaturesError(
+            f"{folder} holds the features of encoders ({', '.join(names[:5])}), not features: give "
+            f"--features one encoder's folder, e.g. {folder / names[0]}"
+        )
+    claim_output(layout.mil, "mil", inputs=[folder, tiles], lock=layout.mil_result(encoder_id).dir)
+    dirs = {None: folder} if folds is None else {k: layout.features_dir(encoder_id, k) for k in folds}
+    usable = tiled(layout, records)
+    for k, d in dirs.items():
+        usable = going_on(
+            usable, d / SUMMARY, f"extraction with {encoder_id}" + (f" fold {k}" if k is not None else "")
+        )
+    if records and not usable:
+        raise FeaturesError(
+            f"no slide has features for {encoder_id}: every one failed in tiling or extraction (see the "
+            f"summary.csv in {tiles or 'the tiles folder'} and {layout.features_dir(encoder_id)})"
+        )
+    tiles_made = lineage.check_tiles(tiles, usable) if tiles is not None else None
+    features = {
+        k: lineage.check_features(d, usable, encoder_id=encoder_id, tiles=tiles_made) for k, d in dirs.items()
+    }
+    return train_mil(
+        usable,
+        features_dir=folder if folds is None else dict(dirs),
+        out_dir=layout.mil,
+        mil=config.mil,
+        evaluation=config.evaluation,
+        tiles_dir=tiles,  # without: no heatmaps, no localisation
+        lesion_masks=lesion_masks(layout),
+        overwrite=overwrite,
+        feature_sets=features,
+    )
+
+
+def for_artifacts(layout: StudyLayout, config: StudyConfig, *, encoder: str) -> dict[str, Any]:
+    """Orchestrators: MIL for one encoder; its metrics, pooled ROC and confusion matrix."""
+    from histotransfer.mil.results import classification_summary
+
+    result = train(layout, config, read_manifest(layout.manifest), encoder)
+    return classification_summary(result.out_dir)
+
+
+def lesion_masks(layout: StudyLayout) -> LesionMasks | None:
+    """The sample cohort's lesion masks beside the manifest (localisation), if it has them."""
+    from histotransfer.mil.crossval import LesionMasks
+
+    return LesionMasks.beside(layout.manifest)
