@@ -4,16 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 DEMO_DIR ?= runs/demo
-# The images (containers/Dockerfile); components/image.py names the same tag, tests check they agree.
-REGISTRY ?= ghcr.io/histotransfer
-VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-IMAGE_CPU := $(REGISTRY)/histotransfer:$(VERSION)
-IMAGE_GPU := $(REGISTRY)/histotransfer:$(VERSION)-gpu
-IMAGE_PREDICT := $(REGISTRY)/histotransfer:$(VERSION)-predict
+# The images (containers/Dockerfile), named by components/image.py (registry: HISTOTRANSFER_REGISTRY).
+IMAGE_CPU = $(shell $(BIN)/python -m components.image cpu)
+IMAGE_GPU = $(shell $(BIN)/python -m components.image gpu)
+IMAGE_PREDICT = $(shell $(BIN)/python -m components.image predict)
 IMAGE_BUILD_ARGS ?=
 
 .PHONY: setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
-	dvc-repro dvc-remote
+	dvc-repro dvc-remote dvc-yaml
 
 setup: $(STAMP)
 
@@ -71,6 +69,9 @@ pipeline-compile: setup
 
 pipeline-local: setup
 	$(BIN)/histotransfer pipeline run-local --config params.yaml --pipeline-root runs/kfp-local
+
+dvc-yaml: setup  # dvc.yaml from the stage list (pipelines/dvc_stages.py); a test fails when it is stale
+	$(BIN)/python -m pipelines.dvc_stages dvc.yaml
 
 dvc-repro: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

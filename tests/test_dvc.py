@@ -69,9 +69,17 @@ def project(tmp_path_factory):
     return root, env, first
 
 
+def test_the_committed_dvc_yaml_is_the_generated_one():
+    """dvc.yaml is generated (`make dvc-yaml`) from the stage list, the layout, the imports and the
+    config schema; a hand edit or a code move that changes what a stage runs makes this fail."""
+    from pipelines.dvc_stages import render
+
+    assert (REPO / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `make dvc-yaml`"
+
+
 # each DVC stage's command and the stage function behind it
 STAGE_ENTRY_POINTS = {
-    "cohort": ("cmd_sample_data", "sample_cohort"),
+    "cohort": ("cmd_cohort", "cohort"),
     "tile": ("cmd_tile", "tile"),
     "extract": ("cmd_extract", "extract"),
     "train": ("cmd_train", "train"),
@@ -84,16 +92,33 @@ STAGE_ENTRY_POINTS = {
 
 def test_every_stage_depends_on_every_module_it_can_run():
     """Regression: stages' deps were listed by hand and missed modules that change their output (config,
-    manifest, provenance, heatmaps, ...), so DVC kept a stale result after those changed. Now they are
-    checked against the modules each stage's command can import."""
+    manifest, provenance, heatmaps, ...), so DVC kept a stale result after those changed. The generated
+    deps (subpackages) cover every module the stage's command and function can import."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(stages) == set(STAGE_ENTRY_POINTS)
     for name, (command, stage) in STAGE_ENTRY_POINTS.items():
         declared = stages[name].get("do", stages[name])["deps"]
-        needed = modules_of(("histotransfer.cli", command), ("histotransfer.stages", stage))
+        needed = modules_of(("histotransfer.cli", command), (f"histotransfer.stages.{stage}", stage))
         assert "src/histotransfer/layout.py" in needed
         missing = sorted(m for m in needed if not any(m == d or m.startswith(f"{d}/") for d in declared))
         assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)
+
+
+def test_params_are_the_settings_that_change_results():
+    """A speed setting (batch size, workers, backend, the bag cache) is no stage's param: changing it
+    reruns nothing; every other key of a section a stage reads is one."""
+    from histotransfer.config import SPEED_ONLY, StudyConfig
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = {name: set(s.get("do", s).get("params", [])) for name, s in stages.items()}
+    speed = {f"{section}.{key}" for section, keys in SPEED_ONLY.items() for key in keys}
+    assert not speed & set().union(*params.values())
+    assert {"extraction.precision", "extraction.encoders", "mil.epochs", "evaluation"} <= params[
+        "train"
+    ] | params["extract"]
+    for section in SPEED_ONLY:
+        fields = set(StudyConfig.model_fields[section].annotation.model_fields)
+        assert fields - SPEED_ONLY[section]  # every section keeps keys that matter
 
 
 @pytest.mark.integration
@@ -135,6 +160,54 @@ def test_metrics_plots_params_and_experiments(project):
     assert bundle["encoder"]["precision"] == "fp16"
     diff = sh(["dvc", "params", "diff"], root, env).stdout
     assert re.search(r"export\.fp16\s+False\s+True", diff)
+
+
+@pytest.mark.integration
+def test_a_speed_setting_leaves_the_pipeline_up_to_date(project):
+    root, env, _ = project
+    params = root / "params.yaml"
+    before = params.read_text()
+    config = yaml.safe_load(before)
+    config["extraction"].update(batch_size=7, num_workers=1)
+    config["mil"]["bag_cache_gb"] = 1.0
+    params.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        status = sh(["dvc", "status"], root, env).stdout
+    finally:
+        params.write_text(before)
+    assert "Data and pipelines are up to date." in status, status
+
+
+@pytest.mark.integration
+def test_the_cohort_stage_takes_a_users_manifest(project, tmp_path):
+    """params.yaml's manifest (slide paths relative to it, here) becomes the cohort: a copy of its rows
+    with absolute paths, no sample cohort built; tiling runs on its slides."""
+    root, env, _ = project
+    own = tmp_path / "own"
+    shutil.copytree(root / "study" / "cohort" / "slides", own / "slides")
+    rows = (root / "study" / "cohort" / "manifest.csv").read_text().splitlines()
+    header, body = rows[0].split(","), [r.split(",") for r in rows[1:4]]
+    path_col = header.index("path")
+    for row in body:
+        row[path_col] = "slides/" + Path(row[path_col]).name
+    (own / "cohort.csv").write_text("\n".join(",".join(r) for r in [header, *body]) + "\n")
+    user = tmp_path / "user-project"
+    user.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, user / name)
+    shutil.copytree(
+        REPO / ".dvc", user / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local")
+    )
+    shutil.copytree(REPO / "src" / "histotransfer", user / "src" / "histotransfer")
+    params = small_params() | {"manifest": str(own / "cohort.csv")}
+    (user / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], user)
+    sh(["dvc", "repro", "tile"], user, env)
+    cohort = user / "study" / "cohort"
+    assert not (cohort / "slides").exists()  # a copy of the user's rows, not the sample cohort
+    copied = (cohort / "manifest.csv").read_text()
+    assert str(own / "slides") in copied
+    assert len(list((user / "study" / "tiles").glob("*.h5"))) == 3
 
 
 def readme_recipe() -> list[str]:
