@@ -10,34 +10,34 @@ IMAGE_GPU = $(shell $(BIN)/python -m components.image gpu)
 IMAGE_PREDICT = $(shell $(BIN)/python -m components.image predict)
 IMAGE_BUILD_ARGS ?=
 
-.PHONY: setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
+.PHONY: help setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
 	dvc-repro dvc-remote dvc-yaml
 
-setup: $(STAMP)
+setup: $(STAMP)  ## create .venv with the package and its dev extra (the default goal)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-test: setup lint
+test: setup lint  ## lint and the whole test suite, as CI runs it (~18 min fresh, 2 cores)
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup  ## the tests not marked integration or docker (~2.5 min)
 	$(BIN)/python -m pytest -m "not integration and not docker"
 
-demo: setup
+demo: setup  ## the study on the embedded sample cohort, into DEMO_DIR (runs/demo)
 	$(BIN)/histotransfer run --config params.yaml --output-dir $(DEMO_DIR)
 
-lint: setup
+lint: setup  ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: setup
+format: setup  ## ruff fix + format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup
+bench: setup  ## the benchmarks (numbers and sizing: benchmarks/README.md)
 	$(BIN)/python benchmarks/bench_tiling.py
 	$(BIN)/python benchmarks/bench_extract.py --encoder efficientnet_lite0 --encoder resnet50@layer3+random \
 		--encoder resnet18+random
@@ -46,42 +46,46 @@ bench: setup
 	$(BIN)/python benchmarks/bench_cka.py
 	$(BIN)/python benchmarks/bench_models.py --model lunit_vits8 --model phikon --model conch --seconds 3
 
-bench-models: setup  # every foundation model (about 12 minutes on 2 cores)
+bench-models: setup  ## every foundation model's speed (about 12 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench_models.py
 
 # IMAGE_BUILD_ARGS: options for docker build, e.g. --build-arg PIP_INDEX_URL=... for an internal mirror
-image:
+image:  ## build the cpu image (needs a Docker engine)
 	containers/build.sh cpu $(IMAGE_CPU) $(IMAGE_BUILD_ARGS)
 
-image-gpu:
+image-gpu:  ## build the gpu image, the one the pipelines use
 	containers/build.sh gpu $(IMAGE_GPU) $(IMAGE_BUILD_ARGS)
 
-image-predict:
+image-predict:  ## build the slim predict image (no torch)
 	containers/build.sh predict $(IMAGE_PREDICT) $(IMAGE_BUILD_ARGS)
 
-push: image image-gpu image-predict
+push: image image-gpu image-predict  ## build and push the three images to REGISTRY (make push REGISTRY=ghcr.io/you)
 	docker push $(IMAGE_CPU)
 	docker push $(IMAGE_GPU)
 	docker push $(IMAGE_PREDICT)
 
-pipeline-compile: setup
+pipeline-compile: setup  ## rewrite pipelines/*.yaml (KFP)
 	$(BIN)/histotransfer pipeline compile
 
-pipeline-local: setup
+pipeline-local: setup  ## run the KFP study pipeline here, without a cluster
 	$(BIN)/histotransfer pipeline run-local --config params.yaml --pipeline-root runs/kfp-local
 
-dvc-yaml: setup  # dvc.yaml from the stage list (pipelines/dvc_stages.py); a test fails when it is stale
+dvc-yaml: setup  ## regenerate dvc.yaml from the stages (pipelines/dvc_stages.py; a test fails when stale)
 	$(BIN)/python -m pipelines.dvc_stages dvc.yaml
 
-dvc-repro: setup
+dvc-repro: setup  ## dvc repro: the study under study/
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 # A local DVC remote for the demo (outside the repository; recorded in .dvc/config.local, not committed).
 DVC_REMOTE ?= $(HOME)/.cache/histotransfer/dvc-remote
-dvc-remote: setup
+dvc-remote: setup  ## a local DVC remote for the demo
 	mkdir -p $(DVC_REMOTE)
 	$(BIN)/dvc remote add --local --default --force demo $(DVC_REMOTE)
 	@echo "remote 'demo' -> $(DVC_REMOTE): dvc push / dvc pull"
 
-clean:
+clean:  ## remove DEMO_DIR and the tool caches
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+
+# `make help`: every target with the `## ` description on its line. `make` alone still runs setup.
+help:  ## list the targets with one line each
+	@awk -F':.*## ' '/^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)

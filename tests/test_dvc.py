@@ -1,6 +1,7 @@
 """The study as a DVC pipeline, in a fresh git repository holding this repository's dvc.yaml: dvc repro
 runs it (a small config), a second repro does nothing, metrics/params/plots/experiments work, and the
-README's GCS recipes round-trip slides and the study's data byte for byte through a GCS emulator."""
+guide's GCS recipes (docs/dvc-and-gcs.md) round-trip slides and the study's data byte for byte through a
+GCS emulator."""
 
 import hashlib
 import os
@@ -210,15 +211,15 @@ def test_the_cohort_stage_takes_a_users_manifest(project, tmp_path):
     assert len(list((user / "study" / "tiles").glob("*.h5"))) == 3
 
 
-def readme_recipe() -> list[str]:
-    """The README's GCS recipe: the bash block that adds a gs:// remote."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+def guide_recipe() -> list[str]:
+    """The guide's GCS recipe (docs/dvc-and-gcs.md): the bash block that adds a gs:// remote."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "dvc-and-gcs.md").read_text(), re.S)
     block = next(b for b in blocks if "dvc remote add -d gcs" in b)
     return [line.split("#")[0].strip() for line in block.strip().splitlines()]
 
 
 @pytest.mark.integration
-def test_readme_gcs_recipe_round_trips_slides_and_study_byte_for_byte(project, sample_cohort):
+def test_guide_gcs_recipe_round_trips_slides_and_study_byte_for_byte(project, sample_cohort):
     from gcp_storage_emulator.server import create_server
     from google.cloud import storage
 
@@ -238,7 +239,7 @@ def test_readme_gcs_recipe_round_trips_slides_and_study_byte_for_byte(project, s
         bucket = storage.Client().bucket(BUCKET)
         for path in slides[:2]:
             bucket.blob(f"cohort/slides/{path.name}").upload_from_filename(str(path))
-        for line in readme_recipe():  # add, import-url, remote add, push, pull: as a user types them
+        for line in guide_recipe():  # add, import-url, remote add, push, pull: as a user types them
             sh(line.replace("my-bucket", BUCKET).split(), root, env)
         before = {name: digests(root / name) for name in ("slides", "gcs-slides", "study")}
         assert len(before["gcs-slides"]) == 2

@@ -590,14 +590,14 @@ def test_a_study_of_two_foundation_models_with_a_truncation_sweep(tmp_path, smal
     assert (study / "report" / "figures" / "truncation.png").stat().st_size > 1000  # the sweep's curve
 
 
-def test_the_readme_table_is_what_histotransfer_encoders_prints(capsys):
+def test_the_guide_table_is_what_histotransfer_encoders_prints(capsys):
     from pathlib import Path
 
     from histotransfer.cli import main
 
     assert main(["encoders", "--markdown"]) == 0
     table = capsys.readouterr().out.strip()
-    assert table in (Path(__file__).parent.parent / "README.md").read_text()
+    assert table in (Path(__file__).parent.parent / "docs" / "encoders.md").read_text()
     assert main(["encoders"]) == 0
     listing = capsys.readouterr().out
     assert "virchow2" in listing

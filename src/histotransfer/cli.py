@@ -1,6 +1,6 @@
 """The `histotransfer` command line: thin adapters from flags to library calls.
 
-Exit status, decided in ``main`` only (the README's table):
+Exit status, decided in ``main`` only (the table in docs/command-line.md, "Exit status"):
   0    success
   1    some slides failed, the rest finished (their summary.csv says why); for `run`, also a stage
        that failed for one encoder while the others finished; for `verify`, an artifact that no
@@ -180,7 +180,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     from histotransfer.features.registry import encoder_table
 
     rows = encoder_table()
-    if args.markdown:  # the README's table
+    if args.markdown:  # the table in docs/encoders.md
         print("| " + " | ".join(ENCODER_COLUMNS.values()) + " |")
         print("|" + "---|" * len(ENCODER_COLUMNS))
         for row in rows:
@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "encoders", help="list architectures: width, input, um/px, token rule, cut points, weights"
     )
-    p.add_argument("--markdown", action="store_true", help="as the README's markdown table")
+    p.add_argument("--markdown", action="store_true", help="as the markdown table in docs/encoders.md")
     p.set_defaults(func=cmd_encoders)
 
     p = sub.add_parser("run", help="run the whole study (default config: the embedded demo)")

@@ -277,8 +277,8 @@ class TilingConfig(_Section):
 
 
 class SampleDataConfig(_Section):
-    """The embedded sample cohort, built from real H&E pixels (see histotransfer.wsi.sample_data and the
-    README's "The sample cohort"). The defaults make a cohort on which encoders can differ."""
+    """The embedded sample cohort, built from real H&E pixels (see histotransfer.wsi.sample_data and
+    docs/study.md, "The sample cohort"). The defaults make a cohort on which encoders can differ."""
 
     enabled: bool = True
     n_slides: int = Field(24, ge=2, le=1_000)

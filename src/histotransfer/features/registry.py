@@ -478,7 +478,7 @@ def _cut_range(cuts: tuple[str, ...]) -> str:
 
 
 def encoder_table() -> list[dict[str, str]]:
-    """One row per architecture: what `histotransfer encoders` prints and the README's table shows."""
+    """One row per architecture: what `histotransfer encoders` prints and docs/encoders.md's table shows."""
     rows = []
     for name, spec in ARCHS.items():
         if spec.default_weights == "timm" or spec.default_weights.startswith("asset:"):
