@@ -70,8 +70,8 @@ pipeline-compile: setup  ## rewrite pipelines/*.yaml (KFP)
 pipeline-local: setup  ## run the KFP study pipeline here, without a cluster
 	$(BIN)/histotransfer pipeline run-local --config params.yaml --pipeline-root runs/kfp-local
 
-dvc-yaml: setup  ## regenerate dvc.yaml from the stages (pipelines/dvc_stages.py; a test fails when stale)
-	$(BIN)/python -m pipelines.dvc_stages dvc.yaml
+dvc-yaml: setup  ## regenerate dvc.yaml and params.yaml (pipelines/dvc_stages.py; a test fails when stale)
+	$(BIN)/python -m pipelines.dvc_stages .
 
 dvc-repro: setup  ## dvc repro: the study under study/
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -12,8 +12,10 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from histotransfer.config import DEMO_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = REPO / "params.yaml"
+PARAMS = DEMO_CONFIG  # the embedded demo (params.yaml is its copy): the pipelines' default parameters
 GCS_KEY_DIR = "/var/secrets/google"
 
 

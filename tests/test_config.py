@@ -1,6 +1,6 @@
 import pytest
 
-from histotransfer.config import ConfigError, StudyConfig, load_config
+from histotransfer.config import DEMO_CONFIG, ConfigError, StudyConfig, load_config
 
 
 def test_defaults_are_the_demo():
@@ -44,10 +44,8 @@ def test_override_into_a_value_is_an_error():
         load_config(None, {"tiling.target_mpp": 1.0, "tiling.target_mpp.x": 2})
 
 
-def test_params_yaml_is_valid_and_is_the_demo():
-    from pathlib import Path
-
-    params = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+def test_the_demo_config_is_valid_and_differs_from_the_schema_only_in_its_demo_choices():
+    params = load_config(DEMO_CONFIG)
     defaults = StudyConfig()
     assert params.model_dump(exclude={"finetune", "mil"}) == defaults.model_dump(exclude={"finetune", "mil"})
     assert params.mil == defaults.mil.model_copy(update={"seeds": 3})  # the demo shows the seed spread

@@ -70,12 +70,13 @@ def project(tmp_path_factory):
     return root, env, first
 
 
-def test_the_committed_dvc_yaml_is_the_generated_one():
+def test_the_committed_dvc_yaml_and_params_are_the_generated_ones():
     """dvc.yaml is generated (`make dvc-yaml`) from the stage list, the layout, the imports and the
     config schema; a hand edit or a code move that changes what a stage runs makes this fail."""
-    from pipelines.dvc_stages import render
+    from pipelines.dvc_stages import params_text, render
 
     assert (REPO / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `make dvc-yaml`"
+    assert (REPO / "params.yaml").read_text() == params_text(), "params.yaml is stale: `make dvc-yaml`"
 
 
 # each DVC stage's command and the stage function behind it
