@@ -27,7 +27,7 @@ test-fast: setup  ## the tests not marked integration or docker (~2.5 min)
 	$(BIN)/python -m pytest -m "not integration and not docker"
 
 demo: setup  ## the study on the embedded sample cohort, into DEMO_DIR (runs/demo)
-	$(BIN)/histotransfer run --config params.yaml --output-dir $(DEMO_DIR)
+	$(BIN)/histotransfer run --output-dir $(DEMO_DIR)
 
 lint: setup  ## ruff check + ruff format --check
 	$(BIN)/ruff check .

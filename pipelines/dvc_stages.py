@@ -134,9 +134,9 @@ def _module_file(module: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _imports(path: Path) -> set[str]:
-    """The package's modules that ``path`` imports at run time, at any level (function-level imports
-    included, ``if TYPE_CHECKING:`` blocks not)."""
+def _imports(path: Path, *, top_level: bool = False) -> set[str]:
+    """The package's modules that ``path`` imports at run time: at any level (function-level imports
+    included, ``if TYPE_CHECKING:`` blocks not), or ``top_level`` only."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = {
         id(n)
@@ -145,7 +145,7 @@ def _imports(path: Path) -> set[str]:
         for n in ast.walk(block)
     }
     found = set()
-    for node in ast.walk(tree):
+    for node in tree.body if top_level else ast.walk(tree):
         if id(node) in typing_only:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
@@ -166,17 +166,23 @@ def _home(module: str) -> str:
 
 def code_deps(stage: str) -> list[str]:
     """The subpackages (and root modules) that ``stage``'s module can run, following imports, and the
-    CLI that calls it (whose own imports reach the stage's code only through the stage)."""
-    todo = [f"{PACKAGE}.stages.{stage}"]
+    CLI that calls it with what it imports when it starts (its commands import the stages' libraries
+    when they run, which the stage's own imports cover)."""
+    cli = f"{PACKAGE}.cli"
+    todo = [f"{PACKAGE}.stages.{stage}", cli]
     seen: set[str] = set()
     while todo:
         module = todo.pop()
         if module in seen or (path := _module_file(module)) is None:
             continue
         seen.add(module)
-        if module != f"{PACKAGE}.stages":  # its __init__ imports every stage
-            todo += _imports(path)
-    return sorted({_home(m) for m in seen | {f"{PACKAGE}.cli"} if m != PACKAGE})
+        if module == f"{PACKAGE}.stages":  # its __init__ imports every stage
+            continue
+        in_cli = module == cli or module.startswith(f"{cli}.")
+        todo += _imports(path, top_level=in_cli)
+        if in_cli and path.name == "__init__.py":
+            todo += [f"{cli}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]
+    return sorted({_home(m) for m in seen})
 
 
 def params_of(stage: Stage) -> list[str]:

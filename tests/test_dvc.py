@@ -100,7 +100,7 @@ def test_every_stage_depends_on_every_module_it_can_run():
     assert set(stages) == set(STAGE_ENTRY_POINTS)
     for name, (command, stage) in STAGE_ENTRY_POINTS.items():
         declared = stages[name].get("do", stages[name])["deps"]
-        needed = modules_of(("histotransfer.cli", command), (f"histotransfer.stages.{stage}", stage))
+        needed = modules_of(("histotransfer.cli.commands", command), (f"histotransfer.stages.{stage}", stage))
         assert "src/histotransfer/layout.py" in needed
         missing = sorted(m for m in needed if not any(m == d or m.startswith(f"{d}/") for d in declared))
         assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)

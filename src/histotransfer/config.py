@@ -238,9 +238,9 @@ class TissueConfig(_Section):
     saturation_threshold: int | None = Field(None, ge=0, le=255, description="None: Otsu")
     min_saturation: int = Field(20, ge=0, le=255, description="floor for Otsu's threshold")
     median_size_px: int = Field(5, ge=1, le=255, description="median filter side on the mask image")
-    closing_radius_um: float = Field(16.0, ge=0, le=1_000)
+    closing_radius_um: float = Field(16.0, ge=0, le=1_000, description="morphological closing radius, um")
     min_object_um2: float = Field(10_000.0, ge=0, le=1e8, description="1e8 um^2: a square centimetre")
-    min_hole_um2: float = Field(10_000.0, ge=0, le=1e8)
+    min_hole_um2: float = Field(10_000.0, ge=0, le=1e8, description="holes smaller than this are filled")
     pen_hue_deg: tuple[float, float] | None = Field(
         (60.0, 245.0), description="hues of marker ink (blue, green) dropped from the tissue; None: keep"
     )
@@ -255,9 +255,11 @@ class TissueConfig(_Section):
 
 class TilingConfig(_Section):
     target_mpp: Mpp = Field(0.5, description="resolution of the tiles, um/px")
-    patch_size_px: int = Field(224, ge=16, le=4096, description="tile side at target_mpp")
+    patch_size_px: int = Field(224, ge=16, le=4096, description="tile side in pixels at target_mpp")
     overlap: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of a tile shared by neighbours")
-    min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    min_tissue_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="tissue share a tile needs to be kept"
+    )
     max_od_ratio: float | None = Field(
         2.2,
         gt=1.0,
@@ -273,15 +275,15 @@ class TilingConfig(_Section):
     mpp_tolerance: float = Field(0.1, ge=0.0, le=1.0, description="see docs/adr/0001")
     qc_image: bool = Field(True, description="write the QC picture tiles/{slide_id}.png")
     qc_max_side_px: int = Field(1200, ge=64, le=16_384, description="QC picture's longest side, at most")
-    tissue: TissueConfig = TissueConfig()
+    tissue: TissueConfig = Field(TissueConfig(), description="tissue detection")
 
 
 class SampleDataConfig(_Section):
     """The embedded sample cohort, built from real H&E pixels (see histotransfer.wsi.sample_data and
     docs/study.md, "The sample cohort"). The defaults make a cohort on which encoders can differ."""
 
-    enabled: bool = True
-    n_slides: int = Field(24, ge=2, le=1_000)
+    enabled: bool = Field(True, description="build it when no manifest is given")
+    n_slides: int = Field(24, ge=2, le=1_000, description="slides in the cohort")
     positive_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="slides with a lesion")
     lesion_types: list[Literal["solid", "papillary"]] = Field(  # sample_data.LESION_SOURCES
         default_factory=lambda: ["solid"],
@@ -292,7 +294,7 @@ class SampleDataConfig(_Section):
     lesion_fraction: tuple[float, float] = Field(
         (0.01, 0.1), description="lesion area / tissue area of a lesional slide: log-uniform in [low, high]"
     )
-    tissue_pieces: int = Field(4, ge=1, le=64)
+    tissue_pieces: int = Field(4, ge=1, le=64, description="tissue pieces per slide")
     sites: int = Field(3, ge=1, le=32, description="scanning sites, each with its own stain, focus, JPEG")
     site_mpp: list[float] = Field(
         default_factory=lambda: [0.5, 0.25],
@@ -309,7 +311,7 @@ class SampleDataConfig(_Section):
         le=1.0,
         description="chance per slide of each artefact: pen mark, tissue fold, air bubble",
     )
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the cohort's slides and labels")
 
     @field_validator("lesion_fraction", mode="before")
     @classmethod
@@ -344,7 +346,7 @@ class SampleDataConfig(_Section):
 class EncoderConfig(_Section):
     """One encoder of the study: ``ARCH[@CUT][+WEIGHTS]`` (see `histotransfer encoders`)."""
 
-    id: str
+    id: str = Field(description="ARCH[@CUT][+WEIGHTS], see `histotransfer encoders`")
     weights: str | None = Field(None, description="checkpoint file, hf-hub:ORG/NAME or timm; None: per id")
 
     @field_validator("id")
@@ -380,9 +382,11 @@ DEMO_ENCODERS = (
 
 class ExtractionConfig(_Section):
     encoders: list[EncoderConfig] = Field(
-        default_factory=lambda: [EncoderConfig(id=i) for i in DEMO_ENCODERS], min_length=1
+        default_factory=lambda: [EncoderConfig(id=i) for i in DEMO_ENCODERS],
+        min_length=1,
+        description="the encoders whose features the study compares",
     )
-    device: str = Field("auto", description="auto: CUDA when present, else CPU")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
     batch_size: int | None = Field(None, ge=1, le=4096, description="None: 256 on GPU, 32 on CPU")
     num_workers: int | None = Field(
         None,
@@ -392,7 +396,9 @@ class ExtractionConfig(_Section):
         "thread reads); None: one per core (max 16) on a GPU, a split of the cores measured on each slide "
         "on the CPU",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 with torch on a GPU, else fp32"
+    )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: torch on GPU, ONNX Runtime on CPU (faster there)"
     )
@@ -415,16 +421,16 @@ class ExtractionConfig(_Section):
 class MILConfig(_Section):
     """Attention-MIL head and its training (defaults: the paper)."""
 
-    attention: Literal["paper", "gated"] = "paper"
-    hidden_dims: tuple[Width, Width] = (256, 64)
-    attention_dim: Width = 32
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: Literal["paper", "gated"] = Field("paper", description="attention pooling: paper or gated")
+    hidden_dims: tuple[Width, Width] = Field((256, 64), description="widths of the two feature layers")
+    attention_dim: Width = Field(32, description="width of the attention layer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each feature layer")
     beta: float = Field(
         0.0, ge=0.0, le=100.0, description="weight of the patch-level auxiliary loss; 0: no patch head"
     )
-    lr: float = Field(1e-3, gt=0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0, le=10.0)
-    epochs: int = Field(20, ge=1, le=10_000)
+    lr: float = Field(1e-3, gt=0, le=10.0, description="learning rate (Adam)")
+    weight_decay: float = Field(0.0, ge=0, le=10.0, description="Adam's weight decay")
+    epochs: int = Field(20, ge=1, le=10_000, description="epochs per fold")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over the steps")
     standardize: bool = Field(
         True, description="z-score features by the fold's training tiles (folded into the saved head)"
@@ -449,9 +455,9 @@ class MILConfig(_Section):
         le=100,
         description="cross-validation repeats (seed, seed+1, ...); the report shows their spread",
     )
-    class_weighting: bool = True
+    class_weighting: bool = Field(True, description="weight the loss by inverse class frequency")
     max_loss: float = Field(1e3, gt=0, le=1e9, description="a loss above this (or NaN) stops training")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the folds, initialisations and bootstrap")
     bag_cache_gb: float = Field(4.0, ge=0, le=4096, description="features kept in memory between epochs")
 
     @property
@@ -470,7 +476,7 @@ class FinetuneConfig(_Section):
         64, ge=1, le=10_000, description="tiles per slide, by attention of the fold's frozen MIL model"
     )
     selection: Literal["attention", "random"] = Field("attention", description="random: the baseline")
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000, description="fine-tuning epochs per fold")
     lr: float = Field(1e-5, gt=0, le=10.0, description="encoder learning rate (Adam)")
     head_lr: float | None = Field(None, gt=0, le=10.0, description="attention head learning rate; None: lr")
     freeze_blocks: int = Field(
@@ -489,9 +495,9 @@ class FinetuneConfig(_Section):
     patience: int | None = Field(
         5, ge=1, le=10_000, description="stop after this many epochs without a better val loss"
     )
-    class_weighting: bool = True
-    max_loss: float = Field(1e3, gt=0, le=1e9)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    class_weighting: bool = Field(True, description="weight the loss by inverse class frequency")
+    max_loss: float = Field(1e3, gt=0, le=1e9, description="a loss above this (or NaN) stops training")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of tile sampling, order and augmentation")
 
     @field_validator("encoders", mode="before")
     @classmethod
@@ -512,13 +518,13 @@ class CKAConfig(_Section):
     tiles: int = Field(256, ge=8, le=1_000_000, description="tiles sampled from the cohort's tiles files")
     batch_size: int = Field(64, ge=4, le=4096, description="minibatch of the unbiased-HSIC estimator")
     fold: int = Field(0, ge=0, lt=100, description="which fold's fine-tuned encoder to compare")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the tile sample")
 
 
 class ExportConfig(_Section):
     """The deployable model `run` exports: the best encoder of the study with one fold's MIL head."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="export the best model after the study")
     name: str = Field(
         "best", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", max_length=100, description="writes onnx/NAME/"
     )
@@ -530,7 +536,7 @@ class EvaluationConfig(_Section):
     bootstrap: int = Field(
         1000, ge=100, le=100_000, description="bootstrap resamples for confidence intervals"
     )
-    ci: float = Field(0.95, gt=0.5, lt=1.0)
+    ci: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals")
     heatmaps: int = Field(8, ge=0, le=10_000, description="attention heatmaps drawn per encoder")
     lesion_tile_fraction: float = Field(0.5, gt=0, le=1, description="a tile is lesion when this much is")
 
@@ -538,16 +544,20 @@ class EvaluationConfig(_Section):
 class StudyConfig(_Section):
     """The whole study. Its defaults are the embedded demo."""
 
-    output_dir: Path = Path("runs/demo")
+    output_dir: Path = Field(
+        Path("runs/demo"), description="the study's folder (gs://BUCKET/FOLDER: on the command line only)"
+    )
     manifest: Path | None = Field(None, description="cohort manifest; None: use the sample cohort")
-    sample_data: SampleDataConfig = SampleDataConfig()
-    tiling: TilingConfig = TilingConfig()
-    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)  # lazy: ids import torch
-    mil: MILConfig = MILConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    cka: CKAConfig = CKAConfig()
-    export: ExportConfig = ExportConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
+    sample_data: SampleDataConfig = Field(SampleDataConfig(), description="the sample cohort")
+    tiling: TilingConfig = Field(TilingConfig(), description="tiles and their tissue filter")
+    extraction: ExtractionConfig = Field(  # lazy: ids import torch
+        default_factory=ExtractionConfig, description="encoders and patch features"
+    )
+    mil: MILConfig = Field(MILConfig(), description="attention-MIL and its cross-validation")
+    finetune: FinetuneConfig = Field(FinetuneConfig(), description="attention top-k fine-tuning")
+    cka: CKAConfig = Field(CKAConfig(), description="CKA of frozen vs fine-tuned encoders")
+    export: ExportConfig = Field(ExportConfig(), description="the ONNX bundle")
+    evaluation: EvaluationConfig = Field(EvaluationConfig(), description="metrics and heatmaps")
 
     @field_validator("output_dir", mode="before")
     @classmethod
