@@ -2,7 +2,6 @@
 so bodies import what they use; artifacts carry the study layout (histotransfer.stages.adapter)."""
 
 import functools
-from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -13,13 +12,13 @@ component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_packa
 
 
 @component
-def make_cohort(sample_data: dict, cohort: Output[Dataset], manifest: Optional[str] = None):  # noqa: UP045
+def make_cohort(manifest: str, sample_data: dict, cohort: Output[Dataset]):
     """The cohort: the user's manifest (local path or gs:// URI; slide paths absolute or gs://), or
-    the sample cohort built from real H&E pixels when ``manifest`` is not given."""
+    the sample cohort built from real H&E pixels when ``manifest`` is "" (see pipelines/options.py)."""
     from histotransfer.stages import adapter as a
 
     sections = {"sample_data": sample_data}
-    stats = a.call(a.run_stage, "cohort", [], cohort.path, sections=sections, manifest=manifest)
+    stats = a.call(a.run_stage, "cohort", [], cohort.path, sections=sections, manifest=manifest or None)
     cohort.metadata.update(stats)
 
 

@@ -142,7 +142,7 @@ def arguments(config: Path | None, params: list[str], pipeline: str) -> dict[str
         )
     if pipeline == "study":
         study_config(**{k: v for k, v in args.items() if k in SECTIONS})  # fails early, naming the key
-    return args
+    return {k: v for k, v in args.items() if v is not None}  # not set: the parameter's own default
 
 
 def _unreachable(exc: BaseException) -> str:

@@ -65,7 +65,9 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
                 f"{config_path}: section `{name}` sets a key to null where the default is not null; "
                 "pipeline parameters cannot carry null: give the value explicitly"
             )
-    params["manifest"] = None if config.manifest is None else str(config.manifest)
+    # "": the sample cohort. An Optional parameter left unset cannot run under kfp.local (2.x fails on
+    # its null default in join_user_inputs_and_defaults), so this one parameter keeps the empty string
+    params["manifest"] = "" if config.manifest is None else str(config.manifest)
     return params
 
 

@@ -2,10 +2,8 @@
 cross-validated MIL per encoder -> fine-tuning and CKA -> ONNX export -> report.
 
 Its parameters mirror params.yaml: one dict per config section (defaults: the committed params.yaml),
-plus `manifest` (unset: the sample cohort) and `shards` (slide-parallel width of tiling/extraction).
+plus `manifest` ("": the sample cohort) and `shards` (slide-parallel width of tiling/extraction).
 """
-
-from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import HTML
@@ -38,7 +36,7 @@ def build(options: PipelineOptions | None = None):
 
     @dsl.pipeline(name=NAME, description=f"HistoTransfer study, histotransfer {__version__}")
     def study(
-        manifest: Optional[str] = d["manifest"],  # noqa: UP045 (kfp reads typing.Optional)
+        manifest: str = d["manifest"],
         shards: int = 4,
         sample_data: dict = d["sample_data"],
         tiling: dict = d["tiling"],

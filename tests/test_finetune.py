@@ -105,7 +105,7 @@ def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
 def test_top_k_tiles_are_read_once_and_augmented_per_tile(small_bags, monkeypatch):
     """Three epochs read each bag from its slide once; an augmented bag holds each tile turned and
     perhaps mirrored (never another tile's pixels), and the history reports tiles/s per epoch."""
-    from histotransfer.finetune import training
+    from histotransfer.finetune import tuning as training
     from histotransfer.wsi.tiling import read_tile
 
     reads = []
