@@ -212,11 +212,13 @@ def read_yaml_file(path: str | Path, *, what: str = "config") -> Any:
 # ---- the schema -------------------------------------------------------------------------------------
 
 SEED_MAX = 2**31 - 1  # seeds go to numpy, torch and scikit-learn (< 2**32), with seed + repeat added
+# Microns per pixel: microscopy lives well inside this range; values outside it are defaults of image
+# tools (72 dpi is 352.8 um/px) or corrupt metadata: a slide's are then no resolution at all
+# (wsi.slides), a manifest's or config's an error.
+PLAUSIBLE_MPP = (0.01, 100.0)
 
 
 def _plausible_mpp(mpp: float) -> float:
-    from histotransfer.wsi.slides import PLAUSIBLE_MPP  # here: importing OpenSlide costs every command
-
     low, high = PLAUSIBLE_MPP
     if not low <= mpp <= high:
         raise ValueError(f"um/px must be within {low:g} to {high:g} (the resolutions the tiler accepts)")
