@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histotransfer.features.encoders import ARCHS, build_encoder
+from histotransfer.architectures import ARCHS
+from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, TorchRunner
 from histotransfer.features.onnx_encoder import export_encoder
 from histotransfer.onnx_runtime import run_session, session

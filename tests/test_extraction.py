@@ -209,7 +209,8 @@ def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkey
 
 def test_tiles_off_the_models_resolution_are_warned_about_once(tiled, tmp_path, monkeypatch, caplog):
     """CTransPath's authors cut tiles at 1 um/px; these are at 0.5: extraction says so, once."""
-    from histotransfer.features.registry import ARCHS, shrunk
+    from histotransfer.architectures import ARCHS
+    from histotransfer.features.registry import shrunk
 
     monkeypatch.setitem(ARCHS, "ctranspath", shrunk(ARCHS["ctranspath"]))
     records, tiles_dir = tiled

@@ -149,7 +149,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _encoder_id(value: str, flag: str) -> str:
-    from histotransfer.features.registry import parse_encoder_id
+    from histotransfer.encoder_ids import parse_encoder_id
 
     try:
         return str(parse_encoder_id(value))

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from histotransfer.encoder_ids import EncoderId, parse_encoder_id, untagged_weights_ok
 from histotransfer.errors import ConfigError
 
 # ---- bounded echoes of user input: an error message never prints a value whole ---------------------
@@ -352,14 +353,10 @@ class EncoderConfig(_Section):
     @field_validator("id")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from histotransfer.features.registry import parse_encoder_id
-
         return str(parse_encoder_id(value))
 
     @model_validator(mode="after")
     def _tagged_weights(self) -> EncoderConfig:
-        from histotransfer.features.registry import EncoderId, parse_encoder_id, untagged_weights_ok
-
         enc = parse_encoder_id(self.id)
         if self.weights and enc.tag is None and not untagged_weights_ok(enc.arch, self.weights):
             raise ValueError(
@@ -500,8 +497,6 @@ class FinetuneConfig(_Section):
     def _known_encoders(cls, value: Any) -> Any:
         """Ids as text or as ``{id: ...}`` (the form dvc.yaml's foreach needs: it names stages by
         list values, and an id's ``@`` would break the name)."""
-        from histotransfer.features.registry import parse_encoder_id
-
         if not isinstance(value, list):
             return value
         ids = [v.get("id") if isinstance(v, dict) and set(v) == {"id"} else v for v in value]

@@ -35,10 +35,10 @@ from histotransfer.deploy.bundle import (
     spec_json,
 )
 from histotransfer.deploy.onnx_export import aggregator_parity, export_aggregator
+from histotransfer.encoder_ids import frozen_id, parse_encoder_id
 from histotransfer.errors import BundleError, ExportError
 from histotransfer.features.encoders import Encoder, build_encoder
 from histotransfer.features.onnx_encoder import OPSET, encoder_parity, export_encoder
-from histotransfer.features.registry import frozen_id, parse_encoder_id
 from histotransfer.layout import MILLayout
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.results import MILResult

@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histotransfer import lineage
+from histotransfer.architectures import ARCHS
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
 from histotransfer.config import ExtractionConfig
 from histotransfer.cpus import available_cpus
 from histotransfer.errors import BundleError, DeviceError, ExportError, LineageError
-from histotransfer.features.encoders import ARCHS, Encoder
+from histotransfer.features.encoders import Encoder
 from histotransfer.features.onnx_encoder import ONNX_MAX_BYTES, encoder_parity, export_encoder, weights_bytes
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord

@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 
 from histotransfer import lineage
 from histotransfer.config import EvaluationConfig, FinetuneConfig, MILConfig
+from histotransfer.encoder_ids import finetuned_id
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.features.encoders import Encoder, build_encoder
 from histotransfer.features.extraction import EngineSettings, extract_cohort
-from histotransfer.features.registry import finetuned_id
 from histotransfer.finetune.training import finetune, make_bags, save_finetuned
 from histotransfer.layout import SUMMARY, MILLayout, StudyLayout
 from histotransfer.lineage import FeatureSet

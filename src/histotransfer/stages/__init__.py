@@ -255,7 +255,7 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
-    from histotransfer.features.registry import finetuned_id
+    from histotransfer.encoder_ids import finetuned_id
     from histotransfer.finetune.study import finetune_study
     from histotransfer.mil.results import MILResult
 
@@ -376,8 +376,8 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
+    from histotransfer.encoder_ids import finetuned_id
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.features.registry import finetuned_id
 
     fold = config.cka.fold
     engine(config)
@@ -435,7 +435,7 @@ def export(
     for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
     from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
-    from histotransfer.features.registry import frozen_id
+    from histotransfer.encoder_ids import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     out = Path(out) if out is not None else layout.bundle(config.export.name)
