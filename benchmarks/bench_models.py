@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histotransfer.deploy.bundle import session
-from histotransfer.deploy.onnx_export import export_encoder, run_session
-from histotransfer.features.encoders import ARCHS, build_encoder
+from histotransfer.architectures import ARCHS
+from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, TorchRunner
+from histotransfer.features.onnx_encoder import export_encoder
+from histotransfer.onnx_runtime import run_session, session
 
 FOUNDATION_MODELS = [a for a, spec in ARCHS.items() if spec.published_file]
 

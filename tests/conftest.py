@@ -80,8 +80,8 @@ def tiny_bundle(tmp_path_factory):
     from histotransfer.config import MILConfig, TilingConfig
     from histotransfer.deploy.bundle import AggregatorInfo
     from histotransfer.deploy.export import write_bundle
-    from histotransfer.deploy.onnx_export import OPSET
     from histotransfer.features.encoders import build_encoder
+    from histotransfer.features.onnx_encoder import OPSET
     from histotransfer.mil.training import build_model
 
     encoder = build_encoder("resnet18@layer1+random")

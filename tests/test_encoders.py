@@ -6,16 +6,12 @@ from PIL import Image
 from pydantic import ValidationError
 from skimage import data
 
+from histotransfer.architectures import ARCHS, list_cut_points
 from histotransfer.assets import fetch_asset
 from histotransfer.config import EncoderConfig
-from histotransfer.features.encoders import (
-    ARCHS,
-    build_encoder,
-    list_cut_points,
-    list_encoders,
-    parse_encoder_id,
-    trunk_path,
-)
+from histotransfer.encoder_ids import parse_encoder_id
+from histotransfer.features.encoders import build_encoder, trunk_path
+from histotransfer.features.registry import list_encoders
 from histotransfer.features.weights import WeightsError, map_to_model, read_checkpoint
 
 PAPER_DIMS = {
@@ -260,8 +256,8 @@ def test_efficientnet_lite0_imagenet_weights_classify_real_photos():
 
 
 def test_the_registrys_static_cut_points_are_the_models():
-    # config validation reads the torch-free registry; the models must have exactly those cut points
-    from histotransfer.features.encoders import ARCHS, list_cut_points, trunk_cut_points
+    # config validation reads the torch-free catalogue; the models must have exactly those cut points
+    from histotransfer.features.encoders import trunk_cut_points
 
     for arch in ARCHS:
         assert list_cut_points(arch) == trunk_cut_points(arch), arch

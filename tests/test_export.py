@@ -16,15 +16,11 @@ from histotransfer.assets import fetch_asset
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_SLIDES_FAILED, main
 from histotransfer.deploy.bundle import BUNDLE_FILE, ENCODER_FILE, load_bundle, read_spec
 from histotransfer.deploy.export import best_result, choose_fold, export_study_model
-from histotransfer.deploy.onnx_export import (
-    aggregator_parity,
-    encoder_parity,
-    export_aggregator,
-    export_encoder,
-)
+from histotransfer.deploy.onnx_export import aggregator_parity, export_aggregator
 from histotransfer.errors import BundleError, ExportError
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
+from histotransfer.features.onnx_encoder import encoder_parity, export_encoder
 from histotransfer.mil.crossval import MILResult
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.provenance import sealed_json
@@ -56,7 +52,7 @@ def test_encoder_parity_and_dynamic_batch(encoder_id, tmp_path):
 
 
 def load_session(path):
-    from histotransfer.deploy.bundle import session
+    from histotransfer.onnx_runtime import session
 
     return session(path, providers=["CPUExecutionProvider"])
 

@@ -192,8 +192,8 @@ def test_a_batch_too_big_for_the_device_is_split_until_it_fits(encoder, monkeypa
 
 def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkeypatch):
     import histotransfer.features.extraction as extraction
-    from histotransfer.deploy.onnx_export import export_encoder
     from histotransfer.errors import ExportError
+    from histotransfer.features.onnx_encoder import export_encoder
 
     auto = EngineSettings.resolve(device="cpu")
     assert auto.backend == "onnxruntime"
@@ -202,14 +202,15 @@ def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkey
     assert auto.for_encoder(encoder).backend == "torch"
     named = EngineSettings.resolve(device="cpu", backend="onnxruntime")
     assert named.for_encoder(encoder).backend == "onnxruntime"  # asked for by name: kept
-    monkeypatch.setattr("histotransfer.deploy.onnx_export.ONNX_MAX_BYTES", 1000)
+    monkeypatch.setattr("histotransfer.features.onnx_encoder.ONNX_MAX_BYTES", 1000)
     with pytest.raises(ExportError, match="more than one ONNX file holds"):
         export_encoder(encoder, "/nonexistent/never-written.onnx")
 
 
 def test_tiles_off_the_models_resolution_are_warned_about_once(tiled, tmp_path, monkeypatch, caplog):
     """CTransPath's authors cut tiles at 1 um/px; these are at 0.5: extraction says so, once."""
-    from histotransfer.features.registry import ARCHS, shrunk
+    from histotransfer.architectures import ARCHS
+    from histotransfer.features.registry import shrunk
 
     monkeypatch.setitem(ARCHS, "ctranspath", shrunk(ARCHS["ctranspath"]))
     records, tiles_dir = tiled

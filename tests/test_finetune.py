@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from histotransfer.config import FinetuneConfig, TilingConfig
-from histotransfer.features.encoders import build_encoder, parse_encoder_id
+from histotransfer.encoder_ids import parse_encoder_id
+from histotransfer.features.encoders import build_encoder
 from histotransfer.finetune.tuning import Bag, EncoderWithHead, finetune, select_tiles
 from histotransfer.manifest import read_manifest
 from histotransfer.mil.model import AttentionMIL
@@ -33,7 +34,7 @@ def test_top_k_picks_exactly_the_highest_attention():
     [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet+ft")],
 )
 def test_finetuned_encoder_ids(frozen, tuned):
-    from histotransfer.features.registry import finetuned_id, frozen_id
+    from histotransfer.encoder_ids import finetuned_id, frozen_id
     from histotransfer.report import family
 
     assert finetuned_id(frozen) == tuned

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 from skimage import data
 
+from histotransfer.architectures import ARCHS
 from histotransfer.cka.layers import layer_cka
+from histotransfer.encoder_ids import EncoderId
 from histotransfer.features.encoders import (
-    ARCHS,
-    EncoderId,
     PatchEncoder,
     _reference_state,
     _timm_model,
@@ -85,7 +85,7 @@ NEIGHBOURS = [
 
 @pytest.fixture
 def small(monkeypatch):
-    """Every foundation model shrunk (the registry dict is shared by registry and encoders)."""
+    """Every foundation model shrunk (one catalogue dict, read by the registry and by encoders)."""
     for arch in FMS:
         monkeypatch.setitem(ARCHS, arch, shrunk(ARCHS[arch]))
 

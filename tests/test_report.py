@@ -5,7 +5,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from histotransfer.config import EvaluationConfig, MILConfig
-from histotransfer.features.encoders import parse_encoder_id
+from histotransfer.encoder_ids import parse_encoder_id
 from histotransfer.manifest import SlideRecord
 from histotransfer.mil.crossval import LesionMasks, class_rocs, train_mil
 from histotransfer.mil.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence

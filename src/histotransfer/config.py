@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from histotransfer.encoder_ids import EncoderId, parse_encoder_id, untagged_weights_ok
 from histotransfer.errors import ConfigError
 
 # ---- bounded echoes of user input: an error message never prints a value whole ---------------------
@@ -212,11 +213,13 @@ def read_yaml_file(path: str | Path, *, what: str = "config") -> Any:
 # ---- the schema -------------------------------------------------------------------------------------
 
 SEED_MAX = 2**31 - 1  # seeds go to numpy, torch and scikit-learn (< 2**32), with seed + repeat added
+# Microns per pixel: microscopy lives well inside this range; values outside it are defaults of image
+# tools (72 dpi is 352.8 um/px) or corrupt metadata: a slide's are then no resolution at all
+# (wsi.slides), a manifest's or config's an error.
+PLAUSIBLE_MPP = (0.01, 100.0)
 
 
 def _plausible_mpp(mpp: float) -> float:
-    from histotransfer.wsi.slides import PLAUSIBLE_MPP  # here: importing OpenSlide costs every command
-
     low, high = PLAUSIBLE_MPP
     if not low <= mpp <= high:
         raise ValueError(f"um/px must be within {low:g} to {high:g} (the resolutions the tiler accepts)")
@@ -352,14 +355,10 @@ class EncoderConfig(_Section):
     @field_validator("id")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        from histotransfer.features.registry import parse_encoder_id
-
         return str(parse_encoder_id(value))
 
     @model_validator(mode="after")
     def _tagged_weights(self) -> EncoderConfig:
-        from histotransfer.features.registry import EncoderId, parse_encoder_id, untagged_weights_ok
-
         enc = parse_encoder_id(self.id)
         if self.weights and enc.tag is None and not untagged_weights_ok(enc.arch, self.weights):
             raise ValueError(
@@ -504,8 +503,6 @@ class FinetuneConfig(_Section):
     def _known_encoders(cls, value: Any) -> Any:
         """Ids as text or as ``{id: ...}`` (the form dvc.yaml's foreach needs: it names stages by
         list values, and an id's ``@`` would break the name)."""
-        from histotransfer.features.registry import parse_encoder_id
-
         if not isinstance(value, list):
             return value
         ids = [v.get("id") if isinstance(v, dict) and set(v) == {"id"} else v for v in value]

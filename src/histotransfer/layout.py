@@ -20,7 +20,6 @@ Every file name made from a slide id goes through ``slide_file``, which refuses 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +32,6 @@ MANIFEST = "manifest.csv"
 COHORT_META = "cohort.json"  # the sample cohort's plan; its lesion masks lie in masks/ beside it
 BUNDLE_SPEC = "bundle.json"  # written last into an ONNX bundle folder (histotransfer.deploy.bundle)
 MODEL_FILE, HISTORY_FILE = "model.pt", "history.json"  # a MIL fold's head and its record
-# ARCH[@CUT][+WEIGHTS][+ft]: the encoder id grammar (histotransfer.features.encoders), which names
-# folders of features/, mil/ and finetune/; a fine-tuned copy of an id is the id with "+ft"
-ENCODER_ID = re.compile(
-    r"^(?P<arch>[a-z0-9_]+)(?:@(?P<cut>[A-Za-z0-9_.]+))?(?:\+(?P<tag>[A-Za-z0-9_.-]+(?:\+ft)?))?$"
-)
 
 
 def slide_file(folder: str | Path, slide_id: str, suffix: str = ".h5") -> Path:

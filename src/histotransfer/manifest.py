@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from histotransfer.atomic import atomic_path
-from histotransfer.config import short_repr, short_text
+from histotransfer.config import PLAUSIBLE_MPP, short_repr, short_text
 from histotransfer.errors import ManifestError
 from histotransfer.storage import StorageError, is_gcs_uri, parse_gcs_uri
 
@@ -147,8 +147,6 @@ def _slide_path(raw: str, base: Path) -> tuple[str, tuple[Any, ...] | None, str 
 def _parse_mpp(raw: str) -> tuple[float | None, str | None]:
     if not raw:
         return None, None
-    from histotransfer.wsi.slides import PLAUSIBLE_MPP  # here: importing OpenSlide costs every command
-
     low, high = PLAUSIBLE_MPP
     try:
         mpp = float(raw)

@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histotransfer.encoder_ids import ENCODER_ID
 from histotransfer.errors import OutputError
 from histotransfer.layout import (
     BUNDLE_SPEC,
     COHORT_META,
-    ENCODER_ID,
     HISTORY_FILE,
     MANIFEST,
     MODEL_FILE,

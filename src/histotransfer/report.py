@@ -12,16 +12,10 @@ from urllib.parse import quote
 
 import numpy as np
 
+from histotransfer.architectures import ARCHS, list_cut_points
 from histotransfer.atomic import write_text_atomic
 from histotransfer.deploy.bundle import read_spec
-from histotransfer.features.registry import (
-    ARCHS,
-    RANDOM,
-    EncoderId,
-    frozen_id,
-    list_cut_points,
-    parse_encoder_id,
-)
+from histotransfer.encoder_ids import RANDOM, EncoderId, frozen_id, parse_encoder_id
 from histotransfer.layout import BUNDLE_SPEC, MILLayout
 from histotransfer.marks import HTML_MARK, MARKDOWN_MARK, mark
 from histotransfer.mil.results import MILResult, class_rocs, roc_points

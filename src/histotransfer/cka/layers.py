@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
+from histotransfer.architectures import ARCHS
 from histotransfer.atomic import write_text_atomic
 from histotransfer.cka.measures import MinibatchCKA
-from histotransfer.features.encoders import ARCHS, Encoder, block_modules
+from histotransfer.features.encoders import Encoder, block_modules
 from histotransfer.features.extraction import TileReader
 from histotransfer.layout import slide_file
 from histotransfer.manifest import SlideRecord

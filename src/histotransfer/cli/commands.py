@@ -25,7 +25,7 @@ def _ready(result: StageResult, what: str, where: Path | str) -> int:
 
 
 def _encoder_id(value: str, flag: str) -> str:
-    from histotransfer.features.registry import parse_encoder_id
+    from histotransfer.encoder_ids import parse_encoder_id
 
     try:
         return str(parse_encoder_id(value))

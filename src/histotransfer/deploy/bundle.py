@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from histotransfer.config import TilingConfig
 from histotransfer.errors import BundleError
 from histotransfer.layout import BUNDLE_SPEC
+from histotransfer.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, Parity, check_io, session
 from histotransfer.provenance import intact, sealed_json, sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
 BUNDLE_VERSION = 2  # 2: integrity and lineage
 ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", BUNDLE_SPEC
-ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "features"
 AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS = "features", ("probabilities", "attention")
 
 
@@ -50,15 +50,6 @@ class AggregatorInfo(_Strict):
     val_loss: float | None  # of the kept epoch; None when the folds had no validation slides
     train_loss: float | None = None  # of the kept epoch (older bundles lack it)
     attention: Literal["paper", "gated"]
-
-
-class Parity(_Strict):
-    """Torch vs ONNX Runtime on the same inputs: max |a - b| and that over max |torch|."""
-
-    max_abs: float
-    max_rel: float
-    tolerance: float  # on max_rel
-    inputs: str
 
 
 class BundleSpec(_Strict):
@@ -152,49 +143,6 @@ def verify_files(folder: Path, spec: BundleSpec) -> None:
             raise BundleError(
                 f"{file} does not match {BUNDLE_FILE} (sha256 {actual[:12]}..., recorded "
                 f"{expected[:12]}...): the file is corrupt or comes from another export; export again"
-            )
-
-
-def session(path: Path, *, threads: int | None = None, providers: list[str] | None = None, spin: bool = True):
-    """An ONNX Runtime session: CUDA when the installed runtime offers it (onnxruntime-gpu), else CPU.
-    ``spin=False``: its threads sleep between operators instead of spinning, for when tile readers
-    share the cores."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    available = ort.get_available_providers()
-    chosen = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-
-
-def check_io(name: Path, sess, inputs: dict[str, tuple[str, list]], outputs: dict[str, list]) -> None:
-    """Input/output names, element types and fixed dimensions are the ones the bundle promises."""
-    got_in = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
-    got_out = {o.name: o.shape for o in sess.get_outputs()}
-    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
-        raise BundleError(
-            f"{name}: has inputs {sorted(got_in)} and outputs {sorted(got_out)}; expected "
-            f"{sorted(inputs)} and {sorted(outputs)}: not a file of this bundle format"
-        )
-
-    def fixed(shape: list) -> list:
-        return [d if isinstance(d, int) else None for d in shape]
-
-    for key, (dtype, shape) in inputs.items():
-        if got_in[key][0] != dtype or fixed(got_in[key][1]) != shape:
-            raise BundleError(
-                f"{name}: input `{key}` is {got_in[key][0]} {got_in[key][1]}, bundle.json implies "
-                f"{dtype} {shape}: the files do not belong together; export again"
-            )
-    for key, shape in outputs.items():
-        if fixed(got_out[key]) != shape:
-            raise BundleError(
-                f"{name}: output `{key}` has shape {got_out[key]}, bundle.json implies {shape}: "
-                "the files do not belong together; export again"
             )
 
 

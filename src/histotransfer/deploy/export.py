@@ -34,20 +34,15 @@ from histotransfer.deploy.bundle import (
     read_spec,
     spec_json,
 )
-from histotransfer.deploy.onnx_export import (
-    OPSET,
-    TOLERANCE,
-    aggregator_parity,
-    encoder_parity,
-    export_aggregator,
-    export_encoder,
-)
+from histotransfer.deploy.onnx_export import aggregator_parity, export_aggregator
+from histotransfer.encoder_ids import frozen_id, parse_encoder_id
 from histotransfer.errors import BundleError, ExportError
 from histotransfer.features.encoders import Encoder, build_encoder
-from histotransfer.features.registry import frozen_id, parse_encoder_id
+from histotransfer.features.onnx_encoder import OPSET, encoder_parity, export_encoder
 from histotransfer.layout import MILLayout
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.results import MILResult
+from histotransfer.onnx_runtime import TOLERANCE
 from histotransfer.provenance import CONFIG_ATTR, config_hash, read_json, sha256_file
 from histotransfer.wsi.slides import local_slide_path, open_slide
 from histotransfer.wsi.tiling import load_tiles, read_tile, tiling_hash

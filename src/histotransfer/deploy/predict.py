@@ -21,10 +21,11 @@ from histotransfer import lineage
 from histotransfer.atomic import atomic_path
 from histotransfer.config import PredictSettings
 from histotransfer.cpus import available_cpus
-from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, ENCODER_INPUT, Bundle
+from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, Bundle
 from histotransfer.errors import ManifestError
 from histotransfer.layout import PredictionLayout, slide_file
 from histotransfer.manifest import SlideRecord, check_slide_id, local_slide_file, read_manifest
+from histotransfer.onnx_runtime import ENCODER_INPUT
 from histotransfer.plots import attention_heatmap
 from histotransfer.provenance import config_hash, provenance_attrs
 from histotransfer.runner import StageResult, run_per_slide

@@ -7,7 +7,8 @@
 is run up to and including that module, then globally average-pooled), ``WEIGHTS`` a tag: none means the
 architecture's default pretrained weights, ``random`` an explicit seeded random init, any other tag
 weights given as a file or hub id. Asking for weights that cannot be had is an error, never a silent
-fallback to random.
+fallback to random. The catalogue is histotransfer.architectures, the id grammar histotransfer.encoder_ids
+(both torch-free); this module builds what they name.
 """
 
 from __future__ import annotations
@@ -23,24 +24,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from histotransfer.architectures import ARCHS, ArchSpec
 from histotransfer.assets import AssetError, fetch_asset
+from histotransfer.encoder_ids import RANDOM, EncoderId, parse_encoder_id, untagged_weights_ok
 from histotransfer.errors import ConfigError
 from histotransfer.features.modules import AttentionalPooler, ConvStem
-from histotransfer.features.registry import (  # the torch-free part of the registry, re-exported
-    ARCHS,
-    HEAD_MODULES,
-    RANDOM,
-    STEM_MODULES,
-    ArchSpec,
-    EncoderId,
-    parse_encoder_id,
-    untagged_weights_ok,
-)
-from histotransfer.features.registry import FT_TAG as FT_TAG
-from histotransfer.features.registry import finetuned_id as finetuned_id
-from histotransfer.features.registry import frozen_id as frozen_id
-from histotransfer.features.registry import list_cut_points as list_cut_points
-from histotransfer.features.registry import list_encoders as list_encoders
+from histotransfer.features.registry import HEAD_MODULES, STEM_MODULES
 from histotransfer.features.weights import (
     WeightsError,
     load_strict,

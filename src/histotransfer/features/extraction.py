@@ -25,26 +25,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histotransfer import lineage
+from histotransfer.architectures import ARCHS
 from histotransfer.assets import cache_dir
 from histotransfer.atomic import atomic_path
 from histotransfer.config import ExtractionConfig
 from histotransfer.cpus import available_cpus
-from histotransfer.deploy.bundle import check_io
-from histotransfer.deploy.bundle import session as ort_session
-from histotransfer.deploy.onnx_export import (
-    ENCODER_INPUT,
-    ENCODER_OUTPUT,
-    ONNX_MAX_BYTES,
-    TOLERANCE,
-    encoder_parity,
-    export_encoder,
-    run_session,
-    weights_bytes,
-)
 from histotransfer.errors import BundleError, DeviceError, ExportError, LineageError
-from histotransfer.features.encoders import ARCHS, Encoder
+from histotransfer.features.encoders import Encoder
+from histotransfer.features.onnx_encoder import ONNX_MAX_BYTES, encoder_parity, export_encoder, weights_bytes
 from histotransfer.layout import SUMMARY, slide_file
 from histotransfer.manifest import SlideRecord
+from histotransfer.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, TOLERANCE, check_io, run_session
+from histotransfer.onnx_runtime import session as ort_session
 from histotransfer.provenance import (
     config_hash,
     provenance_attrs,

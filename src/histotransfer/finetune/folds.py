@@ -12,9 +12,9 @@ import torch
 
 from histotransfer import lineage
 from histotransfer.config import FinetuneConfig, MILConfig, results_of
+from histotransfer.encoder_ids import finetuned_id
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.features.encoders import Encoder
-from histotransfer.features.registry import finetuned_id
 from histotransfer.finetune.tuning import finetune, make_bags, save_finetuned
 from histotransfer.layout import MILLayout, StudyLayout
 from histotransfer.lineage import FeatureSet

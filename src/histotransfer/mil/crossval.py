@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from histotransfer import __version__, lineage
 from histotransfer.atomic import atomic_dir, atomic_path, write_text_atomic
 from histotransfer.config import EvaluationConfig, MILConfig, results_of
+from histotransfer.encoder_ids import ENCODER_ID
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.layout import (
-    ENCODER_ID,
     HISTORY_FILE,
     MODEL_FILE,
     CohortLayout,

@@ -99,8 +99,8 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
+    from histotransfer.encoder_ids import finetuned_id
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.features.registry import finetuned_id
 
     fold = config.cka.fold
     engine(config)

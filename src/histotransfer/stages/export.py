@@ -51,7 +51,7 @@ def export(
     for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
     from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
-    from histotransfer.features.registry import frozen_id
+    from histotransfer.encoder_ids import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     out = Path(out) if out is not None else layout.bundle(config.export.name)

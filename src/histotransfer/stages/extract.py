@@ -69,8 +69,8 @@ def extract(
 def _fold_encoder(layout: StudyLayout, encoder_id: str, fold: int) -> Encoder:
     """Fold ``fold``'s fine-tuned encoder of the fine-tuned id ``encoder_id``, checked against the
     fine-tuning that recorded it."""
+    from histotransfer.encoder_ids import frozen_id
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.features.registry import frozen_id
 
     if (base := frozen_id(encoder_id)) is None:
         raise FeaturesError(

@@ -51,8 +51,8 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
+    from histotransfer.encoder_ids import finetuned_id
     from histotransfer.features.bags import BagStore
-    from histotransfer.features.registry import finetuned_id
     from histotransfer.finetune.folds import frozen_folds, tune_fold
     from histotransfer.mil.results import MILResult
     from histotransfer.wsi.tiling import load_tiles

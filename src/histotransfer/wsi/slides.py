@@ -11,13 +11,11 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from histotransfer.config import PLAUSIBLE_MPP
 from histotransfer.errors import SlideError
 from histotransfer.storage import fetch_gcs, is_gcs_uri
 
 _UM_PER_UNIT = {"centimeter": 1e4, "millimeter": 1e3, "micrometer": 1.0}
-# Microscopy lives well inside this range; values outside it are defaults of image tools (72 dpi is
-# 352.8 um/px) or corrupt metadata, and are treated as no resolution at all.
-PLAUSIBLE_MPP = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
