@@ -11,7 +11,7 @@ IMAGE_PREDICT = $(shell $(BIN)/python -m components.image predict)
 IMAGE_BUILD_ARGS ?=
 
 .PHONY: help setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
-	dvc-repro dvc-remote dvc-yaml
+	dvc-repro dvc-remote dvc-yaml docs-layout
 
 setup: $(STAMP)  ## create .venv with the package and its dev extra (the default goal)
 
@@ -72,6 +72,9 @@ pipeline-local: setup  ## run the KFP study pipeline here, without a cluster
 
 dvc-yaml: setup  ## regenerate dvc.yaml and params.yaml (pipelines/dvc_stages.py; a test fails when stale)
 	$(BIN)/python -m pipelines.dvc_stages .
+
+docs-layout: setup  ## regenerate the layout tree in docs/outputs.md from histotransfer/layout.py
+	$(BIN)/python -m pipelines.docs_layout
 
 dvc-repro: setup  ## dvc repro: the study under study/
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

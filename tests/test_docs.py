@@ -68,3 +68,12 @@ def test_make_help_lists_every_target():
     listed = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert listed == phony
     assert all(len(line.split(None, 1)) == 2 for line in out.splitlines() if line.strip())  # each described
+
+
+def test_the_outputs_page_shows_the_layout_as_the_code_decides_it():
+    """docs/outputs.md's tree is generated from histotransfer.layout (`make docs-layout`)."""
+    from pipelines.docs_layout import DOC, render
+
+    text = DOC.read_text(encoding="utf-8")
+    assert render(text) == text, "docs/outputs.md's layout tree is stale: run `make docs-layout`"
+    assert "tiles/       {slide_id}.h5" in text
