@@ -98,3 +98,11 @@ def test_a_tile_shard_tiles_its_slides_only_with_a_summary_of_its_own(sample_coh
     assert not (out / "tiles" / SUMMARY).exists()  # merge_shards makes one summary from the shards'
     assert [p.name for p in (out / "tiles").glob("summary-shard*.csv")] == ["summary-shard1.csv"]
     assert not (tmp_path / "cohort" / "tiles").exists()  # inputs are never written to
+
+
+def test_the_first_failure_is_kept_to_be_raised_when_nothing_finished():
+    def stage(item: str) -> str:
+        raise FeaturesError(f"broken {item}")
+
+    done = fan_out(["a", "b"], stage, what="mil")
+    assert isinstance(done.first, FeaturesError) and str(done.first) == "broken a"

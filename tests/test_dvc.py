@@ -107,7 +107,7 @@ def test_every_stage_depends_on_every_module_it_can_run():
 
 
 def test_params_are_the_settings_that_change_results():
-    """A speed setting (batch size, workers, backend, the bag cache) is no stage's param: changing it
+    """A speed setting (batch size, workers, the bag cache) is no stage's param: changing it
     reruns nothing; every other key of a section a stage reads is one."""
     from histotransfer.config import SPEED_ONLY, StudyConfig
 
@@ -115,9 +115,13 @@ def test_params_are_the_settings_that_change_results():
     params = {name: set(s.get("do", s).get("params", [])) for name, s in stages.items()}
     speed = {f"{section}.{key}" for section, keys in SPEED_ONLY.items() for key in keys}
     assert not speed & set().union(*params.values())
-    assert {"extraction.precision", "extraction.encoders", "mil.epochs", "evaluation"} <= params[
-        "train"
-    ] | params["extract"]
+    assert {
+        "extraction.precision",
+        "extraction.backend",
+        "extraction.encoders",
+        "mil.epochs",
+        "evaluation",
+    } <= params["train"] | params["extract"]
     for section in SPEED_ONLY:
         fields = set(StudyConfig.model_fields[section].annotation.model_fields)
         assert fields - SPEED_ONLY[section]  # every section keeps keys that matter

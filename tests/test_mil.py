@@ -318,3 +318,28 @@ def test_metrics_file_reports_folds_and_confidence(tmp_path):
         assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
         assert metrics["fold_summary"][name]["mean"] is not None
     assert (result.out_dir / "roc.png").is_file()
+
+
+def test_given_folds_are_the_folds_used_when_a_slide_drops_out(tmp_path):
+    """Fine-tuned encoders were trained inside fixed folds: when a slide drops out (its +ft extraction
+    failed), MIL keeps those folds less that slide. Folds made anew from the smaller cohort would move
+    slides an encoder was fine-tuned on into its own test set."""
+    from histotransfer.mil.crossval import study_folds
+
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
+    fixed = study_folds(records, FAST)
+    kept = records[1:]  # one slide failed
+    dropped = records[0].slide_id
+    given = [
+        type(f)(f.index, *(tuple(s for s in part if s != dropped) for part in (f.train, f.val, f.test)))
+        for f in fixed
+    ]
+    assert [f.test for f in study_folds(kept, FAST)] != [f.test for f in given]  # new folds would differ
+    result = train_mil(
+        kept, features_dir=features_dir, out_dir=tmp_path / "a", mil=FAST, evaluation=EVAL, folds=given
+    )
+    for fold in given:
+        history = json.loads((result.out_dir / f"fold{fold.index}" / "history.json").read_text())
+        assert (tuple(history["train"]), tuple(history["test"])) == (fold.train, fold.test)
+    again = train_mil(kept, features_dir=features_dir, out_dir=tmp_path / "a", mil=FAST, evaluation=EVAL)
+    assert not again.reused  # other folds: another result

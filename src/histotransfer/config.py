@@ -688,7 +688,8 @@ DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 # Settings that change how fast (or in how much memory) a stage runs, never what it makes: resume hashes
 # leave them out (a changed batch size reuses every result) and so do DVC's params (pipelines/dvc_stages.py).
 SPEED_ONLY: dict[str, set[str]] = {
-    "extraction": {"batch_size", "num_workers", "backend"},  # device stays: precision auto follows it
+    # device and backend stay: precision auto follows them (bf16 with torch on a GPU, fp32 with ORT)
+    "extraction": {"batch_size", "num_workers"},
     "mil": {"bag_cache_gb"},
     "finetune": {"grad_checkpointing"},
 }

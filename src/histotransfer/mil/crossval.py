@@ -85,17 +85,24 @@ class LesionMasks:
 
 
 def _stage_config(
-    records, feature_sets: Mapping[str, FeatureSet], mil: MILConfig, evaluation: EvaluationConfig
+    records,
+    feature_sets: Mapping[str, FeatureSet],
+    mil: MILConfig,
+    evaluation: EvaluationConfig,
+    folds: Sequence[Fold] | None = None,
 ) -> dict[str, Any]:
     """What a MIL result is made from: the settings, the cohort and the features' content (resume
-    trains again when any feature file was made again, differently)."""
-    return {
+    trains again when any feature file was made again, differently); given folds, those."""
+    made_from = {
         "stage": "mil",
         "mil": results_of("mil", mil),
         "evaluation": evaluation.model_dump(mode="json"),
         "cohort": [(r.slide_id, r.label, r.patient_id, r.split) for r in records],
         "features": {k: fs.digest for k, fs in feature_sets.items()},
     }
+    if folds is not None:
+        made_from["folds"] = [(f.index, f.train, f.val, f.test) for f in folds]
+    return made_from
 
 
 def _save_fold(out: MILLayout, fold_model) -> None:
@@ -172,12 +179,15 @@ def train_mil(
     lesion_masks: LesionMasks | None = None,
     overwrite: bool = False,
     feature_sets: Mapping[int | None, FeatureSet] | None = None,
+    folds: Sequence[Fold] | None = None,
 ) -> MILResult:
     """Cross-validate attention-MIL on one encoder's features; reuse a current result.
 
     ``features_dir`` is one folder, or one folder per fold index (fine-tuned encoders: fold k's slides
     are encoded by fold k's encoder, which never saw that fold's test slides). ``feature_sets``: the
     folders as the stage checked them (default: checked here), recorded in the result's lineage.
+    ``folds``: the folds to use instead of those these records make (fine-tuned encoders: the folds
+    each fold's encoder was fine-tuned in, less slides that failed, so no test slide was trained on).
     """
     classes = sorted({r.label for r in records})
     if len(classes) < 2:
@@ -196,7 +206,7 @@ def train_mil(
         return stores[fold_index if fold_index in stores else None]
 
     out = MILLayout.of(out_dir, encoder_id)
-    expected = config_hash(_stage_config(records, named, mil, evaluation))
+    expected = config_hash(_stage_config(records, named, mil, evaluation, folds))
     if not overwrite and is_current(out.metrics, expected):
         return MILResult.load(out.dir)
     lesions = lesion_labels(records, first, tiles_dir, lesion_masks, evaluation)
@@ -211,7 +221,13 @@ def train_mil(
         )
 
     preds = cross_validate(
-        records, mil, n_classes=len(classes), store_for=store_for, on_fold=keep_fold, desc=f"mil {encoder_id}"
+        records,
+        mil,
+        n_classes=len(classes),
+        store_for=store_for,
+        on_fold=keep_fold,
+        desc=f"mil {encoder_id}",
+        folds=folds,
     )
     _write_predictions(out.predictions, preds, classes)
     y, probs, pooled = _evaluate(preds, evaluation, seed=mil.seed)
@@ -262,10 +278,12 @@ def cross_validate(
     store_for: Callable[[int], BagStore],
     on_fold: Callable[[FoldModel, list[SlidePrediction]], None] | None = None,
     desc: str | None = None,
+    folds: Sequence[Fold] | None = None,
 ) -> list[SlidePrediction]:
-    """Out-of-fold predictions of one cross-validation with ``mil`` (its folds, its seed), sorted by
-    slide. ``store_for(k)`` holds fold k's features; ``on_fold`` sees each fold's model and predictions."""
-    folds = study_folds(records, mil)
+    """Out-of-fold predictions of one cross-validation with ``mil`` (its folds, or ``folds``; its seed),
+    sorted by slide. ``store_for(k)`` holds fold k's features; ``on_fold`` sees each fold's model and
+    predictions."""
+    folds = study_folds(records, mil) if folds is None else folds
     preds = []
     for fold in tqdm(folds, desc=desc, unit="fold", dynamic_ncols=True, disable=desc is None):
         store = store_for(fold.index)

@@ -31,10 +31,12 @@ STAGE_ERRORS = (
 class FanOut(Generic[T]):
     results: dict[str, T] = field(default_factory=dict)  # item -> what its stage returned, in order
     errors: dict[str, str] = field(default_factory=dict)  # "item (what)" -> why it failed
+    first: Exception | None = None  # the first failure itself
 
     def record(self, key: str, exc: Exception) -> None:
         log.error("%s failed: %s", key, exc)
         self.errors[key] = f"{type(exc).__name__}: {exc}"
+        self.first = self.first or exc
 
     def check(self) -> FanOut[T]:
         """Raise when there was work and none of it finished (an orchestrator's step then fails);

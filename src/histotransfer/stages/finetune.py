@@ -107,7 +107,7 @@ def finetune(
         )
         extracted = extract(layout, config, usable, tuned, fold=fold.index, overwrite=overwrite)
         extraction[fold.index] = extracted.result
-    mil = train(layout, config, usable, tuned, folds=sorted(fold_encoders), overwrite=overwrite)
+    mil = train(layout, config, usable, tuned, folds=folds, overwrite=overwrite)
     return FinetuneOutputs(encoder_id, tuned, fold_encoders, extraction, mil)
 
 

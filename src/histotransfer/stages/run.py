@@ -100,6 +100,8 @@ def run_study(config: StudyConfig, *, overwrite: bool = False) -> StudyOutputs:
         return stages.train(layout, config, records, encoder_id, overwrite=overwrite)
 
     mil = outputs.add(fan_out([spec.id for spec in config.extraction.encoders], frozen, what="mil"))
+    if mil.first is not None and not mil.results:
+        raise mil.first  # no encoder finished: the study stops here (exit 2 naming why), its report kept
     outputs.mil.extend(mil.results.values())
     waiting = [e for e in config.finetune.encoders if e in mil.results]
     for encoder_id in (e for e in config.finetune.encoders if e not in mil.results):

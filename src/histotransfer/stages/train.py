@@ -17,6 +17,7 @@ from histotransfer.stages.common import going_on, tiled
 if TYPE_CHECKING:
     from histotransfer.mil.crossval import LesionMasks
     from histotransfer.mil.results import MILResult
+    from histotransfer.mil.splits import Fold
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,13 @@ def train(
     records: Sequence[SlideRecord],
     encoder_id: str,
     *,
-    folds: Sequence[int] | None = None,
+    folds: Sequence[Fold] | None = None,
     overwrite: bool = False,
 ) -> MILResult:
     """Cross-validated attention-MIL on one encoder's features: ``mil/{encoder_id}/``. ``folds``: the
-    fine-tuning stage's per-fold features (``features/{id}+ft/fold{k}/``: fold k's slides encoded by
-    fold k's encoder, on the folds that stage checked against the frozen MIL result)."""
+    folds the fine-tuning stage fine-tuned in, whose per-fold features (``features/{id}+ft/fold{k}/``:
+    fold k's slides encoded by fold k's encoder) are used on those very folds, less the slides that
+    failed (new folds would put slides an encoder was trained on into its test set)."""
     from histotransfer.mil.crossval import train_mil
 
     tiles = layout.tiles if layout.has("tiles") else None
@@ -54,7 +56,11 @@ def train(
             f"--features one encoder's folder, e.g. {folder / names[0]}"
         )
     claim_output(layout.mil, "mil", inputs=[folder, tiles], lock=layout.mil_result(encoder_id).dir)
-    dirs = {None: folder} if folds is None else {k: layout.features_dir(encoder_id, k) for k in folds}
+    dirs = (
+        {None: folder}
+        if folds is None
+        else {f.index: layout.features_dir(encoder_id, f.index) for f in folds}
+    )
     usable = tiled(layout, records)
     for k, d in dirs.items():
         usable = going_on(
@@ -79,6 +85,19 @@ def train(
         lesion_masks=lesion_masks(layout),
         overwrite=overwrite,
         feature_sets=features,
+        folds=None if folds is None else [_less(f, {r.slide_id for r in usable}) for f in folds],
+    )
+
+
+def _less(fold: Fold, kept: set[str]) -> Fold:
+    """``fold`` with only the ``kept`` slides in each part."""
+    from histotransfer.mil.splits import Fold
+
+    return Fold(
+        fold.index,
+        tuple(s for s in fold.train if s in kept),
+        tuple(s for s in fold.val if s in kept),
+        tuple(s for s in fold.test if s in kept),
     )
 
 
