@@ -126,7 +126,7 @@ STAGES = {
 # ------------------------------------------------------------------------------------- code deps
 
 
-def _module_file(module: str) -> Path | None:
+def module_file(module: str) -> Path | None:
     path = SRC / (module.replace(".", "/") + ".py")
     if path.is_file():
         return path
@@ -150,7 +150,7 @@ def _imports(path: Path, *, top_level: bool = False) -> set[str]:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
             names = {f"{node.module}.{a.name}" for a in node.names}
-            found |= {m for m in names if _module_file(m)} or {node.module}
+            found |= {m for m in names if module_file(m)} or {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
     return found
@@ -161,7 +161,7 @@ def _home(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 2 or (len(parts) == 2 and (SRC / PACKAGE / parts[1]).is_dir()):
         return f"src/{PACKAGE}/{parts[1]}"
-    return _module_file(module).relative_to(REPO).as_posix()
+    return module_file(module).relative_to(REPO).as_posix()
 
 
 def code_deps(stage: str) -> list[str]:
@@ -173,7 +173,7 @@ def code_deps(stage: str) -> list[str]:
     seen: set[str] = set()
     while todo:
         module = todo.pop()
-        if module in seen or (path := _module_file(module)) is None:
+        if module in seen or (path := module_file(module)) is None:
             continue
         seen.add(module)
         if module == f"{PACKAGE}.stages":  # its __init__ imports every stage

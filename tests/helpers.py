@@ -16,6 +16,7 @@ import numpy as np
 
 from histotransfer import lineage
 from histotransfer.manifest import SlideRecord
+from pipelines.dvc_stages import module_file  # the path of a module of the package
 
 # Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
 # that 224 px tiles at 0.5 um/px make on it.
@@ -161,20 +162,12 @@ PACKAGE = "histotransfer"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _module_file(module: str) -> Path | None:
-    path = SRC / (module.replace(".", "/") + ".py")
-    if path.is_file():
-        return path
-    path = SRC / module.replace(".", "/") / "__init__.py"
-    return path if path.is_file() else None
-
-
 def _imports(node: ast.AST) -> set[str]:
     found = set()
     for n in ast.walk(node):
         if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == PACKAGE:
             names = [f"{n.module}.{a.name}" for a in n.names]
-            found |= {m for m in names if _module_file(m)} or {n.module}  # `from pkg import module`
+            found |= {m for m in names if module_file(m)} or {n.module}  # `from pkg import module`
             found.add(n.module)
         elif isinstance(n, ast.Import):
             found |= {a.name for a in n.names if a.name.split(".")[0] == PACKAGE}
@@ -184,7 +177,7 @@ def _imports(node: ast.AST) -> set[str]:
 def _function_imports(module: str, function: str) -> set[str]:
     """Modules a function of ``module`` imports: the module's top-level imports, the function's own,
     and those of the module's functions it calls (by name, transitively)."""
-    tree = ast.parse(_module_file(module).read_text(encoding="utf-8"))
+    tree = ast.parse(module_file(module).read_text(encoding="utf-8"))
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     found = set().union(*(_imports(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)))
     todo, seen = [function], set()
@@ -207,11 +200,11 @@ def modules_of(*entry_points: tuple[str, str]) -> set[str]:
     todo = list(start - owners)
     while todo:
         module = todo.pop()
-        if module in seen or module in owners or (path := _module_file(module)) is None:
+        if module in seen or module in owners or (path := module_file(module)) is None:
             continue
         seen.add(module)
         if module == f"{PACKAGE}.stages":  # its __init__ only re-exports the stages: a stage runs its module
             continue
         todo += _imports(ast.parse(path.read_text(encoding="utf-8")))
         todo += [module.rsplit(".", k)[0] for k in range(1, module.count("."))]  # its packages' __init__
-    return {_module_file(m).relative_to(SRC.parent).as_posix() for m in seen | owners if _module_file(m)}
+    return {module_file(m).relative_to(SRC.parent).as_posix() for m in seen | owners if module_file(m)}

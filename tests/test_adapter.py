@@ -105,4 +105,5 @@ def test_the_first_failure_is_kept_to_be_raised_when_nothing_finished():
         raise FeaturesError(f"broken {item}")
 
     done = fan_out(["a", "b"], stage, what="mil")
-    assert isinstance(done.first, FeaturesError) and str(done.first) == "broken a"
+    assert isinstance(done.first, FeaturesError)
+    assert str(done.first) == "broken a"
