@@ -163,3 +163,20 @@ def test_python_m_runs_the_command_line(module):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("histotransfer ")
+
+
+def test_a_bare_run_is_the_demo_and_a_study_of_your_own_starts_from_the_schema(tmp_path):
+    """`histotransfer run` alone runs the embedded demo (as make demo does); --set alone or --config
+    start from the schema's defaults (no demo-sized fine-tuning slipped into a real study)."""
+    from histotransfer.config import DEMO_CONFIG, StudyConfig, load_config
+
+    def config_of(*argv: str) -> StudyConfig:
+        return study_config(build_parser().parse_args(["run", *argv]))
+
+    demo = load_config(DEMO_CONFIG)
+    assert config_of().model_dump(exclude={"output_dir"}) == demo.model_dump(exclude={"output_dir"})
+    assert config_of("--output-dir", str(tmp_path)).finetune.encoders == demo.finetune.encoders
+    own = config_of("--set", "mil.epochs=5")
+    assert own.finetune.encoders == []
+    assert own.mil.epochs == 5
+    assert own.model_dump(exclude={"mil"}) == StudyConfig().model_dump(exclude={"mil"})

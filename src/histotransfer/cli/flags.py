@@ -218,15 +218,16 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return {f.key: value for f in flags if (value := getattr(args, f.dest, None)) is not None}
 
 
-# commands whose config without --config is the embedded demo's (the others': the schema's defaults)
+# commands that run the embedded demo when bare: no --config and no --set (a study of your own, even one
+# given by --set alone, starts from the schema's defaults: never from the demo's toy fine-tuning)
 DEMO_COMMANDS = ("run", "cohort")
 
 
 def study_config(args: argparse.Namespace) -> StudyConfig:
-    """The command's config: --config (run and cohort: else the embedded demo's), then --set, then its
+    """The command's config: --config (bare run and cohort: the embedded demo's), then --set, then its
     flags."""
-    overrides = parse_assignments(getattr(args, "set", None) or [])
+    assignments = getattr(args, "set", None) or []
     path = args.config
-    if path is None and args.command in DEMO_COMMANDS:
+    if path is None and not assignments and args.command in DEMO_COMMANDS:
         path = DEMO_CONFIG
-    return load_config(path, overrides | flag_values(args))
+    return load_config(path, parse_assignments(assignments) | flag_values(args))

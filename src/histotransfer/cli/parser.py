@@ -193,7 +193,9 @@ COMMANDS = {
         config=False,
     ),
     "run": Command(
-        commands.cmd_run, "run the whole study (without --config: the embedded demo)", lambda p: None
+        commands.cmd_run,
+        "run the whole study (bare, without --config or --set: the embedded demo)",
+        lambda p: None,
     ),
 }
 
