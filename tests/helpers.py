@@ -17,6 +17,9 @@ import numpy as np
 from histotransfer import lineage
 from histotransfer.manifest import SlideRecord
 
+# The repository's root (tests/ is one folder below it, whichever subfolder a test module is in).
+REPO = Path(__file__).resolve().parents[1]
+
 # Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
 # that 224 px tiles at 0.5 um/px make on it.
 GOLDEN_MPP = 0.25
@@ -59,6 +62,17 @@ mil: {{epochs: 3, folds: 3}}
 evaluation: {{bootstrap: 100, heatmaps: 2}}
 """
 SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
+
+# The study pipeline's tiny config (kfp.local, in .venv and under the Docker runner)
+TINY = """
+sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
+extraction:
+  encoders: [{id: efficientnet_lite0@blocks.1}]
+mil: {epochs: 2, folds: 3}
+finetune: {encoders: [efficientnet_lite0@blocks.1], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}
+cka: {tiles: 32, batch_size: 16}
+evaluation: {bootstrap: 100, heatmaps: 2}
+"""
 
 
 LINEAGE_ENCODER = "resnet18@layer1+a"
@@ -158,7 +172,7 @@ def synthetic_cohort(folder, n_bags=40, seed=0, encoder_id="synthetic"):
 # ---- which modules a stage runs: DVC must rerun the stage when one of them changes ------------------
 
 PACKAGE = "histotransfer"
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 
 
 def _module_file(module: str) -> Path | None:

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BUCKET, EASY_COHORT, free_port, modules_of
+from tests.helpers import BUCKET, EASY_COHORT, REPO, free_port, modules_of
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC_OUTPUTS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", "report")
 

@@ -7,8 +7,10 @@ import is still a dependency (it only defers the cost, or hides a cycle until ru
 import ast
 from pathlib import Path
 
+from tests.helpers import REPO
+
 PACKAGE = "histotransfer"
-ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+ROOT = REPO / "src" / PACKAGE
 
 # Lowest first. Subpackages by folder name, modules at the package root by file name; a root module not
 # named here (errors, config, layout, storage, provenance, encoder_ids, onnx_runtime, ...) is in layer 0.

@@ -2,11 +2,12 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.helpers import REPO
+
+BENCHMARKS = REPO / "benchmarks"
 
 
 @pytest.mark.integration

@@ -14,8 +14,8 @@ from dockerfile_parse import DockerfileParser
 
 import histotransfer
 from components.image import IMAGE, REGISTRY, VERSION
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "containers" / "Dockerfile"
 ENTRYPOINT = REPO / "containers" / "entrypoint.sh"
 

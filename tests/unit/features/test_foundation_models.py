@@ -37,6 +37,7 @@ from histotransfer.features.encoders import (
 )
 from histotransfer.features.registry import list_encoders, shrunk
 from histotransfer.features.weights import WeightsError, map_to_model
+from tests.helpers import REPO
 
 FMS = [arch for arch, spec in ARCHS.items() if spec.published_file]
 
@@ -591,13 +592,11 @@ def test_a_study_of_two_foundation_models_with_a_truncation_sweep(tmp_path, smal
 
 
 def test_the_guide_table_is_what_histotransfer_encoders_prints(capsys):
-    from pathlib import Path
-
     from histotransfer.cli import main
 
     assert main(["encoders", "--markdown"]) == 0
     table = capsys.readouterr().out.strip()
-    assert table in (Path(__file__).parent.parent / "docs" / "encoders.md").read_text()
+    assert table in (REPO / "docs" / "encoders.md").read_text()
     assert main(["encoders"]) == 0
     listing = capsys.readouterr().out
     assert "virchow2" in listing

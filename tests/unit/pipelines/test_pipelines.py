@@ -19,8 +19,8 @@ from pipelines.launch import compile_pipeline
 from pipelines.launch import main as pipeline_main
 from pipelines.options import PARAMS, PipelineOptions
 from tests.fake_kfp import running
+from tests.helpers import REPO, TINY
 
-REPO = Path(__file__).resolve().parents[1]
 GPU_STEPS = {"exec-extract-shard", "exec-finetune-step", "exec-cka-step"}
 
 
@@ -167,17 +167,6 @@ def test_submit_rejects_bad_parameters_before_contacting_the_server(tmp_path):
     with running() as (fake, url), pytest.raises(Exception, match=r"mil\.epochs"):
         pipeline_main(["submit", "--host", url, "--config", str(PARAMS), "--param", "mil={epochs: -1}"])
     assert fake.requests == []
-
-
-TINY = """
-sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
-extraction:
-  encoders: [{id: efficientnet_lite0@blocks.1}]
-mil: {epochs: 2, folds: 3}
-finetune: {encoders: [efficientnet_lite0@blocks.1], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}
-cka: {tiles: 32, batch_size: 16}
-evaluation: {bootstrap: 100, heatmaps: 2}
-"""
 
 
 @pytest.mark.integration
