@@ -8,6 +8,8 @@ import ast
 import csv
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,12 @@ def synthetic_slide_rgb(size: tuple[int, int], tissue_boxes=(), seed: int = 0) -
         noise = rng.integers(-25, 25, size=(y1 - y0, x1 - x0, 3))
         rgb[y0:y1, x0:x1] = np.clip(np.array([190, 110, 170]) + noise, 0, 255)
     return rgb
+
+
+def tiles_summary(out: Path) -> dict[str, dict[str, str]]:
+    """A tiles folder's summary.csv: its rows by slide id."""
+    with (out / "summary.csv").open() as f:
+        return {row["slide_id"]: row for row in csv.DictReader(f)}
 
 
 # A small, easy sample cohort for tests that need real tissue, not a hard problem: one 20x scanner, no
@@ -167,6 +175,32 @@ def synthetic_cohort(folder, n_bags=40, seed=0, encoder_id="synthetic"):
         write_features(features_dir, slide_id, x, encoder_id=encoder_id, weights=f"synthetic-{seed}")
         records.append(SlideRecord(slide_id, str(folder / "x.svs"), label, patient_id=f"p{i // 2}"))
     return records, planted, features_dir
+
+
+# Commands that never build an encoder import neither torch nor timm (start-up time, the slim image):
+# torch and timm are made unimportable, the command must still succeed and leave them unimported.
+TORCH_FREE = """
+import sys
+BLOCKED = {"torch", "timm", "torchvision"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from histotransfer.cli import main
+rc = main(sys.argv[1:])
+print("heavy modules:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
+sys.exit(rc)
+"""
+
+
+def torch_free(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy modules: []" in proc.stdout
+    return proc
 
 
 # ---- which modules a stage runs: DVC must rerun the stage when one of them changes ------------------

@@ -51,18 +51,6 @@ def test_bench_extract_smoke():
     assert "ONNX Runtime / torch: model-only" in proc.stdout
 
 
-def test_bench_cka_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_cka.py"), "--n", "2048", "--d", "32", "--batch", "256"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "minibatch (unbiased HSIC)" in proc.stdout
-    assert "full, Gram (n x n)" in proc.stdout
-
-
 @pytest.mark.integration
 def test_bench_onnx_smoke():
     args = ["--pieces", "1", "--encoder", "resnet18@layer1+random", "--batch-size", "4", "--repeats", "1"]
