@@ -1,6 +1,6 @@
-"""The Dockerfile (linted with hadolint, read with dockerfile-parse; tests/test_docker.py builds and runs
-it), the image tag the components use, the package version and the Makefile agree; the install extras;
-the entrypoint dispatches."""
+"""The Dockerfile (linted with hadolint, read with dockerfile-parse; tests/integration/test_docker.py builds
+and runs it), the image tag the components use, the package version and the Makefile agree; the install
+extras; the entrypoint dispatches."""
 
 import os
 import re

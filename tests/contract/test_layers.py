@@ -64,7 +64,7 @@ def upward_imports(rel: str, module: str, is_package: bool, text: str) -> list[s
     """``file:line: what`` for each import in ``text`` (module ``module``) of a layer above its own."""
     own = _layer_of(module)
     if own is None:
-        return [f"{rel}: its subpackage is in no layer; add it to LAYERS in tests/test_layers.py"]
+        return [f"{rel}: its subpackage is in no layer; add it to LAYERS in tests/contract/test_layers.py"]
     found = []
     for node in ast.walk(ast.parse(text, rel)):
         if not isinstance(node, ast.Import | ast.ImportFrom):
