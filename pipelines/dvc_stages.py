@@ -3,7 +3,7 @@ outputs named by the study layout, their code dependencies found by following im
 parameters the config keys that change results (histotransfer.config.SPEED_ONLY are not).
 
     make dvc-yaml        # writes dvc.yaml and params.yaml (a copy of the embedded demo's config);
-                         # tests/test_dvc.py fails when either committed file is stale
+                         # tests/unit/pipelines/test_dvc_yaml.py fails when either committed file is stale
 """
 
 from __future__ import annotations

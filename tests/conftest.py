@@ -8,7 +8,8 @@ import tempfile
 
 # Tests never reach a model hub; without this, a hub lookup retries for about a minute first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Hypothesis keeps its files outside the repository (tests/test_properties.py uses no example database).
+# Hypothesis keeps its files outside the repository (tests/contract/test_properties.py uses no example
+# database).
 os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "histotransfer-hypothesis")
 )

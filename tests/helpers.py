@@ -8,6 +8,8 @@ import ast
 import csv
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import numpy as np
 from histotransfer import lineage
 from histotransfer.manifest import SlideRecord
 from pipelines.dvc_stages import module_file  # the path of a module of the package
+
+# The repository's root (tests/ is one folder below it, whichever subfolder a test module is in).
+REPO = Path(__file__).resolve().parents[1]
 
 # Golden slide: 0.25 um/px, levels 1x/2x/8x, one tissue rectangle aligned to the 448 px tile grid
 # that 224 px tiles at 0.5 um/px make on it.
@@ -35,6 +40,12 @@ def synthetic_slide_rgb(size: tuple[int, int], tissue_boxes=(), seed: int = 0) -
         noise = rng.integers(-25, 25, size=(y1 - y0, x1 - x0, 3))
         rgb[y0:y1, x0:x1] = np.clip(np.array([190, 110, 170]) + noise, 0, 255)
     return rgb
+
+
+def tiles_summary(out: Path) -> dict[str, dict[str, str]]:
+    """A tiles folder's summary.csv: its rows by slide id."""
+    with (out / "summary.csv").open() as f:
+        return {row["slide_id"]: row for row in csv.DictReader(f)}
 
 
 # A small, easy sample cohort for tests that need real tissue, not a hard problem: one 20x scanner, no
@@ -60,6 +71,17 @@ mil: {{epochs: 3, folds: 3}}
 evaluation: {{bootstrap: 100, heatmaps: 2}}
 """
 SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
+
+# The study pipeline's tiny config (kfp.local, in .venv and under the Docker runner)
+TINY = """
+sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
+extraction:
+  encoders: [{id: efficientnet_lite0@blocks.1}]
+mil: {epochs: 2, folds: 3}
+finetune: {encoders: [efficientnet_lite0@blocks.1], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}
+cka: {tiles: 32, batch_size: 16}
+evaluation: {bootstrap: 100, heatmaps: 2}
+"""
 
 
 LINEAGE_ENCODER = "resnet18@layer1+a"
@@ -156,10 +178,36 @@ def synthetic_cohort(folder, n_bags=40, seed=0, encoder_id="synthetic"):
     return records, planted, features_dir
 
 
+# Commands that never build an encoder import neither torch nor timm (start-up time, the slim image):
+# torch and timm are made unimportable, the command must still succeed and leave them unimported.
+TORCH_FREE = """
+import sys
+BLOCKED = {"torch", "timm", "torchvision"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from histotransfer.cli import main
+rc = main(sys.argv[1:])
+print("heavy modules:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
+sys.exit(rc)
+"""
+
+
+def torch_free(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy modules: []" in proc.stdout
+    return proc
+
+
 # ---- which modules a stage runs: DVC must rerun the stage when one of them changes ------------------
 
 PACKAGE = "histotransfer"
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 
 
 def _imports(node: ast.AST) -> set[str]:

@@ -198,7 +198,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy (tests/test_export.py checks)
+    # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy
+    # (tests/integration/test_export_study.py checks)
     from histotransfer import stages
     from histotransfer.config import predict_settings
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BUCKET, EASY_COHORT, free_port, modules_of
+from tests.helpers import BUCKET, EASY_COHORT, REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC_OUTPUTS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", "report")
 
@@ -68,63 +67,6 @@ def project(tmp_path_factory):
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "project"], root)
     first = sh(["dvc", "repro"], root, env)
     return root, env, first
-
-
-def test_the_committed_dvc_yaml_and_params_are_the_generated_ones():
-    """dvc.yaml is generated (`make dvc-yaml`) from the stage list, the layout, the imports and the
-    config schema; a hand edit or a code move that changes what a stage runs makes this fail."""
-    from pipelines.dvc_stages import params_text, render
-
-    assert (REPO / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `make dvc-yaml`"
-    assert (REPO / "params.yaml").read_text() == params_text(), "params.yaml is stale: `make dvc-yaml`"
-
-
-# each DVC stage's command and the stage function behind it
-STAGE_ENTRY_POINTS = {
-    "cohort": ("cmd_cohort", "cohort"),
-    "tile": ("cmd_tile", "tile"),
-    "extract": ("cmd_extract", "extract"),
-    "train": ("cmd_train", "train"),
-    "finetune": ("cmd_finetune", "finetune"),
-    "cka": ("cmd_cka", "cka"),
-    "export": ("cmd_export", "export"),
-    "report": ("cmd_report", "report"),
-}
-
-
-def test_every_stage_depends_on_every_module_it_can_run():
-    """Regression: stages' deps were listed by hand and missed modules that change their output (config,
-    manifest, provenance, heatmaps, ...), so DVC kept a stale result after those changed. The generated
-    deps (subpackages) cover every module the stage's command and function can import."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(STAGE_ENTRY_POINTS)
-    for name, (command, stage) in STAGE_ENTRY_POINTS.items():
-        declared = stages[name].get("do", stages[name])["deps"]
-        needed = modules_of(("histotransfer.cli.commands", command), (f"histotransfer.stages.{stage}", stage))
-        assert "src/histotransfer/layout.py" in needed
-        missing = sorted(m for m in needed if not any(m == d or m.startswith(f"{d}/") for d in declared))
-        assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)
-
-
-def test_params_are_the_settings_that_change_results():
-    """A speed setting (batch size, workers, the bag cache) is no stage's param: changing it
-    reruns nothing; every other key of a section a stage reads is one."""
-    from histotransfer.config import SPEED_ONLY, StudyConfig
-
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    params = {name: set(s.get("do", s).get("params", [])) for name, s in stages.items()}
-    speed = {f"{section}.{key}" for section, keys in SPEED_ONLY.items() for key in keys}
-    assert not speed & set().union(*params.values())
-    assert {
-        "extraction.precision",
-        "extraction.backend",
-        "extraction.encoders",
-        "mil.epochs",
-        "evaluation",
-    } <= params["train"] | params["extract"]
-    for section in SPEED_ONLY:
-        fields = set(StudyConfig.model_fields[section].annotation.model_fields)
-        assert fields - SPEED_ONLY[section]  # every section keeps keys that matter
 
 
 @pytest.mark.integration

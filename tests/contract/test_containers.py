@@ -1,6 +1,6 @@
-"""The Dockerfile (linted with hadolint, read with dockerfile-parse; tests/test_docker.py builds and runs
-it), the image tag the components use, the package version and the Makefile agree; the install extras;
-the entrypoint dispatches."""
+"""The Dockerfile (linted with hadolint, read with dockerfile-parse; tests/integration/test_docker.py builds
+and runs it), the image tag the components use, the package version and the Makefile agree; the install
+extras; the entrypoint dispatches."""
 
 import os
 import re
@@ -14,8 +14,8 @@ from dockerfile_parse import DockerfileParser
 
 import histotransfer
 from components.image import IMAGE, REGISTRY, VERSION
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "containers" / "Dockerfile"
 ENTRYPOINT = REPO / "containers" / "entrypoint.sh"
 

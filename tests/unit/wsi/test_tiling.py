@@ -1,71 +1,28 @@
-import csv
 import shutil
 import subprocess
 import sys
 
 import h5py
 import numpy as np
-import openslide
 import pytest
 from PIL import Image
 
 from histotransfer.assets import fetch_asset
 from histotransfer.cli import main
-from histotransfer.config import SampleDataConfig, TilingConfig
+from histotransfer.config import TilingConfig
 from histotransfer.manifest import read_manifest
 from histotransfer.provenance import sha256_file
-from histotransfer.wsi.geometry import tile_geometry, tissue_fractions
-from histotransfer.wsi.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
+from histotransfer.wsi.geometry import tile_geometry
 from histotransfer.wsi.svs import write_aperio_svs
 from histotransfer.wsi.tiling import TissueMask, load_tiles, select_tiles, tile_cohort
 from tests.helpers import (
     GOLDEN_MPP,
     GOLDEN_SIZE,
-    GOLDEN_TILES,
     GOLDEN_TISSUE,
     synthetic_slide_rgb,
+    tiles_summary,
     write_csv,
 )
-
-
-def _summary(out):
-    with (out / "summary.csv").open() as f:
-        return {row["slide_id"]: row for row in csv.DictReader(f)}
-
-
-@pytest.mark.parametrize(("downsamples", "read_level", "read_size"), [((2, 8), 1, 224), ((4, 16), 0, 448)])
-def test_golden_slide_coords(tmp_path, downsamples, read_level, read_size):
-    """224 px at 0.5 um/px on a 0.25 um/px slide: 448 px footprints, exactly the tissue block's tiles."""
-    rgb = synthetic_slide_rgb(GOLDEN_SIZE, [GOLDEN_TISSUE])
-    slide = write_aperio_svs(tmp_path / "golden.svs", rgb, mpp=GOLDEN_MPP, downsamples=downsamples)
-    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "golden", "path": str(slide), "label": "x"}])
-    result = tile_cohort(read_manifest(manifest), out_dir=tmp_path / "tiles", tiling=TilingConfig())
-    assert not result.failed
-    with h5py.File(tmp_path / "tiles" / "golden.h5", "r") as f:
-        coords = f["coords"]
-        assert coords.dtype == np.int64
-        assert [tuple(c) for c in coords[:]] == GOLDEN_TILES
-        attrs = dict(coords.attrs)
-        assert (attrs["patch_level"], attrs["read_level"], attrs["patch_size"]) == (
-            read_level,
-            read_level,
-            read_size,
-        )
-        assert (attrs["patch_size_level0"], attrs["patch_size_px"]) == (448, 224)
-        assert (attrs["target_mpp"], attrs["slide_mpp"]) == (0.5, pytest.approx(GOLDEN_MPP))
-        assert f["tissue_fraction"].shape == (16,)
-        assert (f["tissue_fraction"][:] > 0.9).all()
-        assert f.attrs["slide_id"] == "golden"
-    # CLAM reads `patch_size` px at `patch_level` from each coordinate: that must be all tissue.
-    with openslide.OpenSlide(str(slide)) as wsi:
-        for x, y in GOLDEN_TILES[::5]:
-            tile = np.asarray(
-                wsi.read_region((int(x), int(y)), read_level, (read_size, read_size)).convert("RGB")
-            )
-            assert tile.shape == (read_size, read_size, 3)
-            assert (tile.max(axis=2).astype(int) - tile.min(axis=2)).mean() > 40  # saturated: tissue
-    assert (tmp_path / "tiles" / "golden.png").is_file()
-    assert _summary(tmp_path / "tiles")["golden"]["n_tiles"] == "16"
 
 
 def test_sample_cohort_tiles_are_tissue(sample_cohort, tmp_path):
@@ -105,35 +62,6 @@ def test_tiles_far_darker_or_more_saturated_than_the_slide_are_dropped(od_ratio,
     assert (fractions == 1.0).all()
 
 
-@pytest.mark.integration
-def test_qc_drops_artefact_tiles_and_keeps_clean_tissue(tmp_path):
-    """Slides of the sample cohort with a pen mark, a fold and a bubble each: against their ground-truth
-    artefact masks, QC keeps few tiles that are mostly artefact and drops almost no clean tile."""
-    config = SampleDataConfig(n_slides=3, tissue_pieces=2, site_mpp=[0.5], artefacts=1.0, seed=2)
-    records = read_manifest(build_sample_cohort(tmp_path / "cohort", config=config))
-    plain = TilingConfig(max_od_ratio=None, max_saturation_ratio=None, tissue={"pen_hue_deg": None})
-    tile_cohort(records, out_dir=tmp_path / "qc", tiling=TilingConfig())
-    tile_cohort(records, out_dir=tmp_path / "plain", tiling=plain)
-    counts = {"qc": np.zeros(2, int), "plain": np.zeros(2, int)}  # (artefact tiles, clean tiles)
-    for record in records:
-        truth = np.asarray(Image.open(tmp_path / "cohort" / "artefacts" / f"{record.slide_id}.png")) > 0
-        for run in counts:
-            tiles = load_tiles(tmp_path / run / f"{record.slide_id}.h5")
-            covered = tissue_fractions(
-                truth,
-                mask_downsample=(MASK_DOWNSAMPLE, MASK_DOWNSAMPLE),
-                coords_lv0=tiles.coords,
-                patch_size_lv0=tiles.patch_size_level0,
-            )
-            counts[run] += [(covered > 0.5).sum(), (covered == 0).sum()]
-    assert counts["plain"][0] >= 10  # the artefacts do land on tissue tiles
-    assert counts["qc"][0] <= 0.5 * counts["plain"][0]
-    assert counts["qc"][1] >= 0.98 * counts["plain"][1]
-    summary = _summary(tmp_path / "qc")
-    assert sum(float(row["ink_fraction"]) for row in summary.values()) > 0
-    assert sum(int(row["qc_dropped_tiles"]) for row in summary.values()) > 0
-
-
 def test_resume_skips_and_overwrite_redoes(sample_cohort, tmp_path):
     records = read_manifest(sample_cohort)
     tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig())
@@ -141,7 +69,8 @@ def test_resume_skips_and_overwrite_redoes(sample_cohort, tmp_path):
     again = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig())
     assert {o.status for o in again.outcomes} == {"skipped"}
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.h5")} == mtimes
-    assert all(int(row["n_tiles"]) > 0 for row in _summary(tmp_path).values())  # stats of skipped outputs
+    # stats of skipped outputs
+    assert all(int(row["n_tiles"]) > 0 for row in tiles_summary(tmp_path).values())
     redone = tile_cohort(records, out_dir=tmp_path, tiling=TilingConfig(), overwrite=True)
     assert {o.status for o in redone.outcomes} == {"done"}
     assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in tmp_path.glob("*.h5"))
@@ -180,7 +109,7 @@ def test_bad_slides_fail_alone_and_lose_nothing(bad_cohort, tmp_path, capsys):
     inputs = {r.path: sha256_file(r.path) for r in read_manifest(manifest)}
     out = tmp_path / "tiles"
     assert main(["tile", str(manifest), "--out", str(out)]) == 1
-    summary = _summary(out)
+    summary = tiles_summary(out)
     for slide_id, why in reasons.items():
         assert summary[slide_id]["status"] == "failed"
         assert why in summary[slide_id]["reason"], summary[slide_id]["reason"]

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from components.image import REGISTRY, VERSION
-from tests.test_pipelines import TINY
+from tests.helpers import REPO, TINY
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = f"{REGISTRY}/histotransfer:{VERSION}"
 PREDICT = f"{REGISTRY}/histotransfer:{VERSION}-predict"
 ENCODER = "efficientnet_lite0@blocks.1"

@@ -1,16 +1,19 @@
+"""The command line on whole studies: `histotransfer run` on the small study (and its reuse), the
+per-stage commands on real tissue, a three-class study; `report` on a finished study imports no torch."""
+
+from __future__ import annotations
+
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from histotransfer.cli import EXIT_BAD_INPUT, main
+from histotransfer.cli import main
 from histotransfer.manifest import read_manifest
 from histotransfer.mil.crossval import MILResult
-from tests.helpers import write_csv
+from tests.helpers import torch_free, write_csv
 
 
 @pytest.mark.integration
@@ -117,93 +120,6 @@ def test_three_class_study_with_a_manifest_split_and_with_folds(tmp_path, capsys
     html = (cv / "report" / "index.html").read_text()
     assert "3 classes: AUC is the mean one-vs-rest AUC" in html
     assert (cv / "report" / "figures" / "roc.png").stat().st_size > 1000
-
-
-def test_unavailable_weights_exit_2_with_the_way_out(sample_cohort, tmp_path, capsys):
-    (tmp_path / "tiles").mkdir()
-    code = main(
-        [
-            "extract",
-            str(sample_cohort),
-            "--tiles",
-            str(tmp_path / "tiles"),
-            "--encoder",
-            "resnet18",
-            "--out",
-            str(tmp_path / "features"),
-        ]
-    )
-    assert code == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert "cannot load pretrained weights for resnet18" in err
-    assert "resnet18+random" in err
-
-
-def test_bad_manifest_exits_2_before_any_work(tmp_path, capsys):
-    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "a/b", "path": "x.svs", "label": ""}])
-    assert main(["tile", str(manifest), "--out", str(tmp_path / "t")]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert "line 2: slide_id 'a/b' is unsafe" in err
-    assert "line 2: label is empty" in err
-    assert not (tmp_path / "t").exists()
-
-
-def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys):
-    manifest = write_csv(tmp_path / "m.csv", [{"slide_id": "a", "path": "x.svs", "label": "t"}])
-    code = main(["tile", str(manifest), "--out", str(tmp_path / "t"), "--overlap", "2"])
-    assert code == EXIT_BAD_INPUT
-    assert "tiling.overlap" in capsys.readouterr().err
-
-
-def test_set_requires_key_value(capsys):
-    assert main(["run", "--set", "tiling.target_mpp"]) == EXIT_BAD_INPUT
-    assert "--set expects KEY=VALUE" in capsys.readouterr().err
-
-
-# Commands that never build an encoder import neither torch nor timm (start-up time, the slim image):
-# torch and timm are made unimportable, the command must still succeed and leave them unimported.
-TORCH_FREE = """
-import sys
-BLOCKED = {"torch", "timm", "torchvision"}
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Block())
-from histotransfer.cli import main
-rc = main(sys.argv[1:])
-print("heavy modules:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
-sys.exit(rc)
-"""
-
-
-def torch_free(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-c", TORCH_FREE, *args], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "heavy modules: []" in proc.stdout
-    return proc
-
-
-def test_sample_data_tile_and_encoders_import_no_torch(tmp_path):
-    torch_free(
-        "sample-data", str(tmp_path / "cohort"), "--n-slides", "2", "--tissue-pieces", "1", "--artefacts", "0"
-    )
-    proc = torch_free("tile", str(tmp_path / "cohort" / "manifest.csv"), "--out", str(tmp_path / "tiles"))
-    assert "tiles: 2 of 2 slide(s) ready" in proc.stdout
-    assert "blocks.3, blocks.4" in torch_free("encoders").stdout
-    # a config naming an encoder is validated without torch too
-    config = tmp_path / "c.yaml"
-    config.write_text("extraction: {encoders: [{id: resnet50@layer3}]}\n")
-    torch_free(
-        "tile",
-        str(tmp_path / "cohort" / "manifest.csv"),
-        "--out",
-        str(tmp_path / "t2"),
-        "--config",
-        str(config),
-    )
 
 
 @pytest.mark.integration  # reads the small study (a whole `histotransfer run`)

@@ -7,8 +7,10 @@ import is still a dependency (it only defers the cost, or hides a cycle until ru
 import ast
 from pathlib import Path
 
+from tests.helpers import REPO
+
 PACKAGE = "histotransfer"
-ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+ROOT = REPO / "src" / PACKAGE
 
 # Lowest first. Subpackages by folder name, modules at the package root by file name; a root module not
 # named here (errors, config, layout, storage, provenance, encoder_ids, onnx_runtime, ...) is in layer 0.
@@ -62,7 +64,7 @@ def upward_imports(rel: str, module: str, is_package: bool, text: str) -> list[s
     """``file:line: what`` for each import in ``text`` (module ``module``) of a layer above its own."""
     own = _layer_of(module)
     if own is None:
-        return [f"{rel}: its subpackage is in no layer; add it to LAYERS in tests/test_layers.py"]
+        return [f"{rel}: its subpackage is in no layer; add it to LAYERS in tests/contract/test_layers.py"]
     found = []
     for node in ast.walk(ast.parse(text, rel)):
         if not isinstance(node, ast.Import | ast.ImportFrom):

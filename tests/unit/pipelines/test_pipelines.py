@@ -1,6 +1,7 @@
 """Kubeflow Pipelines: the committed YAML is current and parses into the pipeline-spec protos; the IR
-carries the image, GPU requests and Kubernetes settings; the study pipeline runs end to end with
-kfp.local; submit talks to a (fake) KFP API server as kfp.Client would to a real one."""
+carries the image, GPU requests and Kubernetes settings; submit talks to a (fake) KFP API server as
+kfp.Client would to a real one; usage errors are exit 2. The pipelines under kfp.local:
+tests/integration/test_kfp_local.py."""
 
 import json
 import subprocess
@@ -19,8 +20,8 @@ from pipelines.launch import compile_pipeline
 from pipelines.launch import main as pipeline_main
 from pipelines.options import PARAMS, PipelineOptions
 from tests.fake_kfp import running
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GPU_STEPS = {"exec-extract-shard", "exec-finetune-step", "exec-cka-step"}
 
 
@@ -98,36 +99,6 @@ def test_gcs_secret_and_cpu_only_options(tmp_path):
     assert {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/var/secrets/google/key.json"} in env
 
 
-def test_library_never_imports_kfp_and_the_pipeline_command_is_a_plugin(tmp_path):
-    """Every library module imports, and every library command runs, with kfp and the pipelines
-    package impossible to import; `histotransfer pipeline` comes from its entry point, from any folder."""
-    script = """
-import importlib, pkgutil, sys
-class Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("kfp", "pipelines", "components"):
-            raise ImportError(f"the library imported {name}")
-sys.meta_path.insert(0, Refuse())
-import histotransfer
-for info in pkgutil.walk_packages(histotransfer.__path__, "histotransfer."):
-    importlib.import_module(info.name)
-from histotransfer.cli import main
-assert main(["encoders"]) == 0
-assert main(["pipeline", "compile", "--help"]) == 2  # the plugin cannot load here: a clear exit 2
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "needs the pipelines package and kfp" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "histotransfer.cli", "pipeline", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "run-local" in proc.stdout
-
-
 def test_submit_creates_the_experiment_and_the_run(tmp_path, capsys):
     config = tmp_path / "mine.yaml"
     config.write_text("mil: {epochs: 7}\nextraction: {encoders: [{id: resnet18@layer3+random}]}\n")
@@ -167,65 +138,6 @@ def test_submit_rejects_bad_parameters_before_contacting_the_server(tmp_path):
     with running() as (fake, url), pytest.raises(Exception, match=r"mil\.epochs"):
         pipeline_main(["submit", "--host", url, "--config", str(PARAMS), "--param", "mil={epochs: -1}"])
     assert fake.requests == []
-
-
-TINY = """
-sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
-extraction:
-  encoders: [{id: efficientnet_lite0@blocks.1}]
-mil: {epochs: 2, folds: 3}
-finetune: {encoders: [efficientnet_lite0@blocks.1], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}
-cka: {tiles: 32, batch_size: 16}
-evaluation: {bootstrap: 100, heatmaps: 2}
-"""
-
-
-@pytest.mark.integration
-def test_run_local_runs_the_whole_study_pipeline(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY)
-    root = tmp_path / "kfp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--config", str(config),
-         "--pipeline-root", str(root), "--param", "shards=2"],
-        capture_output=True, text=True, check=False, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"pipeline study finished; artifacts under {root}" in proc.stdout
-    run = next(root.iterdir())
-    tiles = run / "merge-shards" / "merged" / "tiles"
-    assert len(list(tiles.glob("*.h5"))) == 6  # two shards merged
-    summary = (tiles / "summary.csv").read_text().splitlines()
-    assert len(summary) == 7
-    assert len(list(run.glob("for-loop-1-iteration-*"))) == 2
-    features = run / "merge-shards-2" / "merged" / "features" / "efficientnet_lite0@blocks.1"
-    assert len(list(features.glob("*.h5"))) == 6
-    bundle = run / "export-step" / "bundle" / "onnx" / "best" / "bundle.json"
-    assert json.loads(bundle.read_text())["encoder"]["id"].startswith("efficientnet_lite0@blocks.1")
-    assert list((run / "cka-step" / "comparison" / "cka").glob("*.json"))
-    page = (run / "report-step" / "report").read_text()
-    assert "<td>efficientnet_lite0@blocks.1+ft</td>" in page
-    assert 'src="data:image/png;base64,' in page  # one self-contained page for the KFP UI
-    assert "Deployable model (ONNX)" in (run / "report-step" / "summary").read_text()
-    metrics = json.loads(
-        (next(run.glob("for-loop-3-iteration-0")) / "train-mil" / "executor_output.json").read_text()
-    )
-    assert "auc" in metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert "confusionMatrix" in metrics["artifacts"]["classification"]["artifacts"][0]["metadata"]
-
-
-@pytest.mark.integration
-def test_inference_pipeline_runs_locally_on_a_bundle(small_study, tmp_path, capsys):
-    bundle = small_study.root / "onnx" / "best"
-    manifest = small_study.root / "cohort" / "manifest.csv"
-    args = ["run-local", "--pipeline", "inference", "--pipeline-root", str(tmp_path / "kfp")]
-    assert pipeline_main([*args, "--param", f"bundle_uri={bundle}", "--param", f"slides={manifest}"]) == 0
-    assert "pipeline inference finished" in capsys.readouterr().out
-    step = next((tmp_path / "kfp").iterdir()) / "predict-step"
-    rows = (step / "predictions" / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 7
-    assert all(",done," in r for r in rows[1:])
-    assert (step / "summary").read_text().startswith("# Predictions")
 
 
 def test_docker_options_need_the_docker_runner(tmp_path, capsys):

@@ -23,6 +23,7 @@ from histotransfer.errors import OutputError
 from histotransfer.manifest import read_manifest
 from histotransfer.marks import is_ours
 from histotransfer.outputs import claim_output, release_all
+from tests.helpers import REPO
 
 FOREIGN = b"the user's own file, with one of our names\n"
 BINARY = {".pt", ".onnx"}  # ours when a record of ours beside them lists them (tested below)
@@ -116,7 +117,7 @@ def test_report_tracking_and_pipeline_yaml_are_recognised(tmp_path):
     (tmp_path / "metrics.json").write_text('{"auc": 1}')  # a user's own metrics file at the study root
     with pytest.raises(OutputError):
         write_text_atomic(tmp_path / "metrics.json", "{}")
-    compiled = Path(__file__).resolve().parents[1] / "pipelines" / "study.yaml"
+    compiled = REPO / "pipelines" / "study.yaml"
     assert is_ours(compiled)
     (tmp_path / "study.yaml").write_text("# PIPELINE DEFINITION\n# Name: someone-else\n")
     assert not is_ours(tmp_path / "study.yaml")

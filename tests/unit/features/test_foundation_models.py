@@ -4,22 +4,20 @@ every cut of a transformer pools by the model's token rule.
 
 The checkpoints here are random tensors. Most models are far too big to run in a test, so they are
 written in a shrunk configuration (``registry.shrunk``: the same timm class, checkpoint layout, token
-rule and input, width 48 and depth 3) by the writers below, which produce each published layout
-(Hugging Face ViTModel / Dinov2Model, CONCH's open_clip CoCa, CTransPath's timm-0.5 Swin, timm)
-independently of the loader's converters. One full-size check per model builds it on the meta device
-(no memory) and compares the published layout's keys and shapes, its width and its parameter count.
+rule and input, width 48 and depth 3) by the writers in tests/checkpoints.py, which produce each
+published layout (Hugging Face ViTModel / Dinov2Model, CONCH's open_clip CoCa, CTransPath's timm-0.5
+Swin, timm) independently of the loader's converters. One full-size check per model builds it on the
+meta device (no memory) and compares the published layout's keys and shapes, its width and its
+parameter count.
 """
 
 from __future__ import annotations
 
-import json
 import re
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from skimage import data
 
 from histotransfer.architectures import ARCHS
@@ -37,8 +35,8 @@ from histotransfer.features.encoders import (
 )
 from histotransfer.features.registry import list_encoders, shrunk
 from histotransfer.features.weights import WeightsError, map_to_model
-
-FMS = [arch for arch, spec in ARCHS.items() if spec.published_file]
+from tests.checkpoints import FMS, published_layout, random_model, shrink_foundation_models, write_published
+from tests.helpers import REPO
 
 # Widths and sizes from the model cards and papers (M parameters of the tile encoder, +-2%).
 DOCUMENTED = {
@@ -86,167 +84,7 @@ NEIGHBOURS = [
 @pytest.fixture
 def small(monkeypatch):
     """Every foundation model shrunk (one catalogue dict, read by the registry and by encoders)."""
-    for arch in FMS:
-        monkeypatch.setitem(ARCHS, arch, shrunk(ARCHS[arch]))
-
-
-def _random_model(arch: str, seed: int = 1):
-    """The architecture with every tensor random (layer scale and norms included, so each block
-    matters), in eval mode; its timm-named state."""
-    torch.manual_seed(seed)
-    model = _timm_model(arch)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("running_var"):
-            state[key] = torch.rand_like(value) + 0.5
-        elif value.is_floating_point():
-            state[key] = torch.randn_like(value) * 0.2
-        else:
-            state[key] = value
-    model.load_state_dict(state)
-    return model.eval(), state
-
-
-# ---- the published layouts, written from timm's names -------------------------------------------
-
-
-def _hf_blocks(state, block_names):
-    out = {}
-    for key, value in state.items():
-        if not (m := re.match(r"^blocks\.(\d+)\.(.+)$", key)):
-            continue
-        i, rest = m.groups()
-        layer = f"encoder.layer.{i}."
-        if rest.startswith("attn.qkv."):
-            kind = rest.rsplit(".", 1)[1]
-            q, k, v = value.chunk(3)
-            for name, part in (("query", q), ("key", k), ("value", v)):
-                out[f"{layer}attention.attention.{name}.{kind}"] = part
-            continue
-        for timm_name, hf in block_names:
-            if rest == timm_name or rest.startswith(timm_name + "."):
-                out[layer + hf + rest[len(timm_name) :]] = value
-                break
-        else:
-            raise AssertionError(f"no Hugging Face name for {key}")
-    return out
-
-
-def _to_hf_vit(state):  # transformers ViTModel (Phikon)
-    names = [
-        ("norm1", "layernorm_before"),
-        ("attn.proj", "attention.output.dense"),
-        ("norm2", "layernorm_after"),
-        ("mlp.fc1", "intermediate.dense"),
-        ("mlp.fc2", "output.dense"),
-    ]
-    width = state["cls_token"].shape[-1]
-    return {
-        "embeddings.cls_token": state["cls_token"],
-        "embeddings.position_embeddings": state["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-        "pooler.dense.weight": torch.randn(width, width),
-        "pooler.dense.bias": torch.randn(width),
-        **_hf_blocks(state, names),
-    }
-
-
-def _to_hf_dinov2(state, swiglu: bool = False):  # transformers Dinov2Model; registers as Hibou's
-    mlp = ("weights_in", "weights_out") if swiglu else ("fc1", "fc2")  # Dinov2SwiGLUFFN's names
-    names = [
-        ("norm1", "norm1"),
-        ("attn.proj", "attention.output.dense"),
-        ("ls1.gamma", "layer_scale1.lambda1"),
-        ("norm2", "norm2"),
-        ("mlp.fc1", f"mlp.{mlp[0]}"),
-        ("mlp.fc2", f"mlp.{mlp[1]}"),
-        ("ls2.gamma", "layer_scale2.lambda1"),
-    ]
-    cls, pos = state["cls_token"], state["pos_embed"]
-    out = {}
-    if "reg_token" in state:  # HF: the class token has position 0; timm: positions for patches only
-        first = torch.randn_like(cls)
-        cls, pos = cls - first, torch.cat([first, pos], dim=1)
-        out["embeddings.register_tokens"] = state["reg_token"]
-    return out | {
-        "embeddings.cls_token": cls,
-        "embeddings.mask_token": torch.zeros(1, cls.shape[-1]),
-        "embeddings.position_embeddings": pos,
-        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-        **_hf_blocks(state, names),
-    }
-
-
-def _to_dinov2_original(state):  # facebookresearch/dinov2's names (Hibou's own release)
-    out = {}
-    for key, value in state.items():
-        out[key.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")] = value
-    first = torch.randn_like(out["cls_token"])  # the class token's position, as in _to_hf_dinov2
-    out["register_tokens"] = out.pop("reg_token")
-    out["cls_token"] = out["cls_token"] - first
-    out["pos_embed"] = torch.cat([first, out["pos_embed"]], dim=1)
-    return out | {"mask_token": torch.zeros(1, first.shape[-1])}
-
-
-def _to_conch(state):  # open_clip CoCa: visual.trunk + the poolers, the text tower beside it
-    out = {}
-    for key, value in state.items():
-        pooler = key.startswith(("attn_pool_contrast.", "ln_contrast."))
-        out[("visual." if pooler else "visual.trunk.") + key] = value
-    width = state["ln_contrast.weight"].shape[0]
-    return out | {
-        "visual.proj_contrast": torch.randn(width, width),
-        "visual.attn_pool_caption.query": torch.randn(4, width),
-        "visual.ln_caption.weight": torch.ones(width),
-        "text.token_embedding.weight": torch.randn(10, width),
-        "logit_scale": torch.ones([]),
-    }
-
-
-def _to_ctranspath(state):  # timm 0.5 Swin: downsampling at the end of a stage; index and mask buffers
-    out = {}
-    for key, value in state.items():
-        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
-        out[key] = value
-        if key.endswith("attn.relative_position_bias_table"):
-            out[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(
-                49, 49
-            ).long()
-        if re.search(r"blocks\.1\.norm1\.weight$", key):
-            out[key.replace("norm1.weight", "attn_mask")] = torch.zeros(4, 49, 49)
-    width = state["norm.weight"].shape[0]
-    return {"model": out | {"head.weight": torch.randn(1000, width), "head.bias": torch.randn(1000)}}
-
-
-def _published(arch: str, state, layout: str | None = None):
-    spec = ARCHS[arch]
-    swiglu = spec.create_kwargs.get("mlp_layer") == "swiglu_packed"
-    writers = {
-        "hf_vit": _to_hf_vit,
-        "hf_dinov2": lambda state: _to_hf_dinov2(state, swiglu),
-        "dinov2": _to_dinov2_original,
-        "conch": _to_conch,
-        "ctranspath": _to_ctranspath,
-    }
-    return writers.get(layout or spec.layout, dict)(state)
-
-
-def _write(folder, arch: str, state, layout: str | None = None):
-    """The published file in a model folder, named as its hub repository names it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = _published(arch, state, layout)
-    name = ARCHS[arch].hub_files[0] if ARCHS[arch].default_weights.startswith("hf-hub:") else "weights.pth"
-    if name.endswith(".safetensors"):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / name)
-    else:
-        torch.save(tensors, folder / name)
-    return folder
+    shrink_foundation_models(monkeypatch)
 
 
 def _tiles(arch: str, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -279,8 +117,8 @@ def _reference(model, arch: str, spatial: torch.Tensor, prefix: torch.Tensor) ->
 
 @pytest.mark.parametrize("arch", FMS)
 def test_a_published_checkpoint_loads_strictly_and_gives_the_models_features(tmp_path, small, arch):
-    model, state = _random_model(arch)
-    folder = _write(tmp_path / arch, arch, state)
+    model, state = random_model(arch)
+    folder = write_published(tmp_path / arch, arch, state)
     encoder = build_encoder(arch, weights=folder)  # the plain id: the user's copy of the published file
     assert encoder.weights_source.startswith("file:")
     tiles = _tiles(arch)
@@ -308,9 +146,11 @@ def test_a_published_checkpoint_loads_strictly_and_gives_the_models_features(tmp
 
 
 def test_hibous_own_release_in_dinov2s_layout_loads_as_its_hugging_face_file_does(tmp_path, small):
-    model, state = _random_model("hibou_b")
-    hf = build_encoder("hibou_b", weights=_write(tmp_path / "hf", "hibou_b", state))
-    own = build_encoder("hibou_b+own", weights=_write(tmp_path / "own", "hibou_b", state, layout="dinov2"))
+    model, state = random_model("hibou_b")
+    hf = build_encoder("hibou_b", weights=write_published(tmp_path / "hf", "hibou_b", state))
+    own = build_encoder(
+        "hibou_b+own", weights=write_published(tmp_path / "own", "hibou_b", state, layout="dinov2")
+    )
     # the same tensors in the model from either file (the class token up to rounding: both files store
     # it minus its position embedding)
     torch.testing.assert_close(hf.module.model.state_dict(), own.module.model.state_dict())
@@ -319,8 +159,8 @@ def test_hibous_own_release_in_dinov2s_layout_loads_as_its_hugging_face_file_doe
 
 @pytest.mark.parametrize(("arch", "neighbour"), NEIGHBOURS)
 def test_a_neighbouring_models_checkpoint_is_refused(tmp_path, small, arch, neighbour):
-    _, state = _random_model(neighbour)
-    folder = _write(tmp_path / neighbour, neighbour, state)
+    _, state = random_model(neighbour)
+    folder = write_published(tmp_path / neighbour, neighbour, state)
     with pytest.raises(WeightsError, match=r"is not a|lacks|wrong shape") as info:
         build_encoder(arch, weights=folder)
     assert re.search(rf"it looks like a (\w+ or )*{neighbour}\b", str(info.value))  # and says whose it is
@@ -349,7 +189,7 @@ def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(a
     spec = ARCHS[arch]
     model, encoder = _meta_encoder(arch)
     with torch.device("meta"):
-        published = _published(arch, model.state_dict())
+        published = published_layout(arch, model.state_dict())
         published = published.get("model", published)  # CTransPath's container
         out = encoder(torch.zeros(1, 3, spec.input_size, spec.input_size, dtype=torch.uint8))
     reference = _reference_state(arch)
@@ -398,8 +238,8 @@ def _cuts(arch: str) -> list[str]:
     [(a, c) for a in FMS if ARCHS[a].family != "cnn" for c in _cuts(a)],
 )
 def test_a_cut_transformer_pools_the_cut_blocks_tokens_by_the_models_rule(tmp_path, small, arch, cut):
-    model, state = _random_model(arch)
-    folder = _write(tmp_path / arch, arch, state)
+    model, state = random_model(arch)
+    folder = write_published(tmp_path / arch, arch, state)
     encoder = build_encoder(f"{arch}@{cut}+mine", weights=folder)
     k = int(cut.rsplit(".", 1)[1])
     tiles = _tiles(arch)
@@ -450,7 +290,7 @@ def test_list_encoders_names_every_cut_of_a_transformer():
 
 def test_cka_between_two_cuts_of_one_vit(tmp_path, small):
     # random tensors everywhere (a fresh init's layer scale of 1e-5 leaves every block near identity)
-    folder = _write(tmp_path, "uni", _random_model("uni")[1])
+    folder = write_published(tmp_path, "uni", random_model("uni")[1])
     full = build_encoder("uni", weights=folder)
     cut = build_encoder("uni@blocks.1", weights=folder)  # its two blocks are the full model's first two
     tiles = list(_tiles("uni", n=24, seed=3))
@@ -464,7 +304,9 @@ def test_cka_between_two_cuts_of_one_vit(tmp_path, small):
 
 
 def test_cka_between_two_foundation_models(tmp_path, small):
-    a = build_encoder("virchow2", weights=_write(tmp_path / "a", "virchow2", _random_model("virchow2")[1]))
+    a = build_encoder(
+        "virchow2", weights=write_published(tmp_path / "a", "virchow2", random_model("virchow2")[1])
+    )
     b = build_encoder("ctranspath+random")  # timm's init: N(0, 0.2) everywhere flattens a Swin's features
     result = layer_cka(a, b, list(_tiles("uni", n=48)), batch_size=16, device="cpu")
     assert result.matrix.shape == (3, 4)
@@ -523,7 +365,7 @@ def test_a_foundation_model_without_weights_says_where_to_get_them(monkeypatch):
 
 
 def test_a_model_folder_must_name_its_checkpoint(tmp_path, small):
-    _, _state = _random_model("lunit_vits8")
+    _, _state = random_model("lunit_vits8")
     (tmp_path / "a.pth").write_bytes(b"")
     (tmp_path / "b.safetensors").write_bytes(b"")
     with pytest.raises(WeightsError, match="holds 2 checkpoint files"):
@@ -534,70 +376,12 @@ def test_a_model_folder_must_name_its_checkpoint(tmp_path, small):
         build_encoder("lunit_vits8", weights=tmp_path)
 
 
-# ---- a study: two foundation models from files, a truncation sweep, fine-tuning and CKA -------------
-
-FM_STUDY = """
-output_dir: {out}
-sample_data: {{n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}}
-extraction:
-  encoders:
-    - {{id: phikon_v2, weights: {phikon}}}
-    - {{id: phikon_v2@blocks.1, weights: {phikon}}}
-    - {{id: phikon_v2@blocks.0, weights: {phikon}}}
-    - {{id: virchow2, weights: {virchow}}}
-mil: {{epochs: 3, folds: 3}}
-evaluation: {{bootstrap: 100, heatmaps: 1}}
-finetune: {{encoders: [phikon_v2@blocks.1], k: 4, epochs: 1, grad_checkpointing: true}}
-cka: {{tiles: 32, batch_size: 16}}
-"""
-
-
-@pytest.mark.integration
-def test_a_study_of_two_foundation_models_with_a_truncation_sweep(tmp_path, small, capsys):
-    """The weights are tiny random files in the published layouts (Phikon-v2: a Hugging Face
-    Dinov2Model, Virchow2: timm; each a model.safetensors in a folder, as their hubs have them), of the
-    models shrunk to width 48 and depth 3: the real ones would take hours on a CPU. Everything else is
-    the real study: extraction (ONNX Runtime), 3-fold MIL, fine-tuning, CKA, export and the report."""
-    from histotransfer.cli import main
-
-    phikon = _write(tmp_path / "phikon-v2", "phikon_v2", _random_model("phikon_v2")[1])
-    virchow = _write(tmp_path / "virchow2", "virchow2", _random_model("virchow2", seed=2)[1])
-    config = tmp_path / "study.yaml"
-    config.write_text(FM_STUDY.format(out=tmp_path / "study", phikon=phikon, virchow=virchow))
-    assert main(["run", "--config", str(config)]) == 0
-    out = capsys.readouterr().out
-    study = tmp_path / "study"
-    for encoder_id, dim in [
-        ("phikon_v2", 48),
-        ("phikon_v2@blocks.1", 48),
-        ("phikon_v2@blocks.0", 48),
-        ("virchow2", 96),
-    ]:
-        assert f"features {encoder_id}: 6 of 6 slide(s) ready" in out
-        assert f"mil {encoder_id}: AUC " in out
-        with h5py.File(next((study / "features" / encoder_id).glob("*.h5"))) as f:
-            assert f["features"].shape[1] == dim
-            assert f.attrs["token_rule"] == ARCHS[encoder_id.split("@")[0]].token
-            assert f.attrs["weights_source"].startswith("file:")
-    assert "mil phikon_v2@blocks.1+ft: AUC " in out
-    cka = json.loads((study / "cka" / "phikon_v2@blocks.1__phikon_v2@blocks.1+ft-fold0.json").read_text())
-    assert cka["layers_a"] == ["blocks.0", "blocks.1"]
-    assert np.isfinite(np.array(cka["matrix"])).all()
-    html = (study / "report" / "index.html").read_text()
-    assert "<td>virchow2</td>" in html
-    assert "<td>phikon_v2@blocks.0</td>" in html
-    assert "pathology foundation model · truncated" in html  # the report's family column
-    assert (study / "report" / "figures" / "truncation.png").stat().st_size > 1000  # the sweep's curve
-
-
 def test_the_guide_table_is_what_histotransfer_encoders_prints(capsys):
-    from pathlib import Path
-
     from histotransfer.cli import main
 
     assert main(["encoders", "--markdown"]) == 0
     table = capsys.readouterr().out.strip()
-    assert table in (Path(__file__).parent.parent / "docs" / "encoders.md").read_text()
+    assert table in (REPO / "docs" / "encoders.md").read_text()
     assert main(["encoders"]) == 0
     listing = capsys.readouterr().out
     assert "virchow2" in listing

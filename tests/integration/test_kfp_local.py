@@ -1,0 +1,59 @@
+"""Kubeflow Pipelines under kfp.local: the study pipeline runs end to end (in .venv) and the inference
+pipeline classifies slides with the small study's bundle."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.launch import main as pipeline_main
+from tests.helpers import REPO, TINY
+
+
+@pytest.mark.integration
+def test_run_local_runs_the_whole_study_pipeline(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    root = tmp_path / "kfp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--config", str(config),
+         "--pipeline-root", str(root), "--param", "shards=2"],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"pipeline study finished; artifacts under {root}" in proc.stdout
+    run = next(root.iterdir())
+    tiles = run / "merge-shards" / "merged" / "tiles"
+    assert len(list(tiles.glob("*.h5"))) == 6  # two shards merged
+    summary = (tiles / "summary.csv").read_text().splitlines()
+    assert len(summary) == 7
+    assert len(list(run.glob("for-loop-1-iteration-*"))) == 2
+    features = run / "merge-shards-2" / "merged" / "features" / "efficientnet_lite0@blocks.1"
+    assert len(list(features.glob("*.h5"))) == 6
+    bundle = run / "export-step" / "bundle" / "onnx" / "best" / "bundle.json"
+    assert json.loads(bundle.read_text())["encoder"]["id"].startswith("efficientnet_lite0@blocks.1")
+    assert list((run / "cka-step" / "comparison" / "cka").glob("*.json"))
+    page = (run / "report-step" / "report").read_text()
+    assert "<td>efficientnet_lite0@blocks.1+ft</td>" in page
+    assert 'src="data:image/png;base64,' in page  # one self-contained page for the KFP UI
+    assert "Deployable model (ONNX)" in (run / "report-step" / "summary").read_text()
+    metrics = json.loads(
+        (next(run.glob("for-loop-3-iteration-0")) / "train-mil" / "executor_output.json").read_text()
+    )
+    assert "auc" in metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert "confusionMatrix" in metrics["artifacts"]["classification"]["artifacts"][0]["metadata"]
+
+
+@pytest.mark.integration
+def test_inference_pipeline_runs_locally_on_a_bundle(small_study, tmp_path, capsys):
+    bundle = small_study.root / "onnx" / "best"
+    manifest = small_study.root / "cohort" / "manifest.csv"
+    args = ["run-local", "--pipeline", "inference", "--pipeline-root", str(tmp_path / "kfp")]
+    assert pipeline_main([*args, "--param", f"bundle_uri={bundle}", "--param", f"slides={manifest}"]) == 0
+    assert "pipeline inference finished" in capsys.readouterr().out
+    step = next((tmp_path / "kfp").iterdir()) / "predict-step"
+    rows = (step / "predictions" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 7
+    assert all(",done," in r for r in rows[1:])
+    assert (step / "summary").read_text().startswith("# Predictions")
