@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
-test: setup lint  ## lint and the whole test suite, as CI runs it (~18 min fresh, 2 cores)
-	$(BIN)/python -m pytest
+# one pytest worker per core (each pinned to one thread: tests/conftest.py); a test file runs on one
+# worker, so its module fixtures (a DVC project, the docker images) are built once
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
 
-test-fast: setup  ## the tests not marked integration or docker (~2.5 min)
-	$(BIN)/python -m pytest -m "not integration and not docker"
+test: setup lint  ## lint and the whole test suite, as CI runs it
+	$(PYTEST)
+
+test-fast: setup  ## the tests not marked integration, slow or docker
+	$(PYTEST) -m "not integration and not slow and not docker"
 
 demo: setup  ## the study on the embedded sample cohort, into DEMO_DIR (runs/demo)
 	$(BIN)/histotransfer run --output-dir $(DEMO_DIR)

@@ -14,6 +14,13 @@ os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "histotransfer-hypothesis")
 )
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker owns one core: thread pools
+# sized to the whole machine in every worker would fight over the cores. HISTOTRANSFER_CPUS is the
+# documented knob for sharing a node, so the stages and their subprocesses split one core too.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HISTOTRANSFER_CPUS"):
+        os.environ.setdefault(name, "1")
+
 import subprocess
 import sys
 from dataclasses import dataclass

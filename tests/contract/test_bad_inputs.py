@@ -104,6 +104,7 @@ class Case:
     out: str | None = None  # the output folder (in the test's folder) the command may create
     setup: Callable[[World, Path], None] | None = None
     integration: bool = False  # reads world.made, a whole (small) study: run by `make test` only
+    slow: bool = False  # over ~5 s on one core (a full-size network): run by `make test` only
 
 
 def _user_folder(w: World, t: Path) -> None:
@@ -741,6 +742,7 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "it looks like a resnet34 checkpoint",
         out="f",
+        slow=True,
     ),
     "a ResNet34 checkpoint as resnet18@layer2+mine": Case(
         lambda w, t: [
@@ -758,6 +760,7 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "not a resnet18 checkpoint: 96 trunk tensor(s) resnet18 does not have",
         out="f",
+        slow=True,
     ),
     "the user's weights under the default id": Case(
         lambda w, t: [
@@ -1097,6 +1100,7 @@ CASES: dict[str, Case] = {
         ],
         EXIT_BAD_INPUT,
         "tiling.patch_size_px: Input should be a valid integer (got [7, 7, 7, 7, 7, 7, ...])",
+        slow=True,
     ),
     "a 100,000-character key is echoed short": Case(
         _tile_with_config,
@@ -1463,6 +1467,7 @@ CASES: dict[str, Case] = {
         "layer1.0.bn1.running_var; the training that wrote it diverged or the file is damaged",
         out="f",
         setup=_non_finite_checkpoint,
+        slow=True,
     ),
     # ---- lineage: artifacts used with what they were not made from (issue 26) ----------------------
     "extract with two slides' tiles files swapped": Case(
@@ -2084,6 +2089,7 @@ CASES: dict[str, Case] = {
         EXIT_BAD_INPUT,
         "it looks like a resnet34 checkpoint",
         out="s",
+        slow=True,
     ),
 }
 
@@ -2106,7 +2112,11 @@ def _state(folder: Path, skip: Path | None) -> dict[str, str]:
 
 
 def _rows() -> list:
-    return [pytest.param(n, marks=pytest.mark.integration) if CASES[n].integration else n for n in CASES]
+    def marks(case: Case) -> list:
+        marked = ((pytest.mark.integration, case.integration), (pytest.mark.slow, case.slow))
+        return [mark for mark, on in marked if on]
+
+    return [pytest.param(n, marks=marks(CASES[n])) for n in CASES]
 
 
 @pytest.mark.parametrize("name", _rows())

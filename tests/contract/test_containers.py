@@ -115,6 +115,7 @@ def test_base_image_and_versions_are_pinned_and_agree():
     assert kfp_pins == [f"kfp=={kfp.__version__}"]  # the image's executor is the compiler's version
 
 
+@pytest.mark.slow
 def test_makefile_builds_and_pushes_the_tag_the_components_use():
     out = subprocess.run(
         ["make", "-n", "image-gpu", "push"], capture_output=True, text=True, cwd=REPO, check=True

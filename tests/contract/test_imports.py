@@ -7,9 +7,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import torch_free
 
 
+@pytest.mark.slow
 def test_sample_data_tile_and_encoders_import_no_torch(tmp_path):
     torch_free(
         "sample-data", str(tmp_path / "cohort"), "--n-slides", "2", "--tissue-pieces", "1", "--artefacts", "0"
@@ -30,6 +33,7 @@ def test_sample_data_tile_and_encoders_import_no_torch(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_library_never_imports_kfp_and_the_pipeline_command_is_a_plugin(tmp_path):
     """Every library module imports, and every library command runs, with kfp and the pipelines
     package impossible to import; `histotransfer pipeline` comes from its entry point, from any folder."""

@@ -48,6 +48,7 @@ def _weight_bytes(path) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
 
 
+@pytest.mark.slow
 def test_fp16_encoder_keeps_its_interface(tmp_path):
     encoder = build_encoder("efficientnet_lite0@blocks.1")
     fp32 = export_encoder(encoder, tmp_path / "fp32.onnx", tile_px=64)

@@ -88,6 +88,7 @@ def test_minibatch_matrix_and_its_checks():
         cka.linear(X, Y[:10])
 
 
+@pytest.mark.slow
 def test_layer_activations_are_the_named_blocks_in_order(sample_cohort, tmp_path):
     from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
     from histotransfer.config import TilingConfig

@@ -76,6 +76,7 @@ def test_family(encoder_id, kind):
     assert family(parse_encoder_id(encoder_id)) == kind
 
 
+@pytest.mark.slow
 def test_report_has_table_truncation_curve_and_roc(tmp_path):
     results = []
     for encoder_id in ("resnet18@layer1+random", "resnet18@layer2+random", "resnet18+random"):
@@ -122,6 +123,7 @@ def three_class_cohort(folder, n_bags=24, seed=0):
     return records, features_dir
 
 
+@pytest.mark.slow
 def test_three_classes_get_one_vs_rest_metrics_and_curves(tmp_path):
     records, features_dir = three_class_cohort(tmp_path)
     result = train_mil(

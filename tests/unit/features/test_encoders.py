@@ -182,6 +182,7 @@ def test_lukemelas_efficientnet_layout(tmp_path):
     torch.testing.assert_close(model.blocks[4][0].conv_pw.weight, fake["_blocks.8._expand_conv.weight"])
 
 
+@pytest.mark.slow
 def test_missing_tensors_are_listed_and_cut_networks_need_only_theirs(tmp_path):
     state = _random_state("resnet18")
     partial = {k: v for k, v in state.items() if not k.startswith("layer3.1.")}
@@ -193,6 +194,7 @@ def test_missing_tensors_are_listed_and_cut_networks_need_only_theirs(tmp_path):
     assert build_encoder("resnet18@layer2+p", weights=tmp_path / "partial.pth").dim == 128
 
 
+@pytest.mark.slow
 def test_wrong_shapes_and_unsafe_pickles_are_refused(tmp_path):
     torch.save(_random_state("resnet50"), tmp_path / "r50.pth")
     with pytest.raises(
@@ -208,6 +210,7 @@ def test_wrong_shapes_and_unsafe_pickles_are_refused(tmp_path):
         build_encoder("resnet18+x", weights=tmp_path / "missing.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder_id", ["resnet18+r34", "resnet18@layer1+r34", "resnet18+ft"])
 def test_a_deeper_network_of_the_same_family_is_refused(tmp_path, encoder_id):
     """Regression: a ResNet34 state_dict loaded into resnet18 (its every tensor is there, in shape)
@@ -255,6 +258,7 @@ def test_efficientnet_lite0_imagenet_weights_classify_real_photos():
             assert int(logits.argmax()) in classes
 
 
+@pytest.mark.slow
 def test_the_registrys_static_cut_points_are_the_models():
     # config validation reads the torch-free catalogue; the models must have exactly those cut points
     from histotransfer.features.encoders import trunk_cut_points

@@ -61,6 +61,7 @@ def test_cpu_defaults_to_onnxruntime():
     assert (ORT.backend, ORT.precision, CPU.backend) == ("onnxruntime", "fp32", "torch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [CPU, ORT], ids=["torch", "onnxruntime"])
 def test_on_the_fly_features_equal_features_of_saved_lossless_tiles(tiled, encoder, tmp_path, settings):
     records, tiles_dir = tiled
@@ -96,6 +97,7 @@ def test_worker_count_and_batch_size_do_not_change_features(tiled, encoder, tmp_
         np.testing.assert_allclose(fa["features"][:], fb["features"][:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
     records, tiles_dir = tiled
     rows = [{"slide_id": r.slide_id, "path": r.path, "label": r.label} for r in records]
@@ -130,6 +132,7 @@ def test_failing_slide_is_isolated_and_resume_skips(tiled, encoder, tmp_path):
     assert [o.status for o in third.outcomes] == ["done"] + ["skipped"] * (len(records) - 1)
 
 
+@pytest.mark.slow
 def test_a_damaged_or_mismatched_onnx_cache_entry_is_rebuilt(tmp_path, monkeypatch, caplog):
     """Regression: a damaged or foreign file in the ONNX encoder cache failed every slide on every
     rerun (a protobuf or a broadcast error); it is now checked (sha256, inputs and outputs, parity)

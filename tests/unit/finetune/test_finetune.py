@@ -80,6 +80,7 @@ def _finetune_on_cpu(encoder, train_bags, val_bags, cfg):
     return finetune(encoder, head, train_bags, val_bags, n_classes=2, cfg=cfg, device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_finetuning_learns_and_keeps_batchnorm_statistics(small_bags):
     encoder = build_encoder("resnet18@layer1+random")
     torch.manual_seed(0)

@@ -49,6 +49,7 @@ def test_gated_attention_patch_head_and_classes():
 # ---- a synthetic MIL problem: a bag is positive when it holds a planted vector ------------------------
 
 
+@pytest.mark.slow
 def test_synthetic_mil_is_learned_and_attention_finds_the_planted_instances(tmp_path):
     records, planted, features_dir = synthetic_cohort(tmp_path)
     result = train_mil(
@@ -70,6 +71,7 @@ def test_synthetic_mil_is_learned_and_attention_finds_the_planted_instances(tmp_
         assert state["classifier.weight"].shape == (2, 64)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_resumes(tmp_path):
     records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
     a = train_mil(records, features_dir=features_dir, out_dir=tmp_path / "a", mil=FAST, evaluation=EVAL)
@@ -242,6 +244,7 @@ def fold_accuracies(records, store, cfg) -> tuple[list[float], list[SlidePredict
     return accuracies, preds
 
 
+@pytest.mark.slow
 def test_protocol_learns_small_lesions_in_every_fold_and_seed(tmp_path):
     records, planted, store = small_lesion_cohort(tmp_path)
     for seed in range(3):
@@ -251,6 +254,7 @@ def test_protocol_learns_small_lesions_in_every_fold_and_seed(tmp_path):
         assert np.mean(hits) >= 0.9, f"seed {seed}"
 
 
+@pytest.mark.slow
 def test_the_papers_unstandardised_protocol_misses_folds_on_the_same_problem(tmp_path):
     """Why the defaults differ from the paper (docs/adr/0010): on raw features of CNN-like scale the
     paper's protocol (no standardisation, one init, constant lr) fails some folds of this problem."""
@@ -306,6 +310,7 @@ def test_features_must_be_of_the_tiles_in_the_study(tmp_path):
         check_features(features_dir, records, tiles=tiles)
 
 
+@pytest.mark.slow
 def test_metrics_file_reports_folds_and_confidence(tmp_path):
     records, _, features_dir = synthetic_cohort(tmp_path, n_bags=24)
     result = train_mil(
@@ -320,6 +325,7 @@ def test_metrics_file_reports_folds_and_confidence(tmp_path):
     assert (result.out_dir / "roc.png").is_file()
 
 
+@pytest.mark.slow
 def test_given_folds_are_the_folds_used_when_a_slide_drops_out(tmp_path):
     """Fine-tuned encoders were trained inside fixed folds: when a slide drops out (its +ft extraction
     failed), MIL keeps those folds less that slide. Folds made anew from the smaller cohort would move

@@ -84,6 +84,7 @@ def test_parameters_mirror_the_config_file():
         assert getattr(compiled, name) == getattr(expected, name), name
 
 
+@pytest.mark.slow
 def test_gcs_secret_and_cpu_only_options(tmp_path):
     options = PipelineOptions(gpu=False, gcs_secret="gcs-reader")
     spec, platform = load(compile_pipeline("study", tmp_path / "s.yaml", options))
@@ -99,6 +100,7 @@ def test_gcs_secret_and_cpu_only_options(tmp_path):
     assert {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/var/secrets/google/key.json"} in env
 
 
+@pytest.mark.slow
 def test_submit_creates_the_experiment_and_the_run(tmp_path, capsys):
     config = tmp_path / "mine.yaml"
     config.write_text("mil: {epochs: 7}\nextraction: {encoders: [{id: resnet18@layer3+random}]}\n")
@@ -148,6 +150,7 @@ def test_docker_options_need_the_docker_runner(tmp_path, capsys):
     assert not (tmp_path / "kfp").exists()
 
 
+@pytest.mark.slow
 def test_an_image_option_sets_every_steps_image(tmp_path):
     path = compile_pipeline("study", tmp_path / "s.yaml", PipelineOptions(image="local/histotransfer:dev"))
     executors = next(yaml.safe_load_all(path.read_text()))["deploymentSpec"]["executors"]

@@ -153,6 +153,7 @@ def test_lesion_is_painted_exactly_where_the_mask_says():
     assert plain.lesion_fraction == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mpp", [0.5, 0.25])
 def test_small_lesions_and_artefacts_at_20x_and_40x(mpp):
     sources = load_sources(["papillary"])
@@ -176,6 +177,7 @@ def test_small_lesions_and_artefacts_at_20x_and_40x(mpp):
     )
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed_and_reused(tmp_path):
     config = SampleDataConfig(n_slides=2, tissue_pieces=1, site_mpp=[0.5], seed=3)
     a = build_sample_cohort(tmp_path / "a", config=config)
