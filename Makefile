@@ -77,7 +77,7 @@ pipeline-local: setup  ## run the KFP study pipeline here, without a cluster
 dvc-yaml: setup  ## regenerate dvc.yaml and params.yaml (pipelines/dvc_stages.py; a test fails when stale)
 	$(BIN)/python -m pipelines.dvc_stages .
 
-docs-layout: setup  ## regenerate the layout tree in docs/outputs.md from histotransfer/layout.py
+docs-layout: setup  ## regenerate the layout tree in docs/outputs.md from histotransfer/io/layout.py
 	$(BIN)/python -m pipelines.docs_layout
 
 dvc-repro: setup  ## dvc repro: the study under study/

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from common import benchmark_slide
-from histotransfer.config import TilingConfig
+from histotransfer.core.config import TilingConfig
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, encode_batches, extract_tiles, make_runner
-from histotransfer.manifest import SlideRecord
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.wsi.tiling import load_tiles, tile_slide
 
 

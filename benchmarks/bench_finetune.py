@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from common import benchmark_slide
-from histotransfer.config import FinetuneConfig, TilingConfig
-from histotransfer.cpus import available_cpus
+from histotransfer.core.config import FinetuneConfig, TilingConfig
+from histotransfer.core.cpus import available_cpus
 from histotransfer.features.encoders import build_encoder
 from histotransfer.finetune.tuning import Bag, finetune, read_bag
-from histotransfer.manifest import SlideRecord
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.wsi.tiling import load_tiles, tile_slide
 

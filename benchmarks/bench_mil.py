@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from histotransfer.assets import cache_dir
-from histotransfer.config import (
+from histotransfer.core.config import (
     EvaluationConfig,
     MILConfig,
     SampleDataConfig,
     StudyConfig,
 )
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import SlideRecord, read_manifest
+from histotransfer.io.assets import cache_dir
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import SlideRecord, read_manifest
 
 ABLATIONS = {
     "no standardisation": {"standardize": False},

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histotransfer.architectures import ARCHS
+from histotransfer.core.architectures import ARCHS
+from histotransfer.core.onnx_runtime import run_session, session
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, TorchRunner
 from histotransfer.features.onnx_encoder import export_encoder
-from histotransfer.onnx_runtime import run_session, session
 
 FOUNDATION_MODELS = [a for a, spec in ARCHS.items() if spec.published_file]
 

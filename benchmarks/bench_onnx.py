@@ -22,16 +22,16 @@ import numpy as np
 import torch
 
 from common import benchmark_slide
-from histotransfer.config import TilingConfig
+from histotransfer.core.config import TilingConfig
+from histotransfer.core.onnx_runtime import session
 from histotransfer.deploy.bundle import AggregatorInfo, load_bundle
 from histotransfer.deploy.export import write_bundle
 from histotransfer.deploy.onnx_export import AggregatorGraph, export_aggregator
 from histotransfer.deploy.predict import predict_cohort
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.onnx_encoder import OPSET, export_encoder
-from histotransfer.manifest import SlideRecord
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.mil.model import AttentionMIL
-from histotransfer.onnx_runtime import session
 
 DEFAULT_ENCODERS = ("efficientnet_lite0", "resnet18+random", "densenet121@denseblock3+random")
 

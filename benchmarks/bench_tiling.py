@@ -40,8 +40,8 @@ from skimage.filters import threshold_otsu
 from skimage.filters.rank import median
 
 from common import benchmark_slide
-from histotransfer.config import TilingConfig
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.config import TilingConfig
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.wsi.slides import read_rgb, slide_info
 from histotransfer.wsi.tiling import candidate_coords, slide_tile_geometry, tile_slide
 

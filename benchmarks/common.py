@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histotransfer.assets import cache_dir
+from histotransfer.io.assets import cache_dir
 from histotransfer.wsi.sample_data import compose_slide, load_sources
 from histotransfer.wsi.svs import write_aperio_svs
 

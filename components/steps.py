@@ -192,7 +192,7 @@ def report_step(
     artifact (histotransfer verify), and the folder."""
     from pathlib import Path
 
-    from histotransfer.report import inline_images
+    from histotransfer.report.html import inline_images
     from histotransfer.stages import adapter as a
 
     inputs = [tiles.path, mil_results.path, finetuned.path, comparison.path, bundle.path]

@@ -1,4 +1,4 @@
-"""The study layout's tree in docs/outputs.md, generated from histotransfer.layout (its docstring is the
+"""The study layout's tree in docs/outputs.md, generated from histotransfer.io.layout (its docstring is the
 one description of the sections): `make docs-layout` rewrites the block, tests/test_docs.py fails when it
 is stale."""
 
@@ -8,17 +8,17 @@ import re
 import sys
 from pathlib import Path
 
-from histotransfer import layout
+from histotransfer.io import layout
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "outputs.md"
 BEGIN, END = (
-    "<!-- layout: generated from histotransfer/layout.py by `make docs-layout` -->",
+    "<!-- layout: generated from histotransfer/io/layout.py by `make docs-layout` -->",
     "<!-- /layout -->",
 )
 
 
 def tree() -> str:
-    """The sections block of histotransfer.layout's docstring, as a fenced block."""
+    """The sections block of histotransfer.io.layout's docstring, as a fenced block."""
     doc = layout.__doc__ or ""
     block = doc.split("::\n\n", 1)[1].split("\n\n", 1)[0]
     lines = [line.removeprefix("    ") for line in block.splitlines()]

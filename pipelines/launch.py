@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from histotransfer.config import parse_assignments, short_repr, short_text
-from histotransfer.errors import ConfigError
+from histotransfer.core.config import parse_assignments, short_repr, short_text
+from histotransfer.core.errors import ConfigError
 from pipelines.options import PARAMS, REPO, PipelineOptions, default_parameters
 
 PIPELINES = ("study", "inference")
@@ -54,12 +54,12 @@ def build(name: str, options: PipelineOptions):
 
 def compile_pipeline(name: str, path: Path, options: PipelineOptions | None = None) -> Path:
     """Compile pipeline ``name`` to ``path``, atomically, never over a file that is not a pipeline of
-    ours (histotransfer.atomic refuses it)."""
+    ours (histotransfer.io.atomic refuses it)."""
     import shutil
 
     from kfp import compiler
 
-    from histotransfer.atomic import atomic_path
+    from histotransfer.io.atomic import atomic_path
 
     with tempfile.TemporaryDirectory(prefix="histotransfer-compile-") as tmp:
         compiled = Path(tmp) / f"{name}.yaml"  # kfp picks the format from the name
@@ -221,7 +221,7 @@ def docker_runner(image: str, pipeline_root: Path, user: str | None, mounts: Seq
     from docker.types import Mount
     from kfp import local
 
-    from histotransfer.errors import ConfigError
+    from histotransfer.core.errors import ConfigError
 
     try:
         client = docker.from_env()

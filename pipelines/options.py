@@ -12,7 +12,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from histotransfer.config import DEMO_CONFIG
+from histotransfer.core.config import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = DEMO_CONFIG  # the embedded demo (params.yaml is its copy): the pipelines' default parameters
@@ -50,8 +50,8 @@ class PipelineOptions:
 
 def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
     """Pipeline parameters from a config file (validated by the same schema as `histotransfer run`)."""
-    from histotransfer.config import StudyConfig, load_config
-    from histotransfer.errors import ConfigError
+    from histotransfer.core.config import StudyConfig, load_config
+    from histotransfer.core.errors import ConfigError
     from histotransfer.stages.adapter import SECTIONS
 
     config = load_config(config_path)
@@ -72,8 +72,8 @@ def default_parameters(config_path: Path = PARAMS) -> dict[str, Any]:
 
 
 def read_yaml(path: Path) -> Any:
-    """A YAML file read as configs are (histotransfer.config.load_yaml: duplicate keys, alias bombs
+    """A YAML file read as configs are (histotransfer.core.config.load_yaml: duplicate keys, alias bombs
     and syntax errors are ConfigErrors naming the file and line)."""
-    from histotransfer.config import read_yaml_file
+    from histotransfer.core.config import read_yaml_file
 
     return read_yaml_file(path, what="file")

@@ -11,7 +11,7 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from histotransfer.architectures import ARCHS
+from histotransfer.core.architectures import ARCHS
 from histotransfer.features.encoders import _timm_model
 from histotransfer.features.registry import shrunk
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from histotransfer.config import SampleDataConfig
+from histotransfer.core.config import SampleDataConfig
 from histotransfer.wsi.sample_data import build_sample_cohort
 from histotransfer.wsi.svs import write_aperio_svs
 from tests.helpers import (
@@ -85,7 +85,7 @@ def small_study(tmp_path_factory) -> SmallStudy:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """A bundle of a small random encoder and a random head, written by the exporter (no study)."""
-    from histotransfer.config import MILConfig, TilingConfig
+    from histotransfer.core.config import MILConfig, TilingConfig
     from histotransfer.deploy.bundle import AggregatorInfo
     from histotransfer.deploy.export import write_bundle
     from histotransfer.features.encoders import build_encoder
@@ -113,7 +113,7 @@ def tiny_bundle(tmp_path_factory):
 def made_study(tmp_path_factory, sample_cohort) -> MadeStudy:
     from histotransfer.cli import main
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.manifest import read_manifest
+    from histotransfer.io.manifest import read_manifest
 
     tmp = tmp_path_factory.mktemp("made-study")
     root = tmp / "study"

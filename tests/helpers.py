@@ -16,8 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from histotransfer import lineage
-from histotransfer.manifest import SlideRecord
+from histotransfer.io import lineage
+from histotransfer.io.manifest import SlideRecord
 from pipelines.dvc_stages import module_file  # the path of a module of the package
 
 # The repository's root (tests/ is one folder below it, whichever subfolder a test module is in).

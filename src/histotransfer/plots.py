@@ -11,8 +11,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from histotransfer.atomic import atomic_path
-from histotransfer.marks import PNG_METADATA, png_info
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.marks import PNG_METADATA, png_info
 from histotransfer.wsi.slides import local_slide_path, open_slide
 
 

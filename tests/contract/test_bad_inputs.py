@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from histotransfer import lineage
 from histotransfer.cli import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL,
@@ -29,8 +28,9 @@ from histotransfer.cli import (
     EXIT_SLIDES_FAILED,
     main,
 )
-from histotransfer.config import EvaluationConfig, MILConfig
-from histotransfer.manifest import read_manifest
+from histotransfer.core.config import EvaluationConfig, MILConfig
+from histotransfer.io import lineage
+from histotransfer.io.manifest import read_manifest
 from histotransfer.mil.crossval import train_mil
 from tests.helpers import LINEAGE_ENCODER, MadeStudy, synthetic_cohort, write_csv
 
@@ -205,7 +205,7 @@ def _real_slide_manifest(w: World, t: Path) -> None:
 
 
 def _no_mpp_slide(w: World, t: Path) -> None:
-    from histotransfer.assets import fetch_asset
+    from histotransfer.io.assets import fetch_asset
 
     shutil.copy(fetch_asset("no_mpp_tiff"), t / "boxes.tiff")  # records 72 dpi, no microscope resolution
 
@@ -2208,7 +2208,7 @@ def test_an_internal_error_is_one_line_and_a_log_file(sample_cohort, tmp_path, m
 def test_a_damaged_cached_asset_is_extracted_again(tmp_path, monkeypatch, caplog):
     """Caches verify what they serve: an extracted registry asset records its sha256 and is extracted
     again from its (verified) archive when the file no longer matches."""
-    from histotransfer.assets import ASSETS, cache_dir, fetch_asset
+    from histotransfer.io.assets import ASSETS, cache_dir, fetch_asset
 
     name = "unreadable_svs"
     real = fetch_asset(name)  # in the machine's cache, with its archive beside it

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from histotransfer.config import TilingConfig
+from histotransfer.core.config import TilingConfig
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, extract_tiles, make_runner
-from histotransfer.manifest import read_manifest
+from histotransfer.io.manifest import read_manifest
 from histotransfer.wsi.tiling import load_tiles, tile_cohort
 
 pytestmark = [

@@ -72,7 +72,7 @@ def test_make_help_lists_every_target():
 
 
 def test_the_outputs_page_shows_the_layout_as_the_code_decides_it():
-    """docs/outputs.md's tree is generated from histotransfer.layout (`make docs-layout`)."""
+    """docs/outputs.md's tree is generated from histotransfer.io.layout (`make docs-layout`)."""
     from pipelines.docs_layout import DOC, render
 
     text = DOC.read_text(encoding="utf-8")

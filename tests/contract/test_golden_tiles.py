@@ -6,8 +6,8 @@ import numpy as np
 import openslide
 import pytest
 
-from histotransfer.config import TilingConfig
-from histotransfer.manifest import read_manifest
+from histotransfer.core.config import TilingConfig
+from histotransfer.io.manifest import read_manifest
 from histotransfer.wsi.svs import write_aperio_svs
 from histotransfer.wsi.tiling import tile_cohort
 from tests.helpers import (

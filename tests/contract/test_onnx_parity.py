@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from histotransfer.core.errors import ExportError
 from histotransfer.deploy.onnx_export import aggregator_parity, export_aggregator
-from histotransfer.errors import ExportError
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.onnx_encoder import encoder_parity, export_encoder
 from histotransfer.mil.model import AttentionMIL
@@ -36,7 +36,7 @@ def test_encoder_parity_and_dynamic_batch(encoder_id, tmp_path):
 
 
 def load_session(path):
-    from histotransfer.onnx_runtime import session
+    from histotransfer.core.onnx_runtime import session
 
     return session(path, providers=["CPUExecutionProvider"])
 

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from histotransfer.cli import main
-from histotransfer.manifest import read_manifest
+from histotransfer.io.manifest import read_manifest
 from histotransfer.mil.crossval import MILResult
 from tests.helpers import torch_free, write_csv
 

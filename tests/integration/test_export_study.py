@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from histotransfer.assets import fetch_asset
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_SLIDES_FAILED, main
+from histotransfer.core.errors import ExportError
 from histotransfer.deploy.bundle import load_bundle, read_spec
 from histotransfer.deploy.export import best_result, choose_fold, export_study_model
-from histotransfer.errors import ExportError
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
+from histotransfer.io.assets import fetch_asset
 from histotransfer.mil.crossval import MILResult
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.wsi.tiling import load_tiles

@@ -25,7 +25,7 @@ evaluation: {{bootstrap: 100, heatmaps: 0}}
 @pytest.mark.integration
 def test_finetuning_inside_cross_validation_never_sees_the_test_fold(tmp_path, monkeypatch):
     import histotransfer.finetune.folds as stage
-    from histotransfer.config import load_config
+    from histotransfer.core.config import load_config
     from histotransfer.mil.training import build_model
     from histotransfer.stages import run_study
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from histotransfer.architectures import ARCHS
+from histotransfer.core.architectures import ARCHS
 from tests.checkpoints import random_model, shrink_foundation_models, write_published
 
 

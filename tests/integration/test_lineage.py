@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from histotransfer import lineage
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_SLIDES_FAILED, main
 from histotransfer.deploy.bundle import BundleError, read_spec
-from histotransfer.manifest import read_manifest
+from histotransfer.io import lineage
+from histotransfer.io.manifest import read_manifest
 from tests.helpers import LINEAGE_ENCODER as ENCODER
 from tests.helpers import MadeStudy, write_csv
 

@@ -8,8 +8,8 @@ import openslide
 import pytest
 from PIL import Image
 
-from histotransfer.config import SampleDataConfig
-from histotransfer.manifest import read_manifest
+from histotransfer.core.config import SampleDataConfig
+from histotransfer.io.manifest import read_manifest
 from histotransfer.wsi.sample_data import (
     build_sample_cohort,
 )

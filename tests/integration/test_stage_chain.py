@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from histotransfer import stages
-from histotransfer.config import StudyConfig, validate_config
-from histotransfer.layout import StudyLayout
+from histotransfer.core.config import StudyConfig, validate_config
+from histotransfer.io.layout import StudyLayout
 from tests.helpers import EASY_COHORT
 
 
@@ -29,7 +29,7 @@ def test_finetune_and_cka_take_a_tagged_encoders_weights_from_the_config(
     from histotransfer.cka.layers import CKAResult
     from histotransfer.cli import main
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.lineage import read_record
+    from histotransfer.io.lineage import read_record
 
     encoder_id = "resnet18@layer1+mine"
     weights = tmp_path / "mine.pt"
@@ -107,7 +107,7 @@ def test_each_stage_writes_only_inside_its_own_part_of_the_layout(tmp_path):
     ]
 
     def records():
-        from histotransfer.manifest import read_manifest
+        from histotransfer.io.manifest import read_manifest
 
         return read_manifest(layout.manifest)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histotransfer.config import SampleDataConfig, TilingConfig
-from histotransfer.manifest import read_manifest
+from histotransfer.core.config import SampleDataConfig, TilingConfig
+from histotransfer.io.manifest import read_manifest
 from histotransfer.wsi.geometry import tissue_fractions
 from histotransfer.wsi.sample_data import MASK_DOWNSAMPLE, build_sample_cohort
 from histotransfer.wsi.tiling import load_tiles, tile_cohort

@@ -11,16 +11,16 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
-from histotransfer.architectures import ARCHS
-from histotransfer.atomic import write_text_atomic
 from histotransfer.cka.measures import MinibatchCKA
+from histotransfer.core.architectures import ARCHS
 from histotransfer.features.encoders import Encoder, block_modules
 from histotransfer.features.extraction import TileReader
-from histotransfer.layout import slide_file
-from histotransfer.manifest import SlideRecord
-from histotransfer.marks import mark
+from histotransfer.io.atomic import write_text_atomic
+from histotransfer.io.layout import slide_file
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.marks import mark
+from histotransfer.io.provenance import sealed_json
 from histotransfer.plots import cka_matrix
-from histotransfer.provenance import sealed_json
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import load_tiles
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from histotransfer.cli import printing
 from histotransfer.cli.entry import EXIT_BAD_INPUT, EXIT_OK, EXIT_SLIDES_FAILED
 from histotransfer.cli.flags import flag_values, study_config
-from histotransfer.errors import ConfigError
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import read_manifest
-from histotransfer.runner import StageResult
-from histotransfer.storage import check_destination, fetch_gcs, staging_dir, upload_tree
+from histotransfer.core.errors import ConfigError
+from histotransfer.core.runner import StageResult
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import read_manifest
+from histotransfer.io.storage import check_destination, fetch_gcs, staging_dir, upload_tree
 
 
 def _ready(result: StageResult, what: str, where: Path | str) -> int:
@@ -25,7 +25,7 @@ def _ready(result: StageResult, what: str, where: Path | str) -> int:
 
 
 def _encoder_id(value: str, flag: str) -> str:
-    from histotransfer.encoder_ids import parse_encoder_id
+    from histotransfer.core.encoder_ids import parse_encoder_id
 
     try:
         return str(parse_encoder_id(value))
@@ -170,7 +170,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from histotransfer.verify import verify
+    from histotransfer.report.verify import verify
 
     result = verify(args.path)
     printing.say(*result.lines())
@@ -201,7 +201,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # torch-free: this path imports only ONNX Runtime, OpenSlide and numpy
     # (tests/integration/test_export_study.py checks)
     from histotransfer import stages
-    from histotransfer.config import predict_settings
+    from histotransfer.core.config import predict_settings
 
     settings = predict_settings(**flag_values(args))
     printing.say(f"bundle {args.bundle}: classifying {args.slides}")

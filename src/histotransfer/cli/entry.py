@@ -23,11 +23,11 @@ import traceback
 from pathlib import Path
 
 from histotransfer import __version__
-from histotransfer.assets import cache_dir
 from histotransfer.cli import printing
-from histotransfer.errors import USER_ERRORS
-from histotransfer.lifecycle import command_scope
-from histotransfer.logs import configure_logging
+from histotransfer.core.errors import USER_ERRORS
+from histotransfer.core.lifecycle import command_scope
+from histotransfer.core.logs import configure_logging
+from histotransfer.io.assets import cache_dir
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 EXIT_TERMINATED, EXIT_BROKEN_PIPE = 143, 141

@@ -18,8 +18,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from histotransfer.config import DEMO_CONFIG, PredictSettings, StudyConfig, load_config, parse_assignments
-from histotransfer.storage import is_gcs_uri
+from histotransfer.core.config import (
+    DEMO_CONFIG,
+    PredictSettings,
+    StudyConfig,
+    load_config,
+    parse_assignments,
+)
+from histotransfer.io.storage import is_gcs_uri
 
 
 def path(value: str) -> Path:

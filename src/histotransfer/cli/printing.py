@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from histotransfer.errors import Interrupted
-from histotransfer.runner import StageResult
+from histotransfer.core.errors import Interrupted
+from histotransfer.core.runner import StageResult
 
 
 def say(*lines: str) -> None:

@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from histotransfer.config import TilingConfig
-from histotransfer.errors import BundleError
-from histotransfer.layout import BUNDLE_SPEC
-from histotransfer.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, Parity, check_io, session
-from histotransfer.provenance import intact, sealed_json, sha256_file
+from histotransfer.core.config import TilingConfig
+from histotransfer.core.errors import BundleError
+from histotransfer.core.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, Parity, check_io, session
+from histotransfer.io.layout import BUNDLE_SPEC
+from histotransfer.io.provenance import intact, sealed_json, sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
 BUNDLE_VERSION = 2  # 2: integrity and lineage
@@ -66,7 +66,7 @@ class BundleSpec(_Strict):
     parity: dict[str, Parity]  # "encoder", "aggregator"
     files: dict[str, str]  # file name -> sha256
     source_hash: str  # of the weights, head, tiling and settings it was made from (export's resume check)
-    lineage: dict[str, Any]  # the MIL result, fold head, weights and tiling (histotransfer.lineage)
+    lineage: dict[str, Any]  # the MIL result, fold head, weights and tiling (histotransfer.io.lineage)
     integrity: str  # sha256 of the canonical JSON of every other key (see integrity())
 
 

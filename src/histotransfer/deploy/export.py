@@ -19,9 +19,11 @@ import h5py
 import numpy as np
 import torch
 
-from histotransfer import __version__, lineage
-from histotransfer.atomic import atomic_dir
-from histotransfer.config import TilingConfig
+from histotransfer import __version__
+from histotransfer.core.config import TilingConfig
+from histotransfer.core.encoder_ids import frozen_id, parse_encoder_id
+from histotransfer.core.errors import BundleError, ExportError
+from histotransfer.core.onnx_runtime import TOLERANCE
 from histotransfer.deploy.bundle import (
     AGGREGATOR_FILE,
     BUNDLE_FILE,
@@ -35,15 +37,14 @@ from histotransfer.deploy.bundle import (
     spec_json,
 )
 from histotransfer.deploy.onnx_export import aggregator_parity, export_aggregator
-from histotransfer.encoder_ids import frozen_id, parse_encoder_id
-from histotransfer.errors import BundleError, ExportError
 from histotransfer.features.encoders import Encoder, build_encoder
 from histotransfer.features.onnx_encoder import OPSET, encoder_parity, export_encoder
-from histotransfer.layout import MILLayout
+from histotransfer.io import lineage
+from histotransfer.io.atomic import atomic_dir
+from histotransfer.io.layout import MILLayout
+from histotransfer.io.provenance import CONFIG_ATTR, config_hash, read_json, sha256_file
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.results import MILResult
-from histotransfer.onnx_runtime import TOLERANCE
-from histotransfer.provenance import CONFIG_ATTR, config_hash, read_json, sha256_file
 from histotransfer.wsi.slides import local_slide_path, open_slide
 from histotransfer.wsi.tiling import load_tiles, read_tile, tiling_hash
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from histotransfer.atomic import atomic_path
+from histotransfer.core.onnx_runtime import Parity, check_parity, measure_parity, session
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS
 from histotransfer.features.onnx_encoder import OPSET, export_graph
+from histotransfer.io.atomic import atomic_path
 from histotransfer.mil.model import AttentionMIL
-from histotransfer.onnx_runtime import Parity, check_parity, measure_parity, session
 
 
 class AggregatorGraph(nn.Module):

@@ -17,19 +17,19 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from histotransfer import lineage
-from histotransfer.atomic import atomic_path
-from histotransfer.config import PredictSettings
-from histotransfer.cpus import available_cpus
+from histotransfer.core.config import PredictSettings
+from histotransfer.core.cpus import available_cpus
+from histotransfer.core.errors import ManifestError
+from histotransfer.core.onnx_runtime import ENCODER_INPUT
+from histotransfer.core.runner import StageResult, run_per_slide
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, Bundle
-from histotransfer.errors import ManifestError
-from histotransfer.layout import PredictionLayout, slide_file
-from histotransfer.manifest import SlideRecord, check_slide_id, local_slide_file, read_manifest
-from histotransfer.onnx_runtime import ENCODER_INPUT
+from histotransfer.io import lineage
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.layout import PredictionLayout, slide_file
+from histotransfer.io.manifest import SlideRecord, check_slide_id, local_slide_file, read_manifest
+from histotransfer.io.provenance import config_hash, provenance_attrs
+from histotransfer.io.storage import fetch_gcs, is_gcs_uri
 from histotransfer.plots import attention_heatmap
-from histotransfer.provenance import config_hash, provenance_attrs
-from histotransfer.runner import StageResult, run_per_slide
-from histotransfer.storage import fetch_gcs, is_gcs_uri
 from histotransfer.wsi.batches import tile_batches
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import TileSet, load_tiles, tile_slide

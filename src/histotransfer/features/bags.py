@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import torch
 
-from histotransfer import lineage
-from histotransfer.errors import FeaturesError
-from histotransfer.layout import slide_file
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.errors import FeaturesError
+from histotransfer.io import lineage
+from histotransfer.io.layout import slide_file
+from histotransfer.io.manifest import SlideRecord
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@
 is run up to and including that module, then globally average-pooled), ``WEIGHTS`` a tag: none means the
 architecture's default pretrained weights, ``random`` an explicit seeded random init, any other tag
 weights given as a file or hub id. Asking for weights that cannot be had is an error, never a silent
-fallback to random. The catalogue is histotransfer.architectures, the id grammar histotransfer.encoder_ids
-(both torch-free); this module builds what they name.
+fallback to random. The catalogue is histotransfer.core.architectures, the id grammar
+histotransfer.core.encoder_ids (both torch-free); this module builds what they name.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from histotransfer.architectures import ARCHS, ArchSpec
-from histotransfer.assets import AssetError, fetch_asset
-from histotransfer.encoder_ids import RANDOM, EncoderId, parse_encoder_id, untagged_weights_ok
-from histotransfer.errors import ConfigError
+from histotransfer.core.architectures import ARCHS, ArchSpec
+from histotransfer.core.encoder_ids import RANDOM, EncoderId, parse_encoder_id, untagged_weights_ok
+from histotransfer.core.errors import ConfigError
 from histotransfer.features.modules import AttentionalPooler, ConvStem
 from histotransfer.features.registry import HEAD_MODULES, STEM_MODULES
 from histotransfer.features.weights import (
@@ -38,8 +37,9 @@ from histotransfer.features.weights import (
     state_sha256,
     weights_file,
 )
-from histotransfer.provenance import sha256_file
-from histotransfer.storage import StorageError, fetch_gcs, is_gcs_uri
+from histotransfer.io.assets import AssetError, fetch_asset
+from histotransfer.io.provenance import sha256_file
+from histotransfer.io.storage import StorageError, fetch_gcs, is_gcs_uri
 
 log = logging.getLogger(__name__)
 

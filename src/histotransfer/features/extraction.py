@@ -24,27 +24,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from histotransfer import lineage
-from histotransfer.architectures import ARCHS
-from histotransfer.assets import cache_dir
-from histotransfer.atomic import atomic_path
-from histotransfer.config import ExtractionConfig
-from histotransfer.cpus import available_cpus
-from histotransfer.errors import BundleError, DeviceError, ExportError, LineageError
+from histotransfer.core.architectures import ARCHS
+from histotransfer.core.config import ExtractionConfig
+from histotransfer.core.cpus import available_cpus
+from histotransfer.core.errors import BundleError, DeviceError, ExportError, LineageError
+from histotransfer.core.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, TOLERANCE, check_io, run_session
+from histotransfer.core.onnx_runtime import session as ort_session
+from histotransfer.core.runner import StageResult, run_per_slide
 from histotransfer.features.encoders import Encoder
 from histotransfer.features.onnx_encoder import ONNX_MAX_BYTES, encoder_parity, export_encoder, weights_bytes
-from histotransfer.layout import SUMMARY, slide_file
-from histotransfer.manifest import SlideRecord
-from histotransfer.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, TOLERANCE, check_io, run_session
-from histotransfer.onnx_runtime import session as ort_session
-from histotransfer.provenance import (
+from histotransfer.io import lineage
+from histotransfer.io.assets import cache_dir
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.layout import SUMMARY, slide_file
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.provenance import (
     config_hash,
     provenance_attrs,
     record_sha256,
     recorded_sha256,
     sha256_file,
 )
-from histotransfer.runner import StageResult, run_per_slide
 from histotransfer.wsi.batches import measured_batches
 from histotransfer.wsi.regions import RegionReader, open_regions
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide

@@ -11,10 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from histotransfer.atomic import atomic_path
-from histotransfer.errors import ExportError
-from histotransfer.features.encoders import Encoder
-from histotransfer.onnx_runtime import (
+from histotransfer.core.errors import ExportError
+from histotransfer.core.onnx_runtime import (
     ENCODER_INPUT,
     ENCODER_OUTPUT,
     Parity,
@@ -22,6 +20,8 @@ from histotransfer.onnx_runtime import (
     measure_parity,
     session,
 )
+from histotransfer.features.encoders import Encoder
+from histotransfer.io.atomic import atomic_path
 
 OPSET = 18
 ONNX_MAX_BYTES = 2**31 - 2**24  # one protobuf file holds at most 2 GB; leave room for the graph

@@ -1,4 +1,4 @@
-"""What the encoder catalogue (histotransfer.architectures) gives the rest of features/: the module names
+"""What the encoder catalogue (histotransfer.core.architectures) gives the rest of features/: the module names
 around a trunk's blocks, every id an architecture offers, the table `histotransfer encoders` prints, and
 shrunk copies of transformers for tests. Torch-free; building an encoder is histotransfer.features.encoders.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from histotransfer.architectures import ARCHS, ArchSpec, list_cut_points, numbered_blocks
-from histotransfer.encoder_ids import EncoderId
+from histotransfer.core.architectures import ARCHS, ArchSpec, list_cut_points, numbered_blocks
+from histotransfer.core.encoder_ids import EncoderId
 
 # The stem (before the first block) is a chain too, but no study cuts there.
 STEM_MODULES = frozenset({"conv1", "bn1", "act1", "maxpool", "conv0", "norm0", "pool0", "conv_stem"})

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histotransfer.errors import WeightsError
+from histotransfer.core.errors import WeightsError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "resnet.")
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")

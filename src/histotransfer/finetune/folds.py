@@ -10,19 +10,19 @@ from pathlib import Path
 
 import torch
 
-from histotransfer import lineage
-from histotransfer.config import FinetuneConfig, MILConfig, results_of
-from histotransfer.encoder_ids import finetuned_id
+from histotransfer.core.config import FinetuneConfig, MILConfig, results_of
+from histotransfer.core.encoder_ids import finetuned_id
 from histotransfer.features.bags import BagStore, FeaturesError
 from histotransfer.features.encoders import Encoder
 from histotransfer.finetune.tuning import finetune, make_bags, save_finetuned
-from histotransfer.layout import MILLayout, StudyLayout
-from histotransfer.lineage import FeatureSet
-from histotransfer.manifest import SlideRecord
+from histotransfer.io import lineage
+from histotransfer.io.layout import MILLayout, StudyLayout
+from histotransfer.io.lineage import FeatureSet
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.provenance import config_hash, is_current, read_json, sha256_file
 from histotransfer.mil.crossval import study_folds
 from histotransfer.mil.splits import Fold
 from histotransfer.mil.training import build_model
-from histotransfer.provenance import config_hash, is_current, read_json, sha256_file
 from histotransfer.wsi.tiling import TileSet
 
 log = logging.getLogger(__name__)

@@ -31,18 +31,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from histotransfer import __version__, lineage
-from histotransfer.atomic import atomic_dir
-from histotransfer.config import FinetuneConfig
-from histotransfer.cpus import available_cpus
+from histotransfer import __version__
+from histotransfer.core.config import FinetuneConfig
+from histotransfer.core.cpus import available_cpus
 from histotransfer.features.bags import BagStore
 from histotransfer.features.encoders import Encoder, leading_parameters
 from histotransfer.features.weights import state_sha256
-from histotransfer.layout import FinetuneFoldLayout
-from histotransfer.marks import MARK_KEY, mark
+from histotransfer.io import lineage
+from histotransfer.io.atomic import atomic_dir
+from histotransfer.io.layout import FinetuneFoldLayout
+from histotransfer.io.marks import MARK_KEY, mark
+from histotransfer.io.provenance import sealed_json
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.training import TrainingError, class_weights
-from histotransfer.provenance import sealed_json
 from histotransfer.wsi.batches import tile_batches
 from histotransfer.wsi.slides import local_slide_path
 from histotransfer.wsi.tiling import TileSet

@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from histotransfer import __version__, lineage
-from histotransfer.atomic import atomic_dir, atomic_path, write_text_atomic
-from histotransfer.config import EvaluationConfig, MILConfig, results_of
-from histotransfer.encoder_ids import ENCODER_ID
+from histotransfer import __version__
+from histotransfer.core.config import EvaluationConfig, MILConfig, results_of
+from histotransfer.core.encoder_ids import ENCODER_ID
 from histotransfer.features.bags import BagStore, FeaturesError
-from histotransfer.layout import (
+from histotransfer.io import lineage
+from histotransfer.io.atomic import atomic_dir, atomic_path, write_text_atomic
+from histotransfer.io.layout import (
     HISTORY_FILE,
     MODEL_FILE,
     CohortLayout,
@@ -34,9 +35,10 @@ from histotransfer.layout import (
     fold_name,
     slide_file,
 )
-from histotransfer.lineage import FeatureSet
-from histotransfer.manifest import SlideRecord
-from histotransfer.marks import MARK_KEY, mark
+from histotransfer.io.lineage import FeatureSet
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.marks import MARK_KEY, mark
+from histotransfer.io.provenance import config_hash, is_current, read_json, sealed_json
 from histotransfer.mil.evaluation import (
     fold_summary,
     localisation_auroc,
@@ -48,7 +50,6 @@ from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.mil.splits import Fold, make_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
-from histotransfer.provenance import config_hash, is_current, read_json, sealed_json
 from histotransfer.wsi.geometry import tissue_fractions
 from histotransfer.wsi.tiling import load_tiles
 
@@ -159,7 +160,7 @@ def _encoder_id(feature_set: FeatureSet) -> str:
 def feature_sets_of(
     records: Sequence[SlideRecord], dirs: Mapping[int | None, Path], tiles_dir: Path | None
 ) -> dict[int | None, FeatureSet]:
-    """Each features folder checked (histotransfer.lineage.check_features) against the study's tiles: a
+    """Each features folder checked (histotransfer.io.lineage.check_features) against the study's tiles: a
     per-fold folder (``features/{id}/fold{k}``) is its parent's encoder's."""
     tiles = lineage.check_tiles(tiles_dir, records) if tiles_dir is not None else None
     return {

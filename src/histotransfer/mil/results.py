@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from histotransfer.layout import MILLayout
-from histotransfer.provenance import read_json
+from histotransfer.io.layout import MILLayout
+from histotransfer.io.provenance import read_json
 
 
 @dataclass

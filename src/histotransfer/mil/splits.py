@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from histotransfer.errors import SplitError
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.errors import SplitError
+from histotransfer.io.manifest import SlideRecord
 
 
 @dataclass(frozen=True)

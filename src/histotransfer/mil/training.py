@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from histotransfer.config import MILConfig
-from histotransfer.errors import TrainingError
+from histotransfer.core.config import MILConfig
+from histotransfer.core.errors import TrainingError
 from histotransfer.features.bags import BagStore
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.splits import Fold

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histotransfer import lineage
-from histotransfer.config import StudyConfig
-from histotransfer.errors import ConfigError, FeaturesError
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import SlideRecord, read_manifest
-from histotransfer.outputs import claim_output
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.errors import ConfigError, FeaturesError
+from histotransfer.io import lineage
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import SlideRecord, read_manifest
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import tiled, tiles_folder
 from histotransfer.stages.fanout import fan_out
 from histotransfer.stages.models import build, engine
@@ -99,7 +99,7 @@ def cka(
     weights: str | Path | None = None,
 ) -> Path:
     """The frozen ``encoder_id`` vs fold ``cka.fold``'s fine-tuned copy of it."""
-    from histotransfer.encoder_ids import finetuned_id
+    from histotransfer.core.encoder_ids import finetuned_id
     from histotransfer.features.encoders import build_encoder
 
     fold = config.cka.fold

@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from histotransfer.config import StudyConfig
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import SlideRecord, read_manifest, write_manifest
-from histotransfer.outputs import claim_output
+from histotransfer.core.config import StudyConfig
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import SlideRecord, read_manifest, write_manifest
+from histotransfer.io.outputs import claim_output
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def for_artifacts(layout: StudyLayout, config: StudyConfig, *, manifest: str | N
     the sample cohort (with its slides and masks) when there is none."""
     manifest = manifest or (str(config.manifest) if config.manifest is not None else None)
     if manifest:
-        from histotransfer.storage import fetch_gcs, is_gcs_uri
+        from histotransfer.io.storage import fetch_gcs, is_gcs_uri
 
         local = fetch_gcs(manifest) if is_gcs_uri(manifest) else Path(manifest)
         records = read_manifest(local)

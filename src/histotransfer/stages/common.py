@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histotransfer.errors import FeaturesError
-from histotransfer.layout import SUMMARY, StudyLayout
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.errors import FeaturesError
+from histotransfer.io.layout import SUMMARY, StudyLayout
+from histotransfer.io.manifest import SlideRecord
 
 if TYPE_CHECKING:
-    from histotransfer.runner import StageResult
+    from histotransfer.core.runner import StageResult
 
 log = logging.getLogger(__name__)
 

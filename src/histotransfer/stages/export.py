@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histotransfer import lineage
-from histotransfer.config import StudyConfig
-from histotransfer.errors import ExportError
-from histotransfer.layout import StudyLayout
-from histotransfer.outputs import claim_output
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.errors import ExportError
+from histotransfer.io import lineage
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.models import weights_for
 
 if TYPE_CHECKING:
@@ -50,8 +50,8 @@ def export(
     One fold's head goes in (``export.fold``, else the fold with the lowest loss), with its encoder:
     for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
+    from histotransfer.core.encoder_ids import frozen_id
     from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
-    from histotransfer.encoder_ids import frozen_id
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     out = Path(out) if out is not None else layout.bundle(config.export.name)

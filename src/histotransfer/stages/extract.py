@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histotransfer import lineage
-from histotransfer.config import StudyConfig
-from histotransfer.errors import FeaturesError
-from histotransfer.layout import StudyLayout, shard_summary
-from histotransfer.manifest import SlideRecord, read_manifest
-from histotransfer.outputs import claim_output
-from histotransfer.runner import StageResult
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.errors import FeaturesError
+from histotransfer.core.runner import StageResult
+from histotransfer.io import lineage
+from histotransfer.io.layout import StudyLayout, shard_summary
+from histotransfer.io.manifest import SlideRecord, read_manifest
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import shard, stage_stats, tiled, tiles_folder
 from histotransfer.stages.models import build, engine
 
@@ -69,7 +69,7 @@ def extract(
 def _fold_encoder(layout: StudyLayout, encoder_id: str, fold: int) -> Encoder:
     """Fold ``fold``'s fine-tuned encoder of the fine-tuned id ``encoder_id``, checked against the
     fine-tuning that recorded it."""
-    from histotransfer.encoder_ids import frozen_id
+    from histotransfer.core.encoder_ids import frozen_id
     from histotransfer.features.encoders import build_encoder
 
     if (base := frozen_id(encoder_id)) is None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from histotransfer import errors
+from histotransfer.core import errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from histotransfer import lineage
-from histotransfer.config import StudyConfig
-from histotransfer.errors import FeaturesError
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import SlideRecord, read_manifest
-from histotransfer.outputs import claim_output
-from histotransfer.runner import StageResult
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.errors import FeaturesError
+from histotransfer.core.runner import StageResult
+from histotransfer.io import lineage
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import SlideRecord, read_manifest
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import featured, tiles_folder
 from histotransfer.stages.extract import extract
 from histotransfer.stages.fanout import fan_out
@@ -51,7 +51,7 @@ def finetune(
 ) -> FinetuneOutputs:
     """Attention top-k fine-tuning of ``encoder_id`` in every fold of its frozen MIL result, then
     features (``features/{id}+ft/fold{k}/``) and MIL (``mil/{id}+ft/``) again."""
-    from histotransfer.encoder_ids import finetuned_id
+    from histotransfer.core.encoder_ids import finetuned_id
     from histotransfer.features.bags import BagStore
     from histotransfer.finetune.folds import frozen_folds, tune_fold
     from histotransfer.mil.results import MILResult

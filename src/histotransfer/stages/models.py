@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotransfer.config import StudyConfig
+from histotransfer.core.config import StudyConfig
 
 if TYPE_CHECKING:
     from histotransfer.features.encoders import Encoder

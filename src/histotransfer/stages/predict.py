@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotransfer.outputs import claim_output
-from histotransfer.runner import StageResult
+from histotransfer.core.runner import StageResult
+from histotransfer.io.outputs import claim_output
 
 if TYPE_CHECKING:
     pass
@@ -31,7 +31,7 @@ def predict(
     into ``out`` (see PredictionLayout). Torch-free: ONNX Runtime, OpenSlide and numpy only."""
     from histotransfer.deploy.bundle import load_bundle
     from histotransfer.deploy.predict import BATCH_SIZE, predict_cohort, slides_to_classify
-    from histotransfer.storage import is_gcs_uri
+    from histotransfer.io.storage import is_gcs_uri
 
     local_input = None if is_gcs_uri(slides) else Path(slides)
     claim_output(out, "predictions", inputs=[bundle_dir, local_input])

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotransfer.errors import BundleError, FeaturesError
-from histotransfer.layout import BUNDLE_SPEC, StudyLayout
-from histotransfer.outputs import claim_output
+from histotransfer.core.errors import BundleError, FeaturesError
+from histotransfer.io.layout import BUNDLE_SPEC, StudyLayout
+from histotransfer.io.outputs import claim_output
 
 if TYPE_CHECKING:
     from histotransfer.mil.results import MILResult
@@ -29,8 +29,8 @@ def report(
     finished MIL result and CKA comparison of the study, its one bundle if it has one); ``tracking``:
     also DVC's ``metrics.json`` and ``plots/``."""
     from histotransfer.mil.results import MILResult
-    from histotransfer.report import write_report, write_tracking
-    from histotransfer.verify import check
+    from histotransfer.report.html import write_report, write_tracking
+    from histotransfer.report.verify import check
 
     if results is None:
         results = MILResult.load_all(layout.mil)

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotransfer import errors, stages
-from histotransfer.config import StudyConfig
-from histotransfer.layout import StudyLayout
-from histotransfer.manifest import SlideRecord
-from histotransfer.outputs import claim_output
-from histotransfer.runner import StageResult
+from histotransfer import stages
+from histotransfer.core import errors
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.runner import StageResult
+from histotransfer.io.layout import StudyLayout
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.fanout import FanOut, T, fan_out
 
 if TYPE_CHECKING:
@@ -74,8 +75,8 @@ def check_cohort(config: StudyConfig, records: Sequence[SlideRecord]) -> None:
     """What can be known about the cohort before the first slide is tiled: it has two classes and
     splits into the configured folds, and slides on gs:// can be read (credentials). Each is the error
     a stage would raise hours later."""
+    from histotransfer.io.storage import gcs_client
     from histotransfer.mil.crossval import study_folds
-    from histotransfer.storage import gcs_client
 
     if len(labels := sorted({r.label for r in records})) < 2:
         raise errors.SplitError(f"the cohort has a single label ({labels}); MIL needs at least two classes")

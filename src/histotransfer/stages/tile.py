@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histotransfer.config import StudyConfig
-from histotransfer.layout import StudyLayout, shard_summary
-from histotransfer.manifest import SlideRecord, read_manifest
-from histotransfer.outputs import claim_output
-from histotransfer.runner import StageResult
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.runner import StageResult
+from histotransfer.io.layout import StudyLayout, shard_summary
+from histotransfer.io.manifest import SlideRecord, read_manifest
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import shard, stage_stats
 
 if TYPE_CHECKING:

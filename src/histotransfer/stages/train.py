@@ -6,12 +6,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from histotransfer import lineage
-from histotransfer.config import StudyConfig
-from histotransfer.errors import FeaturesError
-from histotransfer.layout import SUMMARY, StudyLayout
-from histotransfer.manifest import SlideRecord, read_manifest
-from histotransfer.outputs import claim_output
+from histotransfer.core.config import StudyConfig
+from histotransfer.core.errors import FeaturesError
+from histotransfer.io import lineage
+from histotransfer.io.layout import SUMMARY, StudyLayout
+from histotransfer.io.manifest import SlideRecord, read_manifest
+from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import going_on, tiled
 
 if TYPE_CHECKING:

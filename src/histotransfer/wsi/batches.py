@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histotransfer.cpus import available_cpus
+from histotransfer.core.cpus import available_cpus
 from histotransfer.wsi.regions import open_regions
 from histotransfer.wsi.slides import open_slide
 from histotransfer.wsi.tiling import TileSet, read_tile

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histotransfer.errors import GeometryError
+from histotransfer.core.errors import GeometryError
 
 
 @dataclass(frozen=True)

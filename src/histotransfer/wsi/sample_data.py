@@ -22,13 +22,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from histotransfer.assets import ASSETS, fetch_asset
-from histotransfer.atomic import atomic_path, write_text_atomic
-from histotransfer.config import SampleDataConfig
-from histotransfer.layout import CohortLayout
-from histotransfer.manifest import write_manifest
-from histotransfer.marks import mark, png_info
-from histotransfer.provenance import config_hash, is_current, sealed_json
+from histotransfer.core.config import SampleDataConfig
+from histotransfer.io.assets import ASSETS, fetch_asset
+from histotransfer.io.atomic import atomic_path, write_text_atomic
+from histotransfer.io.layout import CohortLayout
+from histotransfer.io.manifest import write_manifest
+from histotransfer.io.marks import mark, png_info
+from histotransfer.io.provenance import config_hash, is_current, sealed_json
 from histotransfer.wsi.svs import reduce_rgb, write_aperio_svs
 from histotransfer.wsi.tissue import detect_tissue
 

@@ -11,9 +11,9 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from histotransfer.config import PLAUSIBLE_MPP
-from histotransfer.errors import SlideError
-from histotransfer.storage import fetch_gcs, is_gcs_uri
+from histotransfer.core.config import PLAUSIBLE_MPP
+from histotransfer.core.errors import SlideError
+from histotransfer.io.storage import fetch_gcs, is_gcs_uri
 
 _UM_PER_UNIT = {"centimeter": 1e4, "millimeter": 1e3, "micrometer": 1.0}
 

@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from histotransfer.atomic import atomic_path
+from histotransfer.io.atomic import atomic_path
 
 
 def reduce_rgb(rgb: np.ndarray, factor: int, strip_px: int = 4096) -> np.ndarray:

@@ -17,14 +17,14 @@ import openslide
 from PIL import Image
 from scipy import ndimage
 
-from histotransfer import lineage
-from histotransfer.atomic import atomic_path
-from histotransfer.config import TilingConfig
-from histotransfer.layout import SUMMARY, slide_file
-from histotransfer.manifest import SlideRecord
-from histotransfer.marks import png_info
-from histotransfer.provenance import config_hash, provenance_attrs
-from histotransfer.runner import StageResult, run_per_slide
+from histotransfer.core.config import TilingConfig
+from histotransfer.core.runner import StageResult, run_per_slide
+from histotransfer.io import lineage
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.layout import SUMMARY, slide_file
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.marks import png_info
+from histotransfer.io.provenance import config_hash, provenance_attrs
 from histotransfer.wsi.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
 from histotransfer.wsi.regions import RegionReader, SlideRegions
 from histotransfer.wsi.slides import (
@@ -313,7 +313,7 @@ class TileSet:
     target_mpp: float
     slide_mpp: float
     config_hash: str
-    lineage: dict[str, Any] | None = None  # what the tiles were made from (histotransfer.lineage)
+    lineage: dict[str, Any] | None = None  # what the tiles were made from (histotransfer.io.lineage)
 
     def subset(self, indices: np.ndarray) -> TileSet:
         """These tiles only (coords and tissue fractions), in the order of ``indices``."""

@@ -14,8 +14,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from histotransfer.config import TissueConfig
-from histotransfer.cpus import available_cpus
+from histotransfer.core.config import TissueConfig
+from histotransfer.core.cpus import available_cpus
 
 
 def _saturation_table() -> np.ndarray:

@@ -91,9 +91,9 @@ def test_minibatch_matrix_and_its_checks():
 @pytest.mark.slow
 def test_layer_activations_are_the_named_blocks_in_order(sample_cohort, tmp_path):
     from histotransfer.cka.layers import layer_cka, sample_tiles, write_cka
-    from histotransfer.config import TilingConfig
+    from histotransfer.core.config import TilingConfig
     from histotransfer.features.encoders import build_encoder
-    from histotransfer.manifest import read_manifest
+    from histotransfer.io.manifest import read_manifest
     from histotransfer.wsi.tiling import tile_cohort
 
     records = read_manifest(sample_cohort)[:2]

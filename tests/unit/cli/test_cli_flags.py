@@ -15,7 +15,7 @@ import pytest
 from histotransfer.cli import EXIT_BAD_INPUT, main
 from histotransfer.cli.flags import FLAGS, Flag, flag_values, output, path, schema_of, study_config
 from histotransfer.cli.parser import build_parser
-from histotransfer.config import predict_settings
+from histotransfer.core.config import predict_settings
 
 ENTRIES = [(command, flag) for command, flags in FLAGS.items() for flag in flags]
 IDS = [f"{command} {flag.flag}" for command, flag in ENTRIES]
@@ -168,7 +168,7 @@ def test_python_m_runs_the_command_line(module):
 def test_a_bare_run_is_the_demo_and_a_study_of_your_own_starts_from_the_schema(tmp_path):
     """`histotransfer run` alone runs the embedded demo (as make demo does); --set alone or --config
     start from the schema's defaults (no demo-sized fine-tuning slipped into a real study)."""
-    from histotransfer.config import DEMO_CONFIG, StudyConfig, load_config
+    from histotransfer.core.config import DEMO_CONFIG, StudyConfig, load_config
 
     def config_of(*argv: str) -> StudyConfig:
         return study_config(build_parser().parse_args(["run", *argv]))

@@ -1,6 +1,6 @@
 import pytest
 
-from histotransfer.config import DEMO_CONFIG, ConfigError, StudyConfig, load_config
+from histotransfer.core.config import DEMO_CONFIG, ConfigError, StudyConfig, load_config
 
 
 def test_defaults_are_the_demo():
@@ -126,7 +126,7 @@ def test_aliases_within_the_limit_and_merge_keys_are_yaml_as_usual(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"base: Extra inputs are not permitted"):
         load_config(path)  # read fine; `base` is just not a section
-    from histotransfer.config import load_yaml
+    from histotransfer.core.config import load_yaml
 
     assert load_yaml(path.read_text(), source="x")["mil"] == {"epochs": 3, "folds": 2}
     assert load_yaml("", source="x") is None
@@ -149,7 +149,7 @@ def test_a_huge_config_file_is_refused_before_it_is_read(tmp_path):
     ],
 )
 def test_set_values_are_read_by_the_same_loader(pair, message):
-    from histotransfer.config import parse_assignments
+    from histotransfer.core.config import parse_assignments
 
     with pytest.raises(ConfigError) as info:
         parse_assignments([pair])
@@ -157,7 +157,7 @@ def test_set_values_are_read_by_the_same_loader(pair, message):
 
 
 def test_a_syntax_error_in_a_set_value_says_how_to_write_values():
-    from histotransfer.config import parse_assignments
+    from histotransfer.core.config import parse_assignments
 
     with pytest.raises(ConfigError, match=r"; quote text and write lists as \[a, b\]$"):
         parse_assignments(["tiling.target_mpp=[1,"])
@@ -303,7 +303,7 @@ def test_mpp_bounds_are_the_tilers():
     ],
 )
 def test_predict_settings_name_the_flag(flags, message):
-    from histotransfer.config import predict_settings
+    from histotransfer.core.config import predict_settings
 
     with pytest.raises(ConfigError) as info:
         predict_settings(**flags)
@@ -312,7 +312,7 @@ def test_predict_settings_name_the_flag(flags, message):
 
 
 def test_predict_settings_defaults_are_the_ones_predict_uses():
-    from histotransfer.config import predict_settings
+    from histotransfer.core.config import predict_settings
     from histotransfer.deploy.predict import BATCH_SIZE
 
     settings = predict_settings(mpp=None, batch_size=None, readers=None, threads=None)

@@ -1,6 +1,6 @@
 import pytest
 
-from histotransfer import cpus
+from histotransfer.core import cpus
 
 
 def test_available_cpus_follows_the_override_then_affinity_and_the_container_limit(monkeypatch):

@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from histotransfer.config import TilingConfig
-from histotransfer.manifest import read_manifest
-from histotransfer.provenance import sha256_file
-from histotransfer.storage import StorageError, fetch_gcs, gcs_client, parse_gcs_uri
+from histotransfer.core.config import TilingConfig
+from histotransfer.io.manifest import read_manifest
+from histotransfer.io.provenance import sha256_file
+from histotransfer.io.storage import StorageError, fetch_gcs, gcs_client, parse_gcs_uri
 from histotransfer.wsi.tiling import tile_cohort
 from tests.helpers import BUCKET, free_port, write_csv
 
@@ -95,7 +95,7 @@ def _objects(bucket, prefix: str) -> dict[str, bytes]:
 
 def test_cli_writes_outputs_to_gcs_byte_for_byte(gcs, sample_cohort, tmp_path, capsys):
     from histotransfer.cli import main
-    from histotransfer.storage import COMPLETE_MARKER, is_complete, staging_dir
+    from histotransfer.io.storage import COMPLETE_MARKER, is_complete, staging_dir
 
     uri = f"gs://{BUCKET}/studies/tiles"
     assert main(["tile", str(sample_cohort), "--out", uri]) == 0
@@ -115,7 +115,7 @@ def test_cli_writes_outputs_to_gcs_byte_for_byte(gcs, sample_cohort, tmp_path, c
 
 
 def test_config_refuses_gs_output_dir_in_the_file(tmp_path):
-    from histotransfer.config import ConfigError, load_config
+    from histotransfer.core.config import ConfigError, load_config
 
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: gs://bucket/study\n")
@@ -127,7 +127,7 @@ def test_storage_failure_mid_upload_leaves_no_corrupt_object_and_a_rerun_complet
     gcs, sample_cohort, tmp_path, monkeypatch, capsys
 ):
     from histotransfer.cli import main
-    from histotransfer.storage import COMPLETE_MARKER, WRITING_MARKER, is_complete, staging_dir
+    from histotransfer.io.storage import COMPLETE_MARKER, WRITING_MARKER, is_complete, staging_dir
     from tests.fault_proxy import FaultProxy
 
     emulator = int(gcs.client._connection.API_BASE_URL.rsplit(":", 1)[1])
@@ -185,7 +185,7 @@ def test_a_changing_tree_has_no_completion_marker_until_its_upload_finishes(gcs,
     from google.api_core import exceptions as gexc
     from google.cloud.storage import Blob
 
-    from histotransfer.storage import is_complete, upload_tree
+    from histotransfer.io.storage import is_complete, upload_tree
 
     local = tmp_path / "tree"
     (local / "a").mkdir(parents=True)
@@ -232,7 +232,7 @@ def test_an_output_root_holding_objects_we_did_not_write_is_refused_before_any_w
     gcs, sample_cohort, tmp_path, capsys
 ):
     from histotransfer.cli import main
-    from histotransfer.storage import staging_dir, upload_tree
+    from histotransfer.io.storage import staging_dir, upload_tree
 
     gcs.blob("shared/results/predictions.csv").upload_from_string("patient,score\nP1,0.9\n")
     uri = f"gs://{BUCKET}/shared/results"

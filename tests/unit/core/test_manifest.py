@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from histotransfer.manifest import ManifestError, check_slide_id, read_manifest
+from histotransfer.io.manifest import ManifestError, check_slide_id, read_manifest
 from tests.helpers import write_csv
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histotransfer.atomic import atomic_path, is_stale, temporary_name, write_text_atomic
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED, main
-from histotransfer.config import EvaluationConfig, MILConfig, TilingConfig
-from histotransfer.errors import OutputError
-from histotransfer.manifest import read_manifest
-from histotransfer.marks import is_ours
-from histotransfer.outputs import claim_output, release_all
+from histotransfer.core.config import EvaluationConfig, MILConfig, TilingConfig
+from histotransfer.core.errors import OutputError
+from histotransfer.io.atomic import atomic_path, is_stale, temporary_name, write_text_atomic
+from histotransfer.io.manifest import read_manifest
+from histotransfer.io.marks import is_ours
+from histotransfer.io.outputs import claim_output, release_all
 from tests.helpers import REPO
 
 FOREIGN = b"the user's own file, with one of our names\n"
@@ -34,7 +34,7 @@ def artifacts(tmp_path_factory, sample_cohort, tiny_bundle) -> dict[str, Path]:
     """One folder of each kind, written by histotransfer's own writers."""
     from histotransfer.cka.layers import CKAResult, write_cka
     from histotransfer.mil.crossval import train_mil
-    from histotransfer.report import write_report, write_tracking
+    from histotransfer.report.html import write_report, write_tracking
     from histotransfer.wsi.tiling import tile_cohort
     from tests.helpers import synthetic_cohort
 
@@ -127,7 +127,7 @@ def test_report_tracking_and_pipeline_yaml_are_recognised(tmp_path):
 
 HOLD = """
 import sys, time
-from histotransfer.outputs import claim_output
+from histotransfer.io.outputs import claim_output
 claim_output(sys.argv[1], "tiles")
 print("held", flush=True)
 time.sleep(60)
@@ -204,7 +204,7 @@ def test_sigterm_keeps_what_finished_says_so_and_resumes(sample_cohort, tmp_path
 
 
 def test_a_folder_replaced_whole_keeps_the_users_dotfiles_and_refuses_their_other_files(tmp_path):
-    from histotransfer.atomic import atomic_dir
+    from histotransfer.io.atomic import atomic_dir
 
     fold = tmp_path / "fold0"
     with atomic_dir(fold) as stage:
@@ -226,10 +226,10 @@ def test_a_folder_replaced_whole_keeps_the_users_dotfiles_and_refuses_their_othe
 
 
 def test_sigterm_during_a_folder_swap_waits_until_the_new_folder_is_in_place(tmp_path, monkeypatch):
-    from histotransfer import atomic
-    from histotransfer.atomic import atomic_dir
-    from histotransfer.errors import Terminated
-    from histotransfer.lifecycle import command_scope
+    from histotransfer.core.errors import Terminated
+    from histotransfer.core.lifecycle import command_scope
+    from histotransfer.io import atomic
+    from histotransfer.io.atomic import atomic_dir
 
     fold = tmp_path / "fold0"
     with atomic_dir(fold) as stage:

@@ -4,12 +4,12 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from histotransfer.config import EvaluationConfig, MILConfig
-from histotransfer.encoder_ids import parse_encoder_id
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.config import EvaluationConfig, MILConfig
+from histotransfer.core.encoder_ids import parse_encoder_id
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.mil.crossval import LesionMasks, class_rocs, train_mil
 from histotransfer.mil.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
-from histotransfer.report import family, write_report
+from histotransfer.report.html import family, write_report
 from tests.helpers import synthetic_cohort, write_features
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from histotransfer.cli import EXIT_BAD_INPUT, main
+from histotransfer.core.errors import BundleError
 from histotransfer.deploy.bundle import BUNDLE_FILE, ENCODER_FILE, load_bundle
 from histotransfer.deploy.export import choose_fold
-from histotransfer.errors import BundleError
+from histotransfer.io.provenance import sealed_json
 from histotransfer.mil.model import AttentionMIL
-from histotransfer.provenance import sealed_json
 
 
 def test_from_state_dict_rejects_other_checkpoints():

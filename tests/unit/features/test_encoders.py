@@ -6,13 +6,13 @@ from PIL import Image
 from pydantic import ValidationError
 from skimage import data
 
-from histotransfer.architectures import ARCHS, list_cut_points
-from histotransfer.assets import fetch_asset
-from histotransfer.config import EncoderConfig
-from histotransfer.encoder_ids import parse_encoder_id
+from histotransfer.core.architectures import ARCHS, list_cut_points
+from histotransfer.core.config import EncoderConfig
+from histotransfer.core.encoder_ids import parse_encoder_id
 from histotransfer.features.encoders import build_encoder, trunk_path
 from histotransfer.features.registry import list_encoders
 from histotransfer.features.weights import WeightsError, map_to_model, read_checkpoint
+from histotransfer.io.assets import fetch_asset
 
 PAPER_DIMS = {
     "resnet18": 512,

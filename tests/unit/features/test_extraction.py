@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from histotransfer.config import TilingConfig
+from histotransfer.core.config import TilingConfig
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import EngineSettings, extract_cohort
-from histotransfer.manifest import read_manifest
+from histotransfer.io.manifest import read_manifest
 from histotransfer.wsi.svs import write_aperio_svs
 from histotransfer.wsi.tiling import load_tiles, tile_cohort
 from tests.helpers import GOLDEN_MPP, GOLDEN_SIZE, GOLDEN_TISSUE, synthetic_slide_rgb, write_csv
@@ -195,7 +195,7 @@ def test_a_batch_too_big_for_the_device_is_split_until_it_fits(encoder, monkeypa
 
 def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkeypatch):
     import histotransfer.features.extraction as extraction
-    from histotransfer.errors import ExportError
+    from histotransfer.core.errors import ExportError
     from histotransfer.features.onnx_encoder import export_encoder
 
     auto = EngineSettings.resolve(device="cpu")
@@ -212,7 +212,7 @@ def test_auto_runs_encoders_too_big_for_one_onnx_file_with_torch(encoder, monkey
 
 def test_tiles_off_the_models_resolution_are_warned_about_once(tiled, tmp_path, monkeypatch, caplog):
     """CTransPath's authors cut tiles at 1 um/px; these are at 0.5: extraction says so, once."""
-    from histotransfer.architectures import ARCHS
+    from histotransfer.core.architectures import ARCHS
     from histotransfer.features.registry import shrunk
 
     monkeypatch.setitem(ARCHS, "ctranspath", shrunk(ARCHS["ctranspath"]))

@@ -20,9 +20,9 @@ import pytest
 import torch
 from skimage import data
 
-from histotransfer.architectures import ARCHS
 from histotransfer.cka.layers import layer_cka
-from histotransfer.encoder_ids import EncoderId
+from histotransfer.core.architectures import ARCHS
+from histotransfer.core.encoder_ids import EncoderId
 from histotransfer.features.encoders import (
     PatchEncoder,
     _reference_state,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from histotransfer.config import FinetuneConfig, TilingConfig
-from histotransfer.encoder_ids import parse_encoder_id
+from histotransfer.core.config import FinetuneConfig, TilingConfig
+from histotransfer.core.encoder_ids import parse_encoder_id
 from histotransfer.features.encoders import build_encoder
 from histotransfer.finetune.tuning import Bag, EncoderWithHead, finetune, select_tiles
-from histotransfer.manifest import read_manifest
+from histotransfer.io.manifest import read_manifest
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.wsi.tiling import load_tiles, tile_cohort
 
@@ -32,8 +32,8 @@ def test_top_k_picks_exactly_the_highest_attention():
     [("resnet18@layer3", "resnet18@layer3+ft"), ("densenet121+kimianet", "densenet121+kimianet+ft")],
 )
 def test_finetuned_encoder_ids(frozen, tuned):
-    from histotransfer.encoder_ids import finetuned_id, frozen_id
-    from histotransfer.report import family
+    from histotransfer.core.encoder_ids import finetuned_id, frozen_id
+    from histotransfer.report.html import family
 
     assert finetuned_id(frozen) == tuned
     assert frozen_id(tuned) == frozen  # the way back, used to find a fine-tuned encoder's files

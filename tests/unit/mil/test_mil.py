@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from histotransfer.config import EvaluationConfig, MILConfig
-from histotransfer.errors import LineageError
+from histotransfer.core.config import EvaluationConfig, MILConfig
+from histotransfer.core.errors import LineageError
 from histotransfer.features.bags import BagStore, FeaturesError
-from histotransfer.manifest import SlideRecord
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.mil.crossval import cross_validate, train_mil
 from histotransfer.mil.model import AttentionMIL
 from histotransfer.mil.splits import SplitError, make_folds
@@ -300,7 +300,7 @@ def test_bad_feature_files_give_clear_errors(tmp_path):
 def test_features_must_be_of_the_tiles_in_the_study(tmp_path):
     """The features record the digest of the tiles they were made from; tiles made again (even with the
     same coordinates in another order) make them another slide's features: refused, naming the fix."""
-    from histotransfer.lineage import check_features
+    from histotransfer.io.lineage import check_features
 
     records, _, features_dir = synthetic_cohort(tmp_path, n_bags=4)
     tiles = {r.slide_id: {"digest": f"synthetic-{r.slide_id}"} for r in records}

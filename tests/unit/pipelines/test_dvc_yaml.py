@@ -38,7 +38,7 @@ def test_every_stage_depends_on_every_module_it_can_run():
     for name, (command, stage) in STAGE_ENTRY_POINTS.items():
         declared = stages[name].get("do", stages[name])["deps"]
         needed = modules_of(("histotransfer.cli.commands", command), (f"histotransfer.stages.{stage}", stage))
-        assert "src/histotransfer/layout.py" in needed
+        assert "src/histotransfer/io/layout.py" in needed
         missing = sorted(m for m in needed if not any(m == d or m.startswith(f"{d}/") for d in declared))
         assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"- {m}" for m in missing)
 
@@ -46,7 +46,7 @@ def test_every_stage_depends_on_every_module_it_can_run():
 def test_params_are_the_settings_that_change_results():
     """A speed setting (batch size, workers, the bag cache) is no stage's param: changing it
     reruns nothing; every other key of a section a stage reads is one."""
-    from histotransfer.config import SPEED_ONLY, StudyConfig
+    from histotransfer.core.config import SPEED_ONLY, StudyConfig
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = {name: set(s.get("do", s).get("params", [])) for name, s in stages.items()}

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components.image import IMAGE
-from histotransfer.config import load_config
+from histotransfer.core.config import load_config
 from histotransfer.stages.adapter import SECTIONS, study_config
 from pipelines.launch import compile_pipeline
 from pipelines.launch import main as pipeline_main

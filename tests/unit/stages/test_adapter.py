@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from histotransfer.errors import ConfigError, FanOutError, FeaturesError
-from histotransfer.layout import SUMMARY
-from histotransfer.manifest import read_manifest
+from histotransfer.core.errors import ConfigError, FanOutError, FeaturesError
+from histotransfer.io.layout import SUMMARY
+from histotransfer.io.manifest import read_manifest
 from histotransfer.stages import adapter
 from histotransfer.stages.fanout import fan_out
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from histotransfer.config import validate_config
-from histotransfer.errors import LayoutError
-from histotransfer.layout import SECTIONS, StudyLayout, slide_file
+from histotransfer.core.config import validate_config
+from histotransfer.core.errors import LayoutError
+from histotransfer.io.layout import SECTIONS, StudyLayout, slide_file
 from histotransfer.stages import common
 from tests.helpers import write_csv
 
@@ -79,7 +79,7 @@ def test_slides_a_stage_recorded_as_failed_do_not_go_on(tmp_path):
 
 
 def test_finetuning_an_encoder_that_is_not_extracted_is_a_config_error():
-    from histotransfer.errors import ConfigError
+    from histotransfer.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"not among extraction\.encoders"):
         validate_config({"finetune": {"encoders": ["resnet18"]}}, "test")
@@ -87,7 +87,7 @@ def test_finetuning_an_encoder_that_is_not_extracted_is_a_config_error():
 
 def test_merging_shards_publishes_the_summary_atomically(tmp_path, monkeypatch):
     """Regression: a merge that died while writing summary.csv left a truncated file behind."""
-    from histotransfer import atomic
+    from histotransfer.io import atomic
     from histotransfer.stages.adapter import merge
 
     parts = []

@@ -7,8 +7,8 @@ import numpy as np
 import openslide
 import pytest
 
-from histotransfer.config import TilingConfig
-from histotransfer.manifest import SlideRecord
+from histotransfer.core.config import TilingConfig
+from histotransfer.io.manifest import SlideRecord
 from histotransfer.wsi import regions
 from histotransfer.wsi.batches import measured_batches, reader_threads, tile_batches
 from histotransfer.wsi.regions import JpegTileRegions, SlideRegions, open_regions

@@ -7,9 +7,9 @@ import openslide
 import pytest
 from PIL import Image
 
-from histotransfer.config import SampleDataConfig
-from histotransfer.manifest import read_manifest
-from histotransfer.provenance import sha256_file
+from histotransfer.core.config import SampleDataConfig
+from histotransfer.io.manifest import read_manifest
+from histotransfer.io.provenance import sha256_file
 from histotransfer.wsi.sample_data import (
     LESION_SOURCES,
     MASK_DOWNSAMPLE,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histotransfer.assets import fetch_asset
 from histotransfer.cli import main
-from histotransfer.config import TilingConfig
-from histotransfer.manifest import read_manifest
-from histotransfer.provenance import sha256_file
+from histotransfer.core.config import TilingConfig
+from histotransfer.io.assets import fetch_asset
+from histotransfer.io.manifest import read_manifest
+from histotransfer.io.provenance import sha256_file
 from histotransfer.wsi.geometry import tile_geometry
 from histotransfer.wsi.svs import write_aperio_svs
 from histotransfer.wsi.tiling import TissueMask, load_tiles, select_tiles, tile_cohort

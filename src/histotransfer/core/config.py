@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from histotransfer.encoder_ids import EncoderId, parse_encoder_id, untagged_weights_ok
-from histotransfer.errors import ConfigError
+from histotransfer.core.encoder_ids import EncoderId, parse_encoder_id, untagged_weights_ok
+from histotransfer.core.errors import ConfigError
 
 # ---- bounded echoes of user input: an error message never prints a value whole ---------------------
 

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from histotransfer.assets import cache_dir
-from histotransfer.atomic import atomic_path
-from histotransfer.errors import StorageError
-from histotransfer.provenance import file_digest
+from histotransfer.core.errors import StorageError
+from histotransfer.io.assets import cache_dir
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.provenance import file_digest
 
 GCS_PREFIX = "gs://"
 LOGIN = "log in again (`gcloud auth application-default login`) or check GOOGLE_APPLICATION_CREDENTIALS"

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from histotransfer.errors import OutputError
+from histotransfer.core.errors import OutputError
 
 
 def _host() -> str:
@@ -79,7 +79,7 @@ def refuse_foreign(final: Path) -> None:
     """Raise OutputError when ``final`` exists and is not a file histotransfer wrote (by its content)."""
     if not (final.exists() or final.is_symlink()):
         return
-    from histotransfer.marks import is_ours
+    from histotransfer.io.marks import is_ours
 
     if final.is_dir():  # its own dotfiles are carried over by atomic_dir; any other file must be ours
         foreign = [

@@ -23,8 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from histotransfer.errors import LayoutError
-from histotransfer.manifest import check_slide_id
+from histotransfer.core.errors import LayoutError
+from histotransfer.io.manifest import check_slide_id
 
 SECTIONS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", "report")
 SUMMARY = "summary.csv"

@@ -11,8 +11,8 @@ from typing import Any
 import h5py
 
 from histotransfer import __version__
-from histotransfer.atomic import write_text_atomic
-from histotransfer.errors import ArtifactError
+from histotransfer.core.errors import ArtifactError
+from histotransfer.io.atomic import write_text_atomic
 
 CONFIG_HASH_ATTR = "config_hash"
 CONFIG_ATTR = "config_json"

@@ -12,16 +12,16 @@ from urllib.parse import quote
 
 import numpy as np
 
-from histotransfer.architectures import ARCHS, list_cut_points
-from histotransfer.atomic import write_text_atomic
+from histotransfer.core.architectures import ARCHS, list_cut_points
+from histotransfer.core.encoder_ids import RANDOM, EncoderId, frozen_id, parse_encoder_id
 from histotransfer.deploy.bundle import read_spec
-from histotransfer.encoder_ids import RANDOM, EncoderId, frozen_id, parse_encoder_id
-from histotransfer.layout import BUNDLE_SPEC, MILLayout
-from histotransfer.marks import HTML_MARK, MARKDOWN_MARK, mark
+from histotransfer.io.atomic import write_text_atomic
+from histotransfer.io.layout import BUNDLE_SPEC, MILLayout
+from histotransfer.io.marks import HTML_MARK, MARKDOWN_MARK, mark
+from histotransfer.io.provenance import read_json
 from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.plots import roc_curves, truncation_curves
-from histotransfer.provenance import read_json
-from histotransfer.verify import Verification
+from histotransfer.report.verify import Verification
 
 LINEAGE_MD = "lineage.md"  # the lineage section alone (the KFP report step's Markdown artifact)
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
@@ -303,7 +303,7 @@ def write_report(
     verification: Verification | None = None,
 ) -> Path:
     """Write index.html and summary.md under ``report_dir``; returns the HTML path. ``verification``:
-    the study's lineage walked (histotransfer.verify), shown as its own section."""
+    the study's lineage walked (histotransfer.report.verify), shown as its own section."""
     report_dir = Path(report_dir)
     results = sorted(results, key=MILResult.rank_key)
     rows = _rows(results)

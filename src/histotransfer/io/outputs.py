@@ -4,11 +4,11 @@ what that kind of artifact holds, written by histotransfer; and only one command
 Every command names its output folder(s) with ``claim_output`` before it touches the first slide or
 builds a model. A folder is accepted when it does not exist yet (it is created), is empty, or holds only
 entries of the kind of artifact the command writes there (``KINDS``: names, and sub-folders of their own
-kinds, following the study layout) whose content says histotransfer wrote them (histotransfer.marks; the
+kinds, following the study layout) whose content says histotransfer wrote them (histotransfer.io.marks; the
 first files of each type in each folder are read). Otherwise the command stops with an OutputError (exit
 status 2) that names the folder, a few entries that are not ours, and the fix. The same check refuses
 an output folder that is a file, that cannot be created or written, or that overlaps a folder the
-command reads. Writes themselves refuse to replace a file that is not ours (histotransfer.atomic).
+command reads. Writes themselves refuse to replace a file that is not ours (histotransfer.io.atomic).
 
 A claimed folder is locked (an advisory ``flock`` on the folder itself, released when the command ends
 or its process dies): a second command claiming it is refused with the holder's process named, so two
@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histotransfer.encoder_ids import ENCODER_ID
-from histotransfer.errors import OutputError
-from histotransfer.layout import (
+from histotransfer.core.encoder_ids import ENCODER_ID
+from histotransfer.core.errors import OutputError
+from histotransfer.io.layout import (
     BUNDLE_SPEC,
     COHORT_META,
     HISTORY_FILE,
@@ -36,7 +36,7 @@ from histotransfer.layout import (
     MODEL_FILE,
     SUMMARY,
 )
-from histotransfer.marks import is_ours
+from histotransfer.io.marks import is_ours
 
 OURS_SAMPLE = 32  # files of each type per folder whose content is read (all of them in a whole artifact)
 
@@ -68,7 +68,7 @@ class Kind:
             name = prefix + entry.name
             if entry.name.startswith("."):
                 continue  # dotfiles (.gitignore, .DS_Store, our temporaries) are left alone (and carried
-                # into a folder replaced whole: histotransfer.atomic.atomic_dir)
+                # into a folder replaced whole: histotransfer.io.atomic.atomic_dir)
             if entry.is_dir():
                 kind = self.folder_kind(entry.name)
                 found += [name + "/"] if kind is None else kind.foreign(entry, name + "/")

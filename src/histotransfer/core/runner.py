@@ -17,10 +17,10 @@ from typing import Any
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from histotransfer.atomic import atomic_path
-from histotransfer.errors import Interrupted
-from histotransfer.manifest import SlideRecord
-from histotransfer.provenance import is_current
+from histotransfer.core.errors import Interrupted
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.provenance import is_current
 
 log = logging.getLogger(__name__)
 

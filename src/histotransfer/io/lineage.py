@@ -16,7 +16,7 @@ Each artifact records the identities of its inputs and a digest of its own conte
 
 h5 files keep the record in their ``lineage`` attribute (canonical JSON), JSON artifacts under a
 ``lineage`` key. The ``check_*`` functions are what consumers compare before they work; the stage layer
-(histotransfer.stages) calls them, and ``histotransfer verify`` (histotransfer.verify) walks the chain
+(histotransfer.stages) calls them, and ``histotransfer verify`` (histotransfer.report.verify) walks the chain
 with the same comparisons. A mismatch is a LineageError (exit status 2) that names both sides and the
 fix. Torch-free: predict and tiling use it.
 """
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from histotransfer.errors import LineageError
-from histotransfer.layout import slide_file
-from histotransfer.manifest import SlideRecord
-from histotransfer.provenance import canonical_json
+from histotransfer.core.errors import LineageError
+from histotransfer.io.layout import slide_file
+from histotransfer.io.manifest import SlideRecord
+from histotransfer.io.provenance import canonical_json
 
 LINEAGE = "lineage"  # the h5 attribute / JSON key
 SHOWN = 5  # problems listed in one error; the rest are counted
@@ -79,7 +79,7 @@ def resume_identity(path: str, identity: Mapping[str, Any] | None = None) -> dic
     now: under a millisecond), a gs:// object's content digest (its metadata: one request, no
     download); None when it cannot be read (the work will say why)."""
     if path.startswith("gs://"):
-        from histotransfer.storage import StorageError, object_identity
+        from histotransfer.io.storage import StorageError, object_identity
 
         try:
             return {"object": object_identity(path)}
@@ -177,7 +177,7 @@ def well_formed(record: Any, kind: str) -> bool:
 
 def h5_attr(record: Mapping[str, Any]) -> str:
     """The record as an h5 attribute value, sealed: its ``integrity`` covers the rest of it."""
-    from histotransfer.provenance import INTEGRITY, integrity
+    from histotransfer.io.provenance import INTEGRITY, integrity
 
     content = json.loads(canonical_json(dict(record)))
     return canonical_json({**content, INTEGRITY: integrity(content)})
@@ -186,7 +186,7 @@ def h5_attr(record: Mapping[str, Any]) -> str:
 def parse_attr(raw: Any, kind: str) -> dict[str, Any] | None:
     """An h5 ``lineage`` attribute's record of ``kind``; None when there is none, or it is not JSON, not
     intact (changed after it was written) or lacks a key."""
-    from histotransfer.provenance import intact
+    from histotransfer.io.provenance import intact
 
     try:
         record = json.loads(str(raw)) if raw is not None else None
@@ -198,7 +198,7 @@ def parse_attr(raw: Any, kind: str) -> dict[str, Any] | None:
 def read_record(path: str | os.PathLike[str], kind: str) -> dict[str, Any] | None:
     """The record of ``kind`` an artifact keeps (an h5 attribute, or a sealed JSON file's key); None when
     it keeps none, or a damaged or changed one (see parse_attr)."""
-    from histotransfer.provenance import intact
+    from histotransfer.io.provenance import intact
 
     path = Path(path)
     try:
@@ -319,7 +319,7 @@ def check_slides(records: Iterable[SlideRecord], tiles: Mapping[str, Mapping[str
     they were made from (``check_slide``; a gs:// slide's cached copy, which the stage reads next)."""
     import openslide
 
-    from histotransfer.storage import StorageError, fetch_gcs
+    from histotransfer.io.storage import StorageError, fetch_gcs
 
     problems = []
     for r in records:
@@ -453,7 +453,7 @@ def check_weights(
 
 def check_file(path: Path, recorded: str | None, what: str, fix: str) -> None:
     """A file an artifact recorded (a fold's head, a fine-tuned encoder) still has the sha256 it had."""
-    from histotransfer.provenance import sha256_file
+    from histotransfer.io.provenance import sha256_file
 
     if recorded is None:
         raise LineageError(f"{what} records no sha256 for {path} (made by an older histotransfer): {fix}")
@@ -468,7 +468,7 @@ def check_file(path: Path, recorded: str | None, what: str, fix: str) -> None:
 
 def files_record(folder: Path, names: Iterable[str]) -> dict[str, str]:
     """sha256 of each named file under ``folder`` (relative names): what an artifact wrote."""
-    from histotransfer.provenance import sha256_file
+    from histotransfer.io.provenance import sha256_file
 
     return {name: sha256_file(folder / name) for name in names}
 
@@ -561,8 +561,8 @@ def finetune_record(frozen_dir: Path, fold: int, head: str, features: FeatureSet
 def check_finetuned_file(history: Path, file: Path) -> None:
     """A file of a fine-tuned fold (its ``encoder.pt``) is the one that fold wrote (``history``: the
     fold's history.json, which records its sha256)."""
-    from histotransfer.errors import ArtifactError
-    from histotransfer.provenance import read_json
+    from histotransfer.core.errors import ArtifactError
+    from histotransfer.io.provenance import read_json
 
     fix = "fine-tune again (histotransfer finetune ... --overwrite, or rerun the study)"
     try:

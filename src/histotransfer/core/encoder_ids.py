@@ -5,7 +5,7 @@
 ``ARCH`` is a key of ``architectures.ARCHS``, ``CUT`` one of its cut points, ``WEIGHTS`` a tag: none means
 the architecture's default weights, ``random`` a seeded random init, any other tag weights given as a
 file or hub id; a fine-tuned copy of an id is the id with ``+ft``. An id names folders of features/,
-mil/ and finetune/ (histotransfer.layout).
+mil/ and finetune/ (histotransfer.io.layout).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from histotransfer.architectures import ARCHS, list_cut_points
-from histotransfer.errors import ConfigError
+from histotransfer.core.architectures import ARCHS, list_cut_points
+from histotransfer.core.errors import ConfigError
 
 # ARCH[@CUT][+WEIGHTS][+ft]: also what a folder of features/, mil/ or finetune/ is named (outputs.py)
 ENCODER_ID = re.compile(

@@ -1,6 +1,6 @@
 """`histotransfer verify PATH`: were these predictions made from these slides with these weights?
 
-Walks the lineage (histotransfer.lineage) of a study, a bundle, a predictions folder or any artifact
+Walks the lineage (histotransfer.io.lineage) of a study, a bundle, a predictions folder or any artifact
 folder of a study, and says for each artifact what it was made from and whether those inputs still
 match, by content: each file's recorded digest against its content now, each recorded input against the
 artifact that is there now (tiles against their slide, features against their tiles, a MIL result
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histotransfer import lineage
-from histotransfer.errors import BundleError, LayoutError, LineageError
-from histotransfer.layout import BUNDLE_SPEC, SECTIONS, MILLayout, PredictionLayout, StudyLayout
-from histotransfer.lineage import mapping_digest, read_record, short
+from histotransfer.core.errors import BundleError, LayoutError, LineageError
+from histotransfer.io import lineage
+from histotransfer.io.layout import BUNDLE_SPEC, SECTIONS, MILLayout, PredictionLayout, StudyLayout
+from histotransfer.io.lineage import mapping_digest, read_record, short
 
 
 @dataclass
@@ -219,8 +219,8 @@ def _records(folder: Path, kind: str) -> tuple[dict[str, dict[str, Any]], list[s
 
 def _manifest_paths(layout: StudyLayout | None) -> dict[str, str]:
     """The study's manifest's slide paths by id (none when it has no readable manifest)."""
-    from histotransfer.errors import ManifestError
-    from histotransfer.manifest import read_manifest
+    from histotransfer.core.errors import ManifestError
+    from histotransfer.io.manifest import read_manifest
 
     if layout is None or not layout.manifest.is_file():
         return {}
@@ -231,7 +231,7 @@ def _manifest_paths(layout: StudyLayout | None) -> dict[str, str]:
 
 
 def _tiles(folder: Path, layout: StudyLayout | None) -> Finding:
-    from histotransfer.errors import SlideError
+    from histotransfer.core.errors import SlideError
     from histotransfer.wsi.tiling import load_tiles
 
     records, problems = _records(folder, "tiles")
@@ -318,7 +318,7 @@ def _feature_set_now(folder: Path, slide_ids: Iterable[str]) -> str | None:
 
 
 def _files_now(folder: Path, recorded: dict[str, str], what: str) -> list[str]:
-    from histotransfer.provenance import sha256_file
+    from histotransfer.io.provenance import sha256_file
 
     problems = []
     for name, sha in recorded.items():
@@ -332,8 +332,8 @@ def _files_now(folder: Path, recorded: dict[str, str], what: str) -> list[str]:
 
 def _sealed(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """A sealed JSON artifact's content, or None and why it cannot be used."""
-    from histotransfer.errors import ArtifactError
-    from histotransfer.provenance import DAMAGED, read_json
+    from histotransfer.core.errors import ArtifactError
+    from histotransfer.io.provenance import DAMAGED, read_json
 
     redo = "make it again"
     try:

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from histotransfer.atomic import atomic_path
-from histotransfer.config import PLAUSIBLE_MPP, short_repr, short_text
-from histotransfer.errors import ManifestError
-from histotransfer.storage import StorageError, is_gcs_uri, parse_gcs_uri
+from histotransfer.core.config import PLAUSIBLE_MPP, short_repr, short_text
+from histotransfer.core.errors import ManifestError
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.storage import StorageError, is_gcs_uri, parse_gcs_uri
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
 SPLITS = ("train", "val", "test")

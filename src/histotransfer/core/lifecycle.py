@@ -9,8 +9,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from histotransfer.errors import Terminated
-from histotransfer.outputs import release_all
+from histotransfer.core.errors import Terminated
+from histotransfer.io.outputs import release_all
 
 
 def _terminate(signum, frame) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from histotransfer.errors import BundleError, ExportError
+from histotransfer.core.errors import BundleError, ExportError
 
 log = logging.getLogger(__name__)
 ENCODER_INPUT, ENCODER_OUTPUT = "tiles", "features"  # uint8 (n, 3, p, p) -> float32 (n, dim)

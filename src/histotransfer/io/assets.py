@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from histotransfer.atomic import atomic_path
-from histotransfer.errors import AssetError
-from histotransfer.provenance import record_sha256, recorded_sha256, sha256_file
+from histotransfer.core.errors import AssetError
+from histotransfer.io.atomic import atomic_path
+from histotransfer.io.provenance import record_sha256, recorded_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
