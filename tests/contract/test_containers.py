@@ -202,3 +202,43 @@ def test_build_without_an_engine_says_how_to_start_one(tmp_path):
     )
     assert proc.returncode == 1
     assert "build: no Docker engine answers (docker info fails): containers/engine.sh up" in proc.stderr
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The package modules a source file imports at module level (what importing it needs)."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("histotransfer"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("histotransfer")}
+    return found
+
+
+def test_the_assets_stage_copies_every_module_fetching_the_assets_imports_where_it_belongs():
+    """Regression: moving modules into subpackages left the assets stage copying them flat into
+    /src/histotransfer/, and the image build failed on an import. The module-level import closure of
+    histotransfer.io.assets (and each package's __init__) must be copied to its own folder."""
+    copied = set()
+    for item in stages()["assets"]:
+        if item["instruction"] == "COPY":
+            *sources, dest = item["value"].split()
+            copied |= {f"{dest.rstrip('/')}/{Path(s).name}" for s in sources}
+    needed, todo = set(), ["histotransfer.io.assets"]
+    while todo:
+        module = todo.pop()
+        path = REPO / "src" / (module.replace(".", "/") + ".py")
+        if not path.is_file():  # a package: its __init__
+            path = path.with_suffix("") / "__init__.py"
+        rel = path.relative_to(REPO / "src").as_posix()
+        if rel in needed:
+            continue
+        needed.add(rel)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages above it
+        todo += sorted(_module_imports(path))
+    assert needed <= {c.removeprefix("/src/") for c in copied}, sorted(
+        needed - {c.removeprefix("/src/") for c in copied}
+    )
