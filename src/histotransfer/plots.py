@@ -71,6 +71,25 @@ def roc_curves(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float
     return _save(fig, path)
 
 
+def forest_plot(path: Path, rows: list[dict], best: str, ci: float) -> Path:
+    """The AUC difference of ``best`` over each other encoder with its paired bootstrap interval, one
+    line per row of ``histotransfer.mil.compare.compare_to_best`` (rows without an interval: the point)."""
+    fig = Figure(figsize=(5.6, 1.1 + 0.32 * len(rows)), dpi=110)
+    ax = fig.subplots()
+    for i, row in enumerate(rows):
+        if row["diff"] is None:
+            continue
+        if row["ci_low"] is not None:
+            ax.plot([row["ci_low"], row["ci_high"]], [i, i], c="#3b6ea5", lw=1.8)
+        ax.plot([row["diff"]], [i], "o", c="#3b6ea5", ms=4)
+    ax.axvline(0, ls="--", c="grey", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r["other"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"AUC of {best} minus the encoder's ({ci:.0%} paired bootstrap CI)")
+    ax.xaxis.label.set_fontsize(8)
+    return _save(fig, path)
+
+
 def cka_matrix(
     path: Path, matrix: np.ndarray, layers_a: list[str], layers_b: list[str], name_a: str, name_b: str
 ):

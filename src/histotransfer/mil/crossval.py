@@ -46,7 +46,7 @@ from histotransfer.mil.evaluation import (
     seed_summary,
     with_confidence,
 )
-from histotransfer.mil.results import MILResult, class_rocs, roc_points
+from histotransfer.mil.results import MILResult, class_rocs, roc_points, several_slides_per_patient
 from histotransfer.mil.splits import Fold, make_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
@@ -261,6 +261,9 @@ def train_mil(
     written = [f"{fold_name(f['fold'])}/{name}" for f in per_fold for name in (MODEL_FILE, HISTORY_FILE)]
     files = lineage.files_record(out.dir, [*written, out.predictions.name])
     metrics["lineage"] = lineage.mil_record(named, records, files)
+    metrics["evaluation"] = {"bootstrap": evaluation.bootstrap, "ci": evaluation.ci}  # the report's too
+    if patients := several_slides_per_patient(records):
+        metrics["patients"] = patients  # the report's paired comparisons resample patients, not slides
     write_text_atomic(out.metrics, sealed_json(mark(metrics)))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
 

@@ -43,6 +43,13 @@ class MILResult:
         predicted = np.array([classes.index(row["prediction"]) for row in rows], dtype=int)
         return y, probs, predicted
 
+    def oof_by_slide(self) -> dict[str, tuple[int, np.ndarray]]:
+        """Out-of-fold predictions by slide id: (class index, probabilities)."""
+        classes = self.metrics["classes"]
+        with MILLayout(self.out_dir).predictions.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {row["slide_id"]: (classes.index(row["label"]), _probs(row, classes)) for row in rows}
+
     @classmethod
     def load_all(cls, mil_dir: Path) -> list[MILResult]:
         """Every finished MIL result under ``mil_dir`` (``{mil_dir}/{encoder_id}/metrics.json``)."""
@@ -111,3 +118,13 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
         "confusion_matrix": matrix,
         "roc": roc,
     }
+
+
+def _probs(row: dict[str, str], classes: Sequence[str]) -> np.ndarray:
+    return np.array([float(row[f"prob_{c}"]) for c in classes])
+
+
+def several_slides_per_patient(records: Sequence[Any]) -> dict[str, str] | None:
+    """slide id -> patient id when some patient has more than one slide (else None: slides are the units)."""
+    patients = {r.slide_id: r.patient_id for r in records}
+    return patients if len(set(patients.values())) < len(patients) else None

@@ -19,8 +19,9 @@ from histotransfer.io.atomic import write_text_atomic
 from histotransfer.io.layout import BUNDLE_SPEC, MILLayout
 from histotransfer.io.marks import HTML_MARK, MARKDOWN_MARK, mark
 from histotransfer.io.provenance import read_json
+from histotransfer.mil.compare import Predictions, compare_to_best
 from histotransfer.mil.results import MILResult, class_rocs, roc_points
-from histotransfer.plots import roc_curves, truncation_curves
+from histotransfer.plots import forest_plot, roc_curves, truncation_curves
 from histotransfer.report.verify import Verification
 
 LINEAGE_MD = "lineage.md"  # the lineage section alone (the KFP report step's Markdown artifact)
@@ -204,6 +205,66 @@ def _pairs_markdown(pairs) -> str:
     return "\n".join(lines + ["| " + " | ".join(_pair_cells(*p)) + " |" for p in pairs])
 
 
+COMPARE_COLUMNS = ("encoder", "AUC", "AUC of the best minus it [CI]", "test", "p", "p (Holm)")
+
+
+def comparisons(results: Sequence[MILResult]) -> list[dict]:
+    """Every encoder against the best (``results`` best first) on the slides both classified: the rows
+    of ``histotransfer.mil.compare.compare_to_best``, with the study's bootstrap settings; patients are
+    the resampled units where the cohort has several slides per patient. [] with fewer than two."""
+    if len(results) < 2:
+        return []
+    settings = results[0].metrics.get("evaluation", {"bootstrap": 1000, "ci": 0.95})
+    patients: dict[str, str] = {}
+    for r in results:
+        patients |= r.metrics.get("patients") or {}
+    runs = [Predictions(r.encoder_id, r.oof_by_slide()) for r in results]
+    return compare_to_best(
+        runs,
+        best=results[0].encoder_id,
+        patients=patients or None,
+        n_boot=settings["bootstrap"],
+        ci=settings["ci"],
+        seed=0,
+    )
+
+
+def _compare_cells(row: dict) -> list[str]:
+    def num(x: float | None, fmt: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    interval = "" if row["ci_low"] is None else f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+    diff = "n/a" if row["diff"] is None else f"{row['diff']:+.3f}{interval}"
+    test = "DeLong" if row["test"] == "delong" else "paired bootstrap"
+    return [row["other"], num(row["auc_other"]), diff, test, num(row["p"], ".3g"), num(row["p_holm"], ".3g")]
+
+
+def _compare_section(rows: list[dict], figure: Path) -> tuple[list[str], list[str]]:
+    best, n_units = rows[0]["best"], max(r["n_units"] for r in rows)
+    units = "patients" if any(r["n_units"] < r["n_slides"] for r in rows) else "slides"
+    note = (
+        f"Each encoder against the best ({best}) on the out-of-fold predictions of the slides both "
+        f"classified: the AUC difference with a paired bootstrap interval that resamples {units} "
+        f"({n_units}), DeLong's test for two correlated AUCs (binary studies; it treats slides as "
+        "independent) or the bootstrap's two-sided p (more classes), and p adjusted for the number of "
+        "comparisons (Holm). An interval that holds 0 means the data cannot tell the two apart."
+    )
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COMPARE_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _compare_cells(r)) + "</tr>" for r in rows
+    )
+    parts = [
+        "<h2>Paired comparisons</h2>",
+        f"<p>{html.escape(note)}</p>",
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        f'<img src="figures/{figure.name}" alt="paired AUC differences">',
+    ]
+    md = ["", "## Paired comparisons", "", note, ""]
+    md += ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
+    md += ["| " + " | ".join(_compare_cells(r)) + " |" for r in rows]
+    return parts, md
+
+
 def _link(report_dir: Path, target: Path) -> str:
     """A relative, URL-quoted link from the report to an artifact (of the study, or elsewhere: a bundle
     given with --bundle)."""
@@ -340,6 +401,13 @@ def write_report(
         "much of a difference between encoders is noise.</p>",
         table(),
     ]
+    if compared := comparisons(results):
+        ci = results[0].metrics.get("evaluation", {"ci": 0.95})["ci"]
+        forest = forest_plot(figures / "forest.png", compared, results[0].encoder_id, ci)
+        compare_parts, compare_md = _compare_section(compared, forest)
+        parts += compare_parts
+        md += compare_md
+        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
     pairs = _finetune_pairs(results)
     if pairs:
         parts += ["<h2>Frozen vs fine-tuned</h2>", _pairs_table(pairs)]
@@ -407,13 +475,24 @@ def inline_images(html_path: Path) -> str:
     return re.sub(r'src="([^"]+\.png)"', embed, Path(html_path).read_text(encoding="utf-8"))
 
 
+# what the tracking metrics keep of each comparison with the best encoder (DVC and KFP metrics)
+COMPARED = {
+    "auc_diff_vs_best": "diff",
+    "auc_diff_vs_best_ci_low": "ci_low",
+    "auc_diff_vs_best_ci_high": "ci_high",
+    "p_vs_best": "p",
+    "p_holm_vs_best": "p_holm",
+}
+
+
 def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots: Path | None) -> None:
     """Files experiment trackers read (DVC's `metrics show` / `plots show`): a flat metrics JSON (per
     encoder: pooled metrics, the AUC interval, localisation), per-encoder out-of-fold ROC points as CSV,
     and the truncation curve's points as CSV."""
     if metrics is not None:
         table = {}
-        for r in sorted(results, key=MILResult.rank_key):
+        ranked = sorted(results, key=MILResult.rank_key)
+        for r in ranked:
             pooled = r.metrics["pooled"]
             row = {name: pooled[name]["value"] for name in METRIC_NAMES if pooled[name]["value"] is not None}
             if pooled["auc"]["ci_low"] is not None:
@@ -424,6 +503,8 @@ def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots:
             if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
                 row |= {"auc_seed_mean": seeds["mean"]["auc"], "auc_seed_sd": seeds["sd"]["auc"]}
             table[r.encoder_id] = row
+        for c in comparisons(ranked):
+            table[c["other"]] |= {key: c[name] for key, name in COMPARED.items() if c[name] is not None}
         write_text_atomic(metrics, json.dumps(mark(table), indent=1))
     if plots is None:
         return

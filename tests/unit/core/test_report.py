@@ -102,8 +102,14 @@ def test_report_has_table_truncation_curve_and_roc(tmp_path):
     assert (page.parent / "figures" / "truncation.png").stat().st_size > 1000
     assert (page.parent / "figures" / "roc.png").is_file()
     summary = (page.parent / "summary.md").read_text()
-    assert summary.count("| resnet18") == 3
-    assert "attention localisation AUROC" in summary
+    table, compared = summary.split("## Paired comparisons")
+    assert table.count("| resnet18") == 3
+    assert "attention localisation AUROC" in table
+    # the best against the two others: a row each, DeLong (binary), the forest plot beside the table
+    assert compared.count("| resnet18") == 2
+    assert compared.count("| DeLong |") == 2
+    assert (page.parent / "figures" / "forest.png").stat().st_size > 1000
+    assert "figures/forest.png" in text
 
 
 def three_class_cohort(folder, n_bags=24, seed=0):
