@@ -150,6 +150,14 @@ def made_study(tmp_path_factory, sample_cohort) -> MadeStudy:
 STUDY_FIXTURES = {"small_study", "made_study"}
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may use (affinity mask, container limit), not per
+    core of the host (pytest-xdist counts physical cores, psutil being installed)."""
+    from histotransfer.core.cpus import available_cpus
+
+    return available_cpus()
+
+
 def pytest_collection_modifyitems(config, items):
     unmarked = [
         item.nodeid

@@ -683,7 +683,7 @@ def parse_assignments(pairs: list[str], *, option: str = "--set") -> dict[str, A
 
 
 # The embedded demo's config: what `histotransfer run` runs without --config (params.yaml is its copy)
-DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+DEMO_CONFIG = Path(__file__).parent.parent / "demo.yaml"  # beside the package root: a data file, not code
 
 # Settings that change how fast (or in how much memory) a stage runs, never what it makes: resume hashes
 # leave them out (a changed batch size reuses every result) and so do DVC's params (pipelines/dvc_stages.py).

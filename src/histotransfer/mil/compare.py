@@ -8,9 +8,9 @@ classified:
 - the AUC difference with a paired bootstrap CI: the same resampled units for both encoders, and the
   units are patients where the manifest gives them (slides of one patient are not independent);
 - DeLong's test for two correlated AUCs (DeLong, DeLong & Clarke-Pearson 1988), in the midrank form of
-  Sun & Xu (2014); binary studies only. It treats slides as independent: with several slides per
-  patient, trust the patient bootstrap. A multi-class study (macro one-vs-rest AUC) gets the bootstrap's
-  two-sided p-value instead, and says so (``test``);
+  Sun & Xu (2014), for binary studies whose units are slides. DeLong counts cases as independent, so a
+  cohort with several slides per patient, and a multi-class study (macro one-vs-rest AUC), get the
+  paired bootstrap's two-sided p-value instead, and say so (``test``);
 - p-values adjusted for the number of comparisons (Holm 1979).
 
 Torch-free: the report reads finished MIL results.
@@ -54,8 +54,8 @@ def delong(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> DeLong:
     cov = np.cov(v10) / m + np.cov(v01) / n
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     diff = float(auc[0] - auc[1])
-    if var <= 1e-15:  # the same ranking twice (or both perfect): no difference to find
-        return DeLong(float(auc[0]), float(auc[1]), 0.0, 0.0, 1.0 if abs(diff) < 1e-12 else 0.0)
+    if var <= 1e-15:  # the same ranking twice (or both perfect): no difference, or none it can measure
+        return DeLong(float(auc[0]), float(auc[1]), 0.0, 0.0, 1.0 if abs(diff) < 1e-12 else float("nan"))
     se = var**0.5
     return DeLong(float(auc[0]), float(auc[1]), se, diff / se, float(2 * norm.sf(abs(diff) / se)))
 
@@ -72,8 +72,10 @@ def paired_bootstrap(
 ) -> tuple[float | None, float | None, float | None]:
     """(low, high, two-sided p) of AUC(a) - AUC(b) by resampling ``units`` (patient ids, one per case;
     None: the cases) with replacement, the same draw for both. ``probs_*`` are (n, classes); the AUC is
-    ``evaluation.fast_metrics``'s (binary: the second class; more: macro one-vs-rest). None when fewer
-    than half the resamples hold every class."""
+    ``evaluation.fast_metrics``'s (binary: the second class; more: macro one-vs-rest over the classes
+    present). None when fewer than half the resamples hold two classes, or with fewer than 2 cases."""
+    if len(y) < 2:
+        return None, None, None
     groups = np.arange(len(y)) if units is None else np.unique(np.asarray(units), return_inverse=True)[1]
     members = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
     rng = np.random.default_rng(seed)
@@ -120,8 +122,10 @@ def compare_to_best(
     seed: int,
 ) -> list[dict]:
     """One row per other encoder: ``best`` minus it on the slides both classified, with the paired
-    bootstrap CI (over patients where ``patients`` maps slide ids to them), DeLong's p (binary) or the
-    bootstrap's, and Holm-adjusted p over all rows."""
+    bootstrap CI (over patients where ``patients`` maps slide ids to them), a p-value and Holm-adjusted
+    p over all rows. The p is DeLong's for binary studies whose units are slides; with several slides
+    per patient (DeLong would count them as independent), more classes, or a DeLong variance of 0 with
+    different AUCs, it is the paired bootstrap's (``test`` says which)."""
     reference = next(r for r in runs if r.name == best)
     rows = []
     for other in runs:
@@ -133,9 +137,12 @@ def compare_to_best(
         pb = np.array([other.by_slide[s][1] for s in shared], dtype=float)
         units = [patients.get(s, s) for s in shared] if patients else None
         low, high, p_boot = paired_bootstrap(y, pa, pb, units=units, n_boot=n_boot, ci=ci, seed=seed)
-        auc_a, auc_b = fast_metrics(y, pa)["auc"], fast_metrics(y, pb)["auc"]
-        binary = pa.shape[1] == 2 and min(int(y.sum()), int((1 - y).sum())) >= 2
-        test = delong(y, pa[:, 1], pb[:, 1]) if binary else None
+        auc_a, auc_b = (fast_metrics(y, p)["auc"] if len(shared) else float("nan") for p in (pa, pb))
+        clustered = units is not None and len(set(units)) < len(units)
+        binary = len(shared) > 0 and pa.shape[1] == 2 and min(int(y.sum()), int((1 - y).sum())) >= 2
+        test = delong(y, pa[:, 1], pb[:, 1]) if binary and not clustered else None
+        if test is not None and np.isnan(test.p):
+            test = None
         rows.append(
             {
                 "best": best,

@@ -262,8 +262,8 @@ def train_mil(
     files = lineage.files_record(out.dir, [*written, out.predictions.name])
     metrics["lineage"] = lineage.mil_record(named, records, files)
     metrics["evaluation"] = {"bootstrap": evaluation.bootstrap, "ci": evaluation.ci}  # the report's too
-    if patients := several_slides_per_patient(records):
-        metrics["patients"] = patients  # the report's paired comparisons resample patients, not slides
+    # the report's paired comparisons resample patients, not slides, when a patient has several slides
+    metrics["patients"] = several_slides_per_patient(records)
     write_text_atomic(out.metrics, sealed_json(mark(metrics)))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from histotransfer.mil.compare import Predictions, compare_to_best
 from histotransfer.mil.results import MILResult, class_rocs, roc_points
 from histotransfer.plots import forest_plot, roc_curves, truncation_curves
 from histotransfer.report.verify import Verification
+
+log = logging.getLogger(__name__)
 
 LINEAGE_MD = "lineage.md"  # the lineage section alone (the KFP report step's Markdown artifact)
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
@@ -214,6 +217,14 @@ def comparisons(results: Sequence[MILResult]) -> list[dict]:
     the resampled units where the cohort has several slides per patient. [] with fewer than two."""
     if len(results) < 2:
         return []
+    older = [r.encoder_id for r in results if "evaluation" not in r.metrics or "patients" not in r.metrics]
+    if older:  # written before the comparisons existed: they hold no patients nor bootstrap settings
+        log.warning(
+            "MIL results of %s predate paired comparisons: they are compared over slides with 1000 "
+            "resamples at 95%%; train them again (histotransfer train --overwrite) for the study's settings "
+            "and patient-level resampling",
+            ", ".join(older),
+        )
     settings = results[0].metrics.get("evaluation", {"bootstrap": 1000, "ci": 0.95})
     patients: dict[str, str] = {}
     for r in results:
@@ -475,7 +486,7 @@ def inline_images(html_path: Path) -> str:
     return re.sub(r'src="([^"]+\.png)"', embed, Path(html_path).read_text(encoding="utf-8"))
 
 
-# what the tracking metrics keep of each comparison with the best encoder (DVC and KFP metrics)
+# what DVC's metrics.json keeps of each comparison with the best encoder
 COMPARED = {
     "auc_diff_vs_best": "diff",
     "auc_diff_vs_best_ci_low": "ci_low",

@@ -103,11 +103,19 @@ def test_compare_to_best_pairs_the_slides_both_classified_and_counts_patients():
     rows = compare_to_best([other, best, weak], best="best", patients=patients, n_boot=200, ci=0.95, seed=0)
     assert [r["other"] for r in rows] == ["other", "weak"]
     first = rows[0]
-    assert (first["n_slides"], first["n_units"], first["test"]) == (39, 20, "delong")
     keep = np.arange(40) != 7
     assert first["diff"] == pytest.approx(roc_auc_score(y[keep], a[keep]) - roc_auc_score(y[keep], b[keep]))
+    # patients with two slides each: the interval resamples them, and the p is the bootstrap's, not DeLong's
+    assert (first["n_slides"], first["n_units"], first["test"]) == (39, 20, "bootstrap")
+    units = [f"p{i // 2}" for i in range(40) if i != 7]
+    expected = paired_bootstrap(
+        y[keep], _probs(a)[keep], _probs(b)[keep], units=units, n_boot=200, ci=0.95, seed=0
+    )
+    assert (first["ci_low"], first["ci_high"], first["p"]) == pytest.approx(expected)
     assert first["ci_low"] < first["diff"] < first["ci_high"]
-    assert first["p"] == pytest.approx(delong(y[keep], a[keep], b[keep]).p)
+    (by_slide,) = compare_to_best([other, best], best="best", patients=None, n_boot=200, ci=0.95, seed=0)
+    assert (by_slide["n_units"], by_slide["test"]) == (39, "delong")
+    assert by_slide["p"] == pytest.approx(delong(y[keep], a[keep], b[keep]).p)
     assert rows[1]["diff"] > 0.5
     assert rows[1]["p_holm"] < 0.001
     assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
@@ -127,3 +135,19 @@ def test_a_multi_class_comparison_uses_the_bootstrap_p():
     assert row["test"] == "bootstrap"
     assert row["p"] < 0.05
     assert row["ci_low"] > 0
+
+
+def test_the_same_predictions_differ_by_nothing_and_disjoint_slides_give_an_empty_row():
+    rng = np.random.default_rng(4)
+    y, a, _ = _correlated_scores(rng, 30, 1.0, 1.0)
+    same = {f"s{i}": (int(y[i]), _probs(a)[i]) for i in range(30)}
+    (row,) = compare_to_best(
+        [Predictions("a", same), Predictions("b", same)], best="a", patients=None, n_boot=100, ci=0.95, seed=0
+    )
+    assert (row["diff"], row["ci_low"], row["ci_high"], row["p"], row["p_holm"]) == (0.0, 0.0, 0.0, 1.0, 1.0)
+    elsewhere = Predictions("c", {f"t{i}": v for i, v in enumerate(same.values())})
+    (row,) = compare_to_best(
+        [Predictions("a", same), elsewhere], best="a", patients=None, n_boot=100, ci=0.95, seed=0
+    )
+    assert row["n_slides"] == 0
+    assert [row[k] for k in ("diff", "ci_low", "ci_high", "p", "p_holm")] == [None] * 5
