@@ -105,9 +105,12 @@ def test_report_has_table_truncation_curve_and_roc(tmp_path):
     table, compared = summary.split("## Paired comparisons")
     assert table.count("| resnet18") == 3
     assert "attention localisation AUROC" in table
-    # the best against the two others: a row each, DeLong (binary), the forest plot beside the table
+    # the best against the two others: a row each, the forest plot beside the table; two slides per
+    # patient here, so the units resampled are patients and the p is the bootstrap's, not DeLong's
+    assert results[0].metrics["patients"]["bag-001"] == "p0"
     assert compared.count("| resnet18") == 2
-    assert compared.count("| DeLong |") == 2
+    assert compared.count("| paired bootstrap |") == 2
+    assert "resamples patients (8)" in compared
     assert (page.parent / "figures" / "forest.png").stat().st_size > 1000
     assert "figures/forest.png" in text
 
