@@ -35,20 +35,20 @@ class MILResult:
     def oof_predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Out-of-fold (labels, probabilities (n, classes), predicted classes) from predictions.csv,
         class indices in ``metrics["classes"]`` order."""
-        classes = self.metrics["classes"]
-        with MILLayout(self.out_dir).predictions.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        classes, rows = self.metrics["classes"], self._prediction_rows()
         y = np.array([classes.index(row["label"]) for row in rows], dtype=int)
-        probs = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]).reshape(len(rows), -1)
+        probs = np.array([_probs(row, classes) for row in rows]).reshape(len(rows), -1)
         predicted = np.array([classes.index(row["prediction"]) for row in rows], dtype=int)
         return y, probs, predicted
 
     def oof_by_slide(self) -> dict[str, tuple[int, np.ndarray]]:
         """Out-of-fold predictions by slide id: (class index, probabilities)."""
-        classes = self.metrics["classes"]
-        with MILLayout(self.out_dir).predictions.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        classes, rows = self.metrics["classes"], self._prediction_rows()
         return {row["slide_id"]: (classes.index(row["label"]), _probs(row, classes)) for row in rows}
+
+    def _prediction_rows(self) -> list[dict[str, str]]:
+        with MILLayout(self.out_dir).predictions.open(newline="") as f:
+            return list(csv.DictReader(f))
 
     @classmethod
     def load_all(cls, mil_dir: Path) -> list[MILResult]:
