@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # one pytest worker per core (each pinned to one thread: tests/conftest.py); a test file runs on one
 # worker, so its module fixtures (a DVC project, the docker images) are built once
-PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test: setup lint  ## lint and the whole test suite, as CI runs it
 	$(PYTEST)

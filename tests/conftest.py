@@ -21,6 +21,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HISTOTRANSFER_CPUS"):
         os.environ.setdefault(name, "1")
 
+import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -65,21 +67,56 @@ class SmallStudy:
     run: subprocess.CompletedProcess  # `histotransfer run` as a user runs it
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once per test session, shared by the pytest-xdist workers:
+    the first worker to ask builds it under a file lock while the others wait, then all read it. A build
+    that fails leaves no folder behind, and the next asker builds it again (and fails alike)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # every worker's basetemp is a folder of this one
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> SmallStudy:
     """`histotransfer run` (a subprocess) on six real-tissue slides with one encoder: tiles, features,
-    3-fold MIL, the ONNX bundle and the report. Tests read it and may re-run it (which reuses all)."""
-    folder = tmp_path_factory.mktemp("small-study")
-    config = folder / "study.yaml"
-    config.write_text(SMALL_STUDY.format(out=folder / "study"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return SmallStudy(config, folder / "study", proc)
+    3-fold MIL, the ONNX bundle and the report, built once per session and shared by the workers (the
+    CLI, export and predict checks read it, the KFP and DVC checks run on its cohort and compare their
+    features with its own). Tests read it and may re-run it (which reuses all)."""
+
+    def build(folder: Path) -> None:
+        config = folder / "study.yaml"
+        config.write_text(SMALL_STUDY.format(out=folder / "study"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "histotransfer.cli", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (folder / "run.json").write_text(
+            json.dumps({"args": proc.args, "stdout": proc.stdout, "stderr": proc.stderr})
+        )
+
+    folder = built_once(tmp_path_factory, "small-study", build)
+    run = json.loads((folder / "run.json").read_text())
+    proc = subprocess.CompletedProcess(run["args"], 0, run["stdout"], run["stderr"])
+    return SmallStudy(folder / "study.yaml", folder / "study", proc)
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +195,19 @@ def pytest_xdist_auto_num_workers(config):
     return available_cpus()
 
 
+# How long a test file keeps its worker, roughly, by the heaviest marker among its tests.
+WEIGHTS = {"docker": 3, "integration": 2, "slow": 1}
+
+
+def _weight(item) -> int:
+    return max((w for name, w in WEIGHTS.items() if item.get_closest_marker(name)), default=0)
+
+
 def pytest_collection_modifyitems(config, items):
+    """Refuses a whole study outside the integration tier, and puts the heaviest files first: under
+    ``--dist loadfile --no-loadscope-reorder`` the workers take files in this order, so the longest
+    (the docker file: image builds, then containers) starts at once instead of last, when it alone
+    would set the suite's wall time (longest first, a classic bound on the makespan)."""
     unmarked = [
         item.nodeid
         for item in items
@@ -167,3 +216,10 @@ def pytest_collection_modifyitems(config, items):
     ]
     if unmarked:
         raise pytest.UsageError(f"tests that build a whole study must be marked integration: {unmarked}")
+    weight: dict[Path, int] = {}
+    count: dict[Path, int] = {}
+    for item in items:
+        weight[item.path] = max(weight.get(item.path, 0), _weight(item))
+        count[item.path] = count.get(item.path, 0) + 1
+    # then the files with more tests, as xdist's own reordering would; stable, so a file keeps its order
+    items.sort(key=lambda item: (-weight[item.path], -count[item.path]))

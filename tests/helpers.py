@@ -72,16 +72,30 @@ evaluation: {{bootstrap: 100, heatmaps: 2}}
 """
 SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
 
-# The study pipeline's tiny config (kfp.local, in .venv and under the Docker runner)
-TINY = """
-sample_data: {n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}
+# The study pipeline's tiny config (kfp.local, in .venv and under the Docker runner): the small study's
+# cohort and encoder, fine-tuned
+TINY = f"""
+sample_data: {{n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}}
 extraction:
-  encoders: [{id: efficientnet_lite0@blocks.1}]
-mil: {epochs: 2, folds: 3}
-finetune: {encoders: [efficientnet_lite0@blocks.1], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}
-cka: {tiles: 32, batch_size: 16}
-evaluation: {bootstrap: 100, heatmaps: 2}
+  encoders: [{{id: {SMALL_STUDY_ENCODER}}}]
+mil: {{epochs: 2, folds: 3}}
+finetune: {{encoders: [{SMALL_STUDY_ENCODER}], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}}
+cka: {{tiles: 32, batch_size: 16}}
+evaluation: {{bootstrap: 100, heatmaps: 2}}
 """
+
+
+def assert_same_features(ours: Path, theirs: Path, slides: int) -> None:
+    """Two features folders of one encoder hold the same tiles' features (within float noise: thread
+    counts change summation order) for the same ``slides`` slides."""
+    names = sorted(p.name for p in ours.glob("*.h5"))
+    assert names == sorted(p.name for p in theirs.glob("*.h5"))
+    assert len(names) == slides
+    for name in names:
+        with h5py.File(ours / name) as a, h5py.File(theirs / name) as b:
+            np.testing.assert_array_equal(a["coords"][:], b["coords"][:])
+            fa, fb = a["features"][:], b["features"][:]
+            np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4 * float(np.abs(fb).max()), err_msg=name)
 
 
 LINEAGE_ENCODER = "resnet18@layer1+a"

@@ -1,5 +1,6 @@
 """The study as a DVC pipeline, in a fresh git repository holding this repository's dvc.yaml: dvc repro
-runs it (a small config), a second repro does nothing, metrics/params/plots/experiments work, and the
+runs it (a small config, on the small study's cohort, whose features it makes again), a second repro does
+nothing, metrics/params/plots/experiments work, and the
 guide's GCS recipes (docs/dvc-and-gcs.md) round-trip slides and the study's data byte for byte through a
 GCS emulator."""
 
@@ -14,19 +15,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BUCKET, EASY_COHORT, REPO, free_port
+from tests.helpers import BUCKET, EASY_COHORT, REPO, SMALL_STUDY_ENCODER, assert_same_features, free_port
 
 BIN = Path(sys.executable).parent
 DVC_OUTPUTS = ("cohort", "tiles", "features", "mil", "finetune", "cka", "onnx", "report")
 
 
-def small_params() -> dict:
-    """The committed params.yaml, shrunk: two truncated encoders, one fine-tuned, tiny folds."""
+def small_params(manifest: Path | None = None) -> dict:
+    """The committed params.yaml, shrunk: two truncated encoders, one fine-tuned, tiny folds; on
+    ``manifest`` (a user's cohort) when given, else on a small sample cohort."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sample_data"].update(n_slides=6, **EASY_COHORT)
+    if manifest is not None:
+        params["manifest"] = str(manifest)
     params["extraction"]["encoders"] = [
         {"id": "efficientnet_lite0@blocks.1"},
-        {"id": "efficientnet_lite0@blocks.3"},
+        {"id": SMALL_STUDY_ENCODER},
     ]
     params["mil"].update(epochs=2, folds=3)
     params["finetune"].update(encoders=[{"id": "efficientnet_lite0@blocks.1"}], k=4, epochs=1, patience=1)
@@ -51,8 +55,9 @@ def digests(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A fresh clone-like repository: dvc.yaml, .dvc/, src/ (stage deps) and a small params.yaml."""
+def project(tmp_path_factory, small_study):
+    """A fresh clone-like repository: dvc.yaml, .dvc/, src/ (stage deps) and a small params.yaml whose
+    manifest is the small study's cohort (a user's own manifest)."""
     root = tmp_path_factory.mktemp("dvc-project")
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
@@ -60,7 +65,8 @@ def project(tmp_path_factory):
         REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local")
     )
     shutil.copytree(REPO / "src" / "histotransfer", root / "src" / "histotransfer")
-    (root / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
+    manifest = small_study.root / "cohort" / "manifest.csv"
+    (root / "params.yaml").write_text(yaml.safe_dump(small_params(manifest), sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     sh(["git", "init", "-q"], root)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
@@ -70,15 +76,19 @@ def project(tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_repro_runs_the_study_and_a_second_repro_does_nothing(project):
+def test_repro_runs_the_study_and_a_second_repro_does_nothing(project, small_study):
     root, env, first = project
     assert "Running stage 'extract@1'" in first.stdout
     assert "Running stage 'finetune@0'" in first.stdout
     study = root / "study"
+    assert not (study / "cohort" / "slides").exists()  # the user's cohort: no sample cohort was built
     assert len(list((study / "tiles").glob("*.h5"))) == 6
+    # the same encoder on the same cohort: DVC's features are the CLI's
+    features = study / "features" / SMALL_STUDY_ENCODER
+    assert_same_features(features, small_study.root / "features" / SMALL_STUDY_ENCODER, slides=6)
     for encoder in (
         "efficientnet_lite0@blocks.1",
-        "efficientnet_lite0@blocks.3",
+        SMALL_STUDY_ENCODER,
         "efficientnet_lite0@blocks.1+ft",
     ):
         assert (study / "mil" / encoder / "metrics.json").is_file()
@@ -97,7 +107,7 @@ def test_metrics_plots_params_and_experiments(project):
     assert '"efficientnet_lite0@blocks.1+ft"' in metrics
     assert '"auc"' in metrics
     plots = sh(["dvc", "plots", "show", "--json"], root, env).stdout
-    assert "study/plots/roc/efficientnet_lite0@blocks.3.csv" in plots
+    assert f"study/plots/roc/{SMALL_STUDY_ENCODER}.csv" in plots
     assert "study/plots/truncation.csv" in plots
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "study"], root)
@@ -127,12 +137,12 @@ def test_a_speed_setting_leaves_the_pipeline_up_to_date(project):
 
 
 @pytest.mark.integration
-def test_the_cohort_stage_takes_a_users_manifest(project, tmp_path):
+def test_the_cohort_stage_takes_a_users_manifest(project, small_study, tmp_path):
     """params.yaml's manifest (slide paths relative to it, here) becomes the cohort: a copy of its rows
     with absolute paths, no sample cohort built; tiling runs on its slides."""
     root, env, _ = project
     own = tmp_path / "own"
-    shutil.copytree(root / "study" / "cohort" / "slides", own / "slides")
+    shutil.copytree(small_study.root / "cohort" / "slides", own / "slides")
     rows = (root / "study" / "cohort" / "manifest.csv").read_text().splitlines()
     header, body = rows[0].split(","), [r.split(",") for r in rows[1:4]]
     path_col = header.index("path")

@@ -1,5 +1,5 @@
-"""Kubeflow Pipelines under kfp.local: the study pipeline runs end to end (in .venv) and the inference
-pipeline classifies slides with the small study's bundle."""
+"""Kubeflow Pipelines under kfp.local: the study pipeline runs end to end (in .venv) on the small study's
+cohort and makes its features, and the inference pipeline classifies slides with its bundle."""
 
 import json
 import subprocess
@@ -8,17 +8,19 @@ import sys
 import pytest
 
 from pipelines.launch import main as pipeline_main
-from tests.helpers import REPO, TINY
+from tests.helpers import REPO, SMALL_STUDY_ENCODER, TINY, assert_same_features
 
 
 @pytest.mark.integration
-def test_run_local_runs_the_whole_study_pipeline(tmp_path):
+def test_run_local_runs_the_whole_study_pipeline(small_study, tmp_path):
+    """On the small study's cohort (a user's manifest), the pipeline's features are the CLI's."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     root = tmp_path / "kfp"
+    manifest = small_study.root / "cohort" / "manifest.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "histotransfer.cli", "pipeline", "run-local", "--config", str(config),
-         "--pipeline-root", str(root), "--param", "shards=2"],
+         "--pipeline-root", str(root), "--param", "shards=2", "--param", f"manifest={manifest}"],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -29,13 +31,13 @@ def test_run_local_runs_the_whole_study_pipeline(tmp_path):
     summary = (tiles / "summary.csv").read_text().splitlines()
     assert len(summary) == 7
     assert len(list(run.glob("for-loop-1-iteration-*"))) == 2
-    features = run / "merge-shards-2" / "merged" / "features" / "efficientnet_lite0@blocks.1"
-    assert len(list(features.glob("*.h5"))) == 6
+    features = run / "merge-shards-2" / "merged" / "features" / SMALL_STUDY_ENCODER
+    assert_same_features(features, small_study.root / "features" / SMALL_STUDY_ENCODER, slides=6)
     bundle = run / "export-step" / "bundle" / "onnx" / "best" / "bundle.json"
-    assert json.loads(bundle.read_text())["encoder"]["id"].startswith("efficientnet_lite0@blocks.1")
+    assert json.loads(bundle.read_text())["encoder"]["id"].startswith(SMALL_STUDY_ENCODER)
     assert list((run / "cka-step" / "comparison" / "cka").glob("*.json"))
     page = (run / "report-step" / "report").read_text()
-    assert "<td>efficientnet_lite0@blocks.1+ft</td>" in page
+    assert f"<td>{SMALL_STUDY_ENCODER}+ft</td>" in page
     assert 'src="data:image/png;base64,' in page  # one self-contained page for the KFP UI
     assert "Deployable model (ONNX)" in (run / "report-step" / "summary").read_text()
     metrics = json.loads(
