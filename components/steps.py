@@ -187,16 +187,25 @@ def report_step(
     summary: Output[Markdown],
     lineage: Output[Markdown],
     report_dir: Output[Dataset],
+    compared: Output[Metrics],
 ):
     """The study report: one self-contained HTML page for the KFP UI, its markdown, the lineage of every
-    artifact (histotransfer verify), and the folder."""
+    artifact (histotransfer verify), the folder, and each encoder's paired comparison with the best
+    (``ENCODER/auc_diff_vs_best``, its CI, p and Holm's p: the numbers of the report's table)."""
+    import json
     from pathlib import Path
 
-    from histotransfer.report.html import inline_images
+    from histotransfer.report.html import COMPARISONS_JSON, compared_metrics, inline_images
     from histotransfer.stages import adapter as a
 
     inputs = [tiles.path, mil_results.path, finetuned.path, comparison.path, bundle.path]
     index = a.call(a.report_folder, inputs, report_dir.path)
+    if (rows := index.parent / COMPARISONS_JSON).is_file():
+        for encoder, numbers in compared_metrics(
+            json.loads(rows.read_text(encoding="utf-8"))["rows"]
+        ).items():
+            for name, value in numbers.items():
+                compared.log_metric(f"{encoder}/{name}", value)
     Path(report.path).write_text(inline_images(index), encoding="utf-8")
     Path(summary.path).write_text((index.parent / "summary.md").read_text(encoding="utf-8"), encoding="utf-8")
     Path(lineage.path).write_text((index.parent / "lineage.md").read_text(encoding="utf-8"), encoding="utf-8")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from histotransfer.report.html import COMPARISONS_JSON, compared_metrics
 from pipelines.launch import main as pipeline_main
 from tests.helpers import REPO, SMALL_STUDY_ENCODER, TINY, assert_same_features
 
@@ -45,6 +46,14 @@ def test_run_local_runs_the_whole_study_pipeline(small_study, tmp_path):
     )
     assert "auc" in metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert "confusionMatrix" in metrics["artifacts"]["classification"]["artifacts"][0]["metadata"]
+    # the paired comparison with the best as KFP Metrics: the numbers of the report's table
+    report = json.loads((run / "report-step" / "executor_output.json").read_text())
+    logged = report["artifacts"]["compared"]["artifacts"][0]["metadata"]
+    rows = json.loads((run / "report-step" / "report_dir" / "report" / COMPARISONS_JSON).read_text())["rows"]
+    assert len(rows) == 1  # the encoder and its fine-tuned copy
+    expected = {f"{e}/{k}": v for e, numbers in compared_metrics(rows).items() for k, v in numbers.items()}
+    assert logged == pytest.approx(expected)
+    assert f"{rows[0]['other']}/auc_diff_vs_best" in logged
 
 
 @pytest.mark.integration

@@ -115,7 +115,9 @@ KINDS: dict[str, Kind] = {
     "cka": Kind("CKA comparisons", ("*__*.json", "*__*.png")),
     "bundle": Kind("an ONNX bundle", (BUNDLE_SPEC, "encoder.onnx", "aggregator.onnx"), whole=True),
     "report": Kind(
-        "a study report", ("index.html", "summary.md", "lineage.md"), (("figures", _files("*.png")),)
+        "a study report",
+        ("index.html", "summary.md", "lineage.md", "comparisons.json"),
+        (("figures", _files("*.png")),),
     ),
     "plots": Kind("DVC plots", ("*.csv", "*.json"), (("roc", _files("*.csv")),)),
     "predictions": Kind(

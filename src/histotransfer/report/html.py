@@ -28,6 +28,7 @@ from histotransfer.report.verify import Verification
 log = logging.getLogger(__name__)
 
 LINEAGE_MD = "lineage.md"  # the lineage section alone (the KFP report step's Markdown artifact)
+COMPARISONS_JSON = "comparisons.json"  # the paired comparisons' rows (the KFP report step's Metrics)
 METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1": "F1"}
 
 
@@ -373,9 +374,12 @@ def write_report(
     cka: Sequence[Path] = (),
     bundle: Path | None = None,
     verification: Verification | None = None,
+    compared: Sequence[dict] | None = None,
 ) -> Path:
-    """Write index.html and summary.md under ``report_dir``; returns the HTML path. ``verification``:
-    the study's lineage walked (histotransfer.report.verify), shown as its own section."""
+    """Write index.html and summary.md under ``report_dir`` (and comparisons.json with two encoders or
+    more); returns the HTML path. ``verification``: the study's lineage walked
+    (histotransfer.report.verify), shown as its own section. ``compared``: ``comparisons(results)``
+    when the caller has it already."""
     report_dir = Path(report_dir)
     results = sorted(results, key=MILResult.rank_key)
     rows = _rows(results)
@@ -412,7 +416,10 @@ def write_report(
         "much of a difference between encoders is noise.</p>",
         table(),
     ]
-    if compared := comparisons(results):
+    if compared is None:
+        compared = comparisons(results)
+    if compared:
+        write_text_atomic(report_dir / COMPARISONS_JSON, json.dumps(mark({"rows": list(compared)}), indent=1))
         ci = results[0].metrics.get("evaluation", {"ci": 0.95})["ci"]
         forest = forest_plot(figures / "forest.png", compared, results[0].encoder_id, ci)
         compare_parts, compare_md = _compare_section(compared, forest)
@@ -496,10 +503,25 @@ COMPARED = {
 }
 
 
-def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots: Path | None) -> None:
+def compared_metrics(compared: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per encoder (not the best), the numbers of its comparison with the best that trackers keep
+    (DVC's metrics.json, KFP's Metrics): ``COMPARED``'s keys."""
+    return {
+        c["other"]: {key: c[name] for key, name in COMPARED.items() if c[name] is not None} for c in compared
+    }
+
+
+def write_tracking(
+    results: Sequence[MILResult],
+    *,
+    metrics: Path | None,
+    plots: Path | None,
+    compared: Sequence[dict] | None = None,
+) -> None:
     """Files experiment trackers read (DVC's `metrics show` / `plots show`): a flat metrics JSON (per
-    encoder: pooled metrics, the AUC interval, localisation), per-encoder out-of-fold ROC points as CSV,
-    and the truncation curve's points as CSV."""
+    encoder: pooled metrics, the AUC interval, localisation, its comparison with the best), per-encoder
+    out-of-fold ROC points as CSV, and the truncation curve's points as CSV. ``compared``:
+    ``comparisons(results)`` when the caller has it already."""
     if metrics is not None:
         table = {}
         ranked = sorted(results, key=MILResult.rank_key)
@@ -514,8 +536,8 @@ def write_tracking(results: Sequence[MILResult], *, metrics: Path | None, plots:
             if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
                 row |= {"auc_seed_mean": seeds["mean"]["auc"], "auc_seed_sd": seeds["sd"]["auc"]}
             table[r.encoder_id] = row
-        for c in comparisons(ranked):
-            table[c["other"]] |= {key: c[name] for key, name in COMPARED.items() if c[name] is not None}
+        for other, numbers in compared_metrics(comparisons(ranked) if compared is None else compared).items():
+            table[other] |= numbers
         write_text_atomic(metrics, json.dumps(mark(table), indent=1))
     if plots is None:
         return

@@ -29,7 +29,7 @@ def report(
     finished MIL result and CKA comparison of the study, its one bundle if it has one); ``tracking``:
     also DVC's ``metrics.json`` and ``plots/``."""
     from histotransfer.mil.results import MILResult
-    from histotransfer.report.html import write_report, write_tracking
+    from histotransfer.report.html import comparisons, write_report, write_tracking
     from histotransfer.report.verify import check
 
     if results is None:
@@ -49,6 +49,7 @@ def report(
     claim_output(layout.report, "report", inputs=[layout.mil], fix=fixed)
     if tracking:
         claim_output(layout.tracking_plots, "plots", fix=fixed)
+    compared = comparisons(sorted(results, key=MILResult.rank_key))  # bootstraps: computed once
     path = write_report(
         results,
         report_dir=layout.report,
@@ -56,7 +57,10 @@ def report(
         cka=layout.cka_results() if cka is None else cka,
         bundle=bundle,
         verification=check(layout.report.parent),
+        compared=compared,
     )
     if tracking:
-        write_tracking(results, metrics=layout.tracking_metrics, plots=layout.tracking_plots)
+        write_tracking(
+            results, metrics=layout.tracking_metrics, plots=layout.tracking_plots, compared=compared
+        )
     return path

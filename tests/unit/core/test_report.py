@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,7 +11,15 @@ from histotransfer.core.encoder_ids import parse_encoder_id
 from histotransfer.io.manifest import SlideRecord
 from histotransfer.mil.crossval import LesionMasks, class_rocs, train_mil
 from histotransfer.mil.evaluation import fast_metrics, localisation_auroc, point_metrics, with_confidence
-from histotransfer.report.html import family, write_report
+from histotransfer.mil.results import MILResult
+from histotransfer.report.html import (
+    COMPARED,
+    COMPARISONS_JSON,
+    compared_metrics,
+    family,
+    write_report,
+    write_tracking,
+)
 from tests.helpers import synthetic_cohort, write_features
 
 
@@ -113,6 +123,16 @@ def test_report_has_table_truncation_curve_and_roc(tmp_path):
     assert "resamples patients (8)" in compared
     assert (page.parent / "figures" / "forest.png").stat().st_size > 1000
     assert "figures/forest.png" in text
+    # the table's numbers as JSON (KFP's Metrics read them), and the same numbers in DVC's metrics.json
+    rows = json.loads((page.parent / COMPARISONS_JSON).read_text())["rows"]
+    assert [r["other"] for r in rows] == [r.encoder_id for r in sorted(results, key=MILResult.rank_key)[1:]]
+    tracked = tmp_path / "metrics.json"
+    write_tracking(results, metrics=tracked, plots=None)
+    table = json.loads(tracked.read_text())
+    for row in rows:
+        assert table[row["other"]]["auc_diff_vs_best"] == row["diff"]
+        assert table[row["other"]]["p_holm_vs_best"] == row["p_holm"]
+    assert compared_metrics(rows) == {r["other"]: {k: table[r["other"]][k] for k in COMPARED} for r in rows}
 
 
 def three_class_cohort(folder, n_bags=24, seed=0):
