@@ -90,6 +90,22 @@ def forest_plot(path: Path, rows: list[dict], best: str, ci: float) -> Path:
     return _save(fig, path)
 
 
+def site_plot(path: Path, rows: list[tuple[str, float, float]]) -> Path:
+    """Each encoder's AUC in site-mixed folds (open circle) and with its test site held out (dot), one
+    line per ``(encoder, in-site AUC, out-of-site AUC)``: a long line is an encoder that learnt the site."""
+    fig = Figure(figsize=(5.6, 1.1 + 0.32 * len(rows)), dpi=110)
+    ax = fig.subplots()
+    for i, (_, auc_in, auc_out) in enumerate(rows):
+        ax.plot([auc_in, auc_out], [i, i], c="#b0b0b0", lw=1.5)
+        ax.plot([auc_in], [i], "o", mfc="white", mec="#3b6ea5", ms=5)
+        ax.plot([auc_out], [i], "o", c="#c0392b", ms=5)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="slide AUC: site-mixed folds (open) vs site held out (filled)")
+    ax.xaxis.label.set_fontsize(8)
+    return _save(fig, path)
+
+
 def cka_matrix(
     path: Path, matrix: np.ndarray, layers_a: list[str], layers_b: list[str], name_a: str, name_b: str
 ):

@@ -314,6 +314,12 @@ class SampleDataConfig(_Section):
         le=1.0,
         description="chance per slide of each artefact: pen mark, tissue fold, air bubble",
     )
+    slides_per_patient: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="slides per patient, of one site and label (1: each slide its own patient)",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the cohort's slides and labels")
 
     @field_validator("lesion_fraction", mode="before")
@@ -536,6 +542,11 @@ class EvaluationConfig(_Section):
     ci: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals")
     heatmaps: int = Field(8, ge=0, le=10_000, description="attention heatmaps drawn per encoder")
     lesion_tile_fraction: float = Field(0.5, gt=0, le=1, description="a tile is lesion when this much is")
+    cv: Literal["patient", "site"] = Field(
+        "patient",
+        description="patient: patient-grouped folds; site: also one fold per held-out scanning site "
+        "(the manifest's site column), reported as in-site vs out-of-site AUC",
+    )
 
 
 class StudyConfig(_Section):

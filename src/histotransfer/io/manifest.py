@@ -1,8 +1,9 @@
 """The cohort manifest (CSV): reading and validating it before any work starts.
 
 Required columns ``slide_id,path,label``; optional ``patient_id`` (the unit of data splits, defaults to
-slide_id), ``mpp`` (used when the slide records no resolution) and ``split`` (train/val/test). Other
-columns are kept but ignored. Relative local paths are relative to the manifest's folder.
+slide_id), ``mpp`` (used when the slide records no resolution), ``split`` (train/val/test) and ``site``
+(where the slide was scanned: site-held-out evaluation, ``evaluation.cv: site``). Other columns are kept
+but ignored. Relative local paths are relative to the manifest's folder.
 
 A slide file has one slide id (symbolic and hard links are the same file; a gs:// URI is its text), a
 class is spelled one way (not ``Tumor`` and ``tumor``), and an ``mpp`` is one slides can have. Every
@@ -42,6 +43,7 @@ class SlideRecord:
     mpp: float | None = None
     split: str | None = None
     line: int = 0  # line of the manifest this record came from (header is line 1)
+    site: str | None = None  # the scanning site (the manifest's `site` column), None when not given
 
 
 def check_slide_id(slide_id: str) -> str | None:
@@ -62,7 +64,7 @@ def check_slide_id(slide_id: str) -> str | None:
 
 
 MAX_LISTED_PROBLEMS = 50
-_SPAN_CHECKED = ("slide_id", "path", "label", "patient_id")  # text that must stay on its own line
+_SPAN_CHECKED = ("slide_id", "path", "label", "patient_id", "site")  # text that must stay on its own line
 _CHECK_QUOTING = (
     "check its quoting: a field that starts with a quote runs to the next quote, so a stray or missing "
     "quote swallows the lines after it (a quote inside a quoted field is written twice)"
@@ -193,7 +195,8 @@ def _parse_row(
     if problems:
         return None, identity, problems
     patient_id = row.values.get("patient_id", "").strip() or slide_id
-    return SlideRecord(slide_id, path, label, patient_id, mpp, split, row.line), identity, []
+    site = row.values.get("site", "").strip() or None
+    return SlideRecord(slide_id, path, label, patient_id, mpp, split, row.line, site), identity, []
 
 
 def _same_file_problem(first: tuple[int, str], line: int, slide_id: str, path: str) -> str:

@@ -47,7 +47,7 @@ from histotransfer.mil.evaluation import (
     with_confidence,
 )
 from histotransfer.mil.results import MILResult, class_rocs, roc_points, several_slides_per_patient
-from histotransfer.mil.splits import Fold, make_folds
+from histotransfer.mil.splits import Fold, make_folds, site_folds
 from histotransfer.mil.training import FoldModel, SlidePrediction, predict_slides, train_fold
 from histotransfer.plots import attention_heatmap, roc_curves
 from histotransfer.wsi.geometry import tissue_fractions
@@ -94,13 +94,18 @@ def _stage_config(
 ) -> dict[str, Any]:
     """What a MIL result is made from: the settings, the cohort and the features' content (resume
     trains again when any feature file was made again, differently); given folds, those."""
+    settings = evaluation.model_dump(mode="json")
+    if settings["cv"] == "patient":  # the default, which results made before it existed had
+        del settings["cv"]
     made_from = {
         "stage": "mil",
         "mil": results_of("mil", mil),
-        "evaluation": evaluation.model_dump(mode="json"),
+        "evaluation": settings,
         "cohort": [(r.slide_id, r.label, r.patient_id, r.split) for r in records],
         "features": {k: fs.digest for k, fs in feature_sets.items()},
     }
+    if "cv" in settings:
+        made_from["sites"] = [(r.slide_id, r.site) for r in records]
     if folds is not None:
         made_from["folds"] = [(f.index, f.train, f.val, f.test) for f in folds]
     return made_from
@@ -262,10 +267,70 @@ def train_mil(
     files = lineage.files_record(out.dir, [*written, out.predictions.name])
     metrics["lineage"] = lineage.mil_record(named, records, files)
     metrics["evaluation"] = {"bootstrap": evaluation.bootstrap, "ci": evaluation.ci}  # the report's too
+    if evaluation.cv == "site":
+        metrics["sites"] = site_holdout(
+            records, first, mil, evaluation, in_site=preds, per_fold_features=len(stores) > 1
+        )
     # the report's paired comparisons resample patients, not slides, when a patient has several slides
     metrics["patients"] = several_slides_per_patient(records)
     write_text_atomic(out.metrics, sealed_json(mark(metrics)))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
+
+
+def site_holdout(
+    records: Sequence[SlideRecord],
+    store: BagStore,
+    mil: MILConfig,
+    evaluation: EvaluationConfig,
+    *,
+    in_site: Sequence[SlidePrediction],
+    per_fold_features: bool = False,
+) -> dict[str, Any]:
+    """Site-held-out evaluation (``evaluation.cv: site``): the same training with one scanning site
+    held out per fold (``site_folds``); pooled metrics with CIs of those out-of-site predictions, and per
+    site the AUC of its slides when held out (``auc_out``) and in the patient-grouped folds, where its
+    other slides were trained on (``auc_in``, of ``in_site``). An encoder fine-tuned per fold is not
+    evaluated so: its features of a held-out site were made by encoders trained on that site."""
+    if per_fold_features:
+        return {
+            "skipped": "each fold's features come from an encoder fine-tuned in that fold, on slides of "
+            "every site: site-held-out folds would test slides its encoders were trained on"
+        }
+    folds = site_folds(records, val_fraction=mil.holdout_fraction, seed=mil.seed)
+    sites = sorted({str(r.site) for r in records})
+    out_of_site = cross_validate(
+        records,
+        mil,
+        n_classes=len(store.classes),
+        store_for=lambda _: store,
+        desc=f"mil {store.encoder_id} by site",
+        folds=folds,
+    )
+    _, _, pooled = _evaluate(out_of_site, evaluation, seed=mil.seed)
+    site_of = {r.slide_id: str(r.site) for r in records}
+
+    def site_auc(preds: Sequence[SlidePrediction], site: str) -> float | None:
+        mine = [p for p in preds if site_of[p.slide_id] == site]
+        y, probs = np.array([p.label for p in mine]), np.stack([p.probs for p in mine])
+        auc = point_metrics(y, probs)["auc"]
+        return None if np.isnan(auc) else float(auc)  # one class only at this site
+
+    per_site = {
+        site: {
+            "n_slides": sum(site_of[p.slide_id] == site for p in out_of_site),
+            "auc_in": site_auc(in_site, site),
+            "auc_out": site_auc(out_of_site, site),
+        }
+        for site in sites
+    }
+    return {
+        "folds": [
+            {"fold": f.index, "site": site, "n_test": len(f.test)}
+            for f, site in zip(folds, sites, strict=True)
+        ],
+        "out_of_site": pooled,  # the in-site numbers are the result's own: metrics["pooled"]
+        "per_site": per_site,
+    }
 
 
 def study_folds(records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:

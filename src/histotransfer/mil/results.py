@@ -111,6 +111,7 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     }
     if metrics["localisation"]["mean_auroc"] is not None:
         scalars["localisation_auroc"] = metrics["localisation"]["mean_auroc"]
+    scalars |= out_of_site_scalars(metrics)
     return {
         "encoder": metrics["encoder_id"],
         "metrics": scalars,
@@ -118,6 +119,19 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
         "confusion_matrix": matrix,
         "roc": roc,
     }
+
+
+def out_of_site_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The site-held-out AUC and its interval (``evaluation.cv: site``) as trackers keep them (KFP's
+    Metrics, DVC's metrics.json); {} when the result was not evaluated so."""
+    sites = metrics.get("sites") or {}
+    auc = sites.get("out_of_site", {}).get("auc", {})
+    if auc.get("value") is None:
+        return {}
+    out = {"auc_out_of_site": auc["value"]}
+    if auc.get("ci_low") is not None:
+        out |= {"auc_out_of_site_ci_low": auc["ci_low"], "auc_out_of_site_ci_high": auc["ci_high"]}
+    return out
 
 
 def _probs(row: dict[str, str], classes: Sequence[str]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Cross-validation folds: stratified by label, grouped by patient, optionally with a validation part.
+"""Cross-validation folds: stratified by label, grouped by patient, optionally with a validation part;
+and site-held-out folds (one scanning site tested per fold).
 
 See docs/adr/0005-folds-and-evaluation.md. A manifest with a `split` column defines one fold instead.
 """
@@ -80,6 +81,60 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     )
     for fold in folds:
         check_fold(fold, label_of, fix=fix)
+    return folds
+
+
+def site_folds(records: Sequence[SlideRecord], *, val_fraction: float, seed: int) -> list[Fold]:
+    """Site-held-out folds (``evaluation.cv: site``): fold k tests the slides of the k-th site (sorted by
+    name) and trains on the other sites' slides, ``val_fraction`` of their patients held out for
+    validation as in ``make_folds``. Every slide needs a site, no patient may span two sites, and every
+    fold's training part needs every class."""
+    fix = "or set evaluation.cv: patient"
+    unsited = [r for r in records if not r.site]
+    if unsited:
+        lines = ", ".join(f"{r.slide_id} (line {r.line})" for r in unsited[:5])
+        more = f" and {len(unsited) - 5} more" if len(unsited) > 5 else ""
+        raise SplitError(
+            f"evaluation.cv: site holds out one scanning site per fold, but the manifest's site column is "
+            f"empty or missing for {lines}{more}: give every slide its site, {fix}"
+        )
+    sites = sorted({str(r.site) for r in records})
+    if len(sites) < 2:
+        raise SplitError(
+            f"evaluation.cv: site needs slides from two sites or more; every slide is from {sites[0]!r}: "
+            f"{fix}"
+        )
+    by_patient: dict[str, set[str]] = {}
+    for r in records:
+        by_patient.setdefault(r.patient_id, set()).add(str(r.site))
+    if spanning := sorted(p for p, s in by_patient.items() if len(s) > 1):
+        raise SplitError(
+            f"patients with slides from more than one site: {', '.join(spanning[:10])}; a site-held-out "
+            f"fold would train on the patient it tests: give each patient one site, {fix}"
+        )
+    ids = np.array([r.slide_id for r in records])
+    labels = np.array([r.label for r in records])
+    groups = np.array([r.patient_id for r in records])
+    site_of = np.array([str(r.site) for r in records])
+    label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
+    folds = []
+    for k, site in enumerate(sites):
+        train = site_of != site
+        fit, val = ids[train], ids[:0]
+        if val_fraction > 0:
+            if len(np.unique(groups[train])) < 2:
+                raise SplitError(
+                    f"site {site!r} held out: the other sites have a single patient, which cannot also give "
+                    f"validation slides; use mil.selection: last, {fix}"
+                )
+            fit, val = _holdout(ids[train], labels[train], groups[train], val_fraction, seed + k)
+        fold = Fold(k, _ids(fit), _ids(val), _ids(ids[~train]))
+        check_fold(
+            fold,
+            label_of,
+            fix=f"site {site!r} is held out in fold {k}: add slides of that class from other sites, {fix}",
+        )
+        folds.append(fold)
     return folds
 
 

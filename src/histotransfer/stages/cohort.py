@@ -60,4 +60,5 @@ def _row(record: SlideRecord) -> dict[str, str]:
         "patient_id": record.patient_id,
         "mpp": "" if record.mpp is None else str(record.mpp),
         "split": record.split or "",
+        "site": record.site or "",
     }

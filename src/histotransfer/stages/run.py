@@ -73,14 +73,18 @@ def check_encoders(config: StudyConfig) -> None:
 
 def check_cohort(config: StudyConfig, records: Sequence[SlideRecord]) -> None:
     """What can be known about the cohort before the first slide is tiled: it has two classes and
-    splits into the configured folds, and slides on gs:// can be read (credentials). Each is the error
+    splits into the configured folds (and site-held-out folds, with ``evaluation.cv: site``), and slides
+    on gs:// can be read (credentials). Each is the error
     a stage would raise hours later."""
     from histotransfer.io.storage import gcs_client
     from histotransfer.mil.crossval import study_folds
+    from histotransfer.mil.splits import site_folds
 
     if len(labels := sorted({r.label for r in records})) < 2:
         raise errors.SplitError(f"the cohort has a single label ({labels}); MIL needs at least two classes")
     study_folds(records, config.mil)  # a SplitError naming the fold, the class and the fixes
+    if config.evaluation.cv == "site":  # the rows without a site, a patient in two sites, ...
+        site_folds(records, val_fraction=config.mil.holdout_fraction, seed=config.mil.seed)
     if any(r.path.startswith("gs://") for r in records):
         gcs_client()  # a StorageError when there are no credentials
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,7 @@ class SlideSpec:
     lesion_type: str | None = None
     lesion_fraction: float = 0.0  # target lesion area / tissue area (0: no lesion)
     artefacts: tuple[str, ...] = ()
+    patient_id: str = ""  # "": the slide is its own patient
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,27 @@ def plan_cohort(config: SampleDataConfig) -> list[SlideSpec]:
                 artefacts=artefacts,
             )
         )
-    return specs
+    return _patients(specs, config.slides_per_patient)
+
+
+def _patients(specs: list[SlideSpec], per_patient: int) -> list[SlideSpec]:
+    """Give every ``per_patient`` slides of one site and label (in slide order) one patient, numbered
+    in the order of their first slides; with 1, each slide is its own patient."""
+    if per_patient == 1:
+        return specs
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault((spec.site, spec.label), []).append(i)
+    chunks = sorted(
+        (
+            members[j : j + per_patient]
+            for members in groups.values()
+            for j in range(0, len(members), per_patient)
+        ),
+        key=lambda chunk: chunk[0],
+    )
+    patient = {i: f"patient-{n:03d}" for n, chunk in enumerate(chunks) for i in chunk}
+    return [replace(spec, patient_id=patient[i]) for i, spec in enumerate(specs)]
 
 
 # ---- composing one slide ----------------------------------------------------------------------------
@@ -459,12 +480,12 @@ def write_cohort(
                 "slide_id": spec.slide_id,
                 "path": path.relative_to(layout.dir).as_posix(),  # relative: the cohort can move
                 "label": spec.label,
-                "patient_id": spec.slide_id,
+                "patient_id": spec.patient_id or spec.slide_id,
                 "site": f"site-{spec.site}",
             }
         )
         slides.append(
-            asdict(spec)
+            {k: v for k, v in asdict(spec).items() if k != "patient_id" or v}  # "": the manifest's id
             | {
                 "lesion_fraction": round(composed.lesion_fraction, 5),
                 "lesion_fraction_target": spec.lesion_fraction,
@@ -493,6 +514,8 @@ def build_sample_cohort(out_dir: str | Path, *, config: SampleDataConfig | None 
     out_dir = Path(out_dir)
     config = config or SampleDataConfig()
     params = config.model_dump(mode="json", exclude={"enabled"})
+    if params["slides_per_patient"] == 1:  # the default, which cohorts made before it existed had
+        del params["slides_per_patient"]
     expected = config_hash({"stage": "sample-data", **params})
     layout = CohortLayout(out_dir)
     manifest_path = layout.manifest

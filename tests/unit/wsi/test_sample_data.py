@@ -85,6 +85,20 @@ def test_plan_has_the_classes_spread_over_sites_and_lesion_sizes_in_range(params
     assert plan_cohort(config) == specs  # a function of the config
 
 
+@pytest.mark.parametrize("per_patient", [2, 3])
+def test_patients_with_several_slides_share_a_site_and_a_label(per_patient):
+    specs = plan_cohort(SampleDataConfig(n_slides=24, sites=3, slides_per_patient=per_patient))
+    patients: dict[str, list] = {}
+    for spec in specs:
+        patients.setdefault(spec.patient_id, []).append(spec)
+    assert all(len({(s.site, s.label) for s in slides}) == 1 for slides in patients.values())
+    assert all(len(slides) <= per_patient for slides in patients.values())
+    assert sum(len(slides) == per_patient for slides in patients.values()) >= len(patients) - 6  # 3 sites x 2
+    assert list(patients) == sorted(patients)  # numbered in the order of their first slides
+    # one slide per patient (the default): the slide is its own patient, the plan as before
+    assert {s.patient_id for s in plan_cohort(SampleDataConfig(n_slides=24))} == {""}
+
+
 def test_sites_cycle_the_scanners_and_variation_zero_means_identical_sites():
     sites = plan_sites(SampleDataConfig(sites=3, site_mpp=[0.5, 0.25]))
     assert [s.mpp for s in sites] == [0.5, 0.25, 0.5]
