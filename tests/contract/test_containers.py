@@ -46,7 +46,7 @@ def test_every_target_runs_histotransfer_as_non_root():
     assert runtime["ENTRYPOINT"] == '["/usr/local/bin/entrypoint.sh"]'
     for target in ("cpu", "gpu", "predict"):
         instructions = [(i["instruction"], i["value"]) for i in all_stages[target]]
-        assert instructions[0] == ("FROM", f"runtime AS {target}")  # inherits the entrypoint
+        assert runtime_chain(all_stages, target)[-1] == "runtime"  # inherits the entrypoint
         user = [n for n, (name, _) in enumerate(instructions) if name == "USER"]
         assert user
         assert instructions[user[-1]][1] == "10001:10001"
@@ -57,11 +57,31 @@ def test_every_target_runs_histotransfer_as_non_root():
     def runs(stage: str) -> str:
         return " ".join(i["value"] for i in all_stages[stage] if i["instruction"] == "RUN")
 
+    def copies(stage: str) -> list[str]:
+        return [i["value"] for i in all_stages[stage] if i["instruction"] == "COPY"]
+
     assert "onnxruntime-gpu<=$ort" in runs("deps-gpu")
-    assert "containers/check_gpu.py" in runs("deps-gpu")  # CUDA of torch and onnxruntime-gpu agree
+    assert "check_gpu.py" in runs("deps-gpu")  # CUDA of torch and onnxruntime-gpu agree
     assert "onnxruntime-gpu" not in runs("deps-study")
-    assert "requirements.py study pipelines" in runs("deps-study")
-    assert "requirements.py >" in runs("deps-predict")  # the core: no torch
+    assert "requirements.py study pipelines > /src/study.txt" in runs("requirements")
+    assert "requirements.py > /src/predict.txt" in runs("requirements")  # the core: no torch
+    # each dependency stage is keyed on its list alone (not on pyproject.toml) and builds on runtime
+    for stage, listed in (("deps-study", "study"), ("deps-gpu", "study"), ("deps-predict", "predict")):
+        assert f"--from=requirements /src/{listed}.txt /tmp/requirements.txt" in copies(stage), stage
+        assert not any("pyproject" in c for c in copies(stage)), stage
+        assert runtime_chain(all_stages, stage)[-1] == "runtime", stage
+    # a target is its dependency layer plus the package: the venv is never copied into a new layer
+    for target in ("cpu", "gpu", "predict"):
+        assert not any("/opt/venv" in c for c in copies(target)), target
+
+
+def runtime_chain(all_stages: dict[str, list[dict]], stage: str) -> list[str]:
+    """The stages ``stage`` is built on, nearest first, down to runtime (or the base image)."""
+    chain = []
+    while stage in all_stages and stage != "runtime":
+        stage = all_stages[stage][0]["value"].split(" AS ")[0].strip()
+        chain.append(stage)
+    return chain
 
 
 def test_the_core_install_has_no_torch_and_the_study_extra_has_it():
