@@ -217,12 +217,28 @@ HEADER = """\
 """
 
 
+def artifact_deps(stage: Stage) -> list[str]:
+    """The study's artifacts a stage reads: its declared deps, and every other path under the study root
+    that its command names and does not write into (the manifest, the tiles), so that DVC reruns it when
+    one changes. ``--study ROOT`` (the whole study) is left to the declared deps."""
+    named = re.findall(r"\$\{root\}/[^\s]+", stage.cmd)
+
+    def inside(path: str, folders) -> bool:
+        return any(path == f or path.startswith(f + "/") for f in folders)
+
+    def written(path: str) -> bool:  # an output, or the folder an output is made in (--out)
+        return inside(path, stage.outs) or any(inside(o, [path]) for o in stage.outs)
+
+    extra = [p for p in named if not written(p) and not inside(p, stage.deps)]
+    return [*stage.deps, *dict.fromkeys(extra)]
+
+
 def pipeline() -> dict:
     """dvc.yaml as data."""
     assert tuple(STAGES) == stages.ORDER, "dvc_stages.STAGES must follow histotransfer.stages.ORDER"
     out = {}
     for name, stage in STAGES.items():
-        body = {"cmd": stage.cmd, "deps": [*stage.deps, *code_deps(name)]}
+        body = {"cmd": stage.cmd, "deps": [*artifact_deps(stage), *code_deps(name)]}
         if params := params_of(stage):
             body["params"] = params
         body["outs"] = list(stage.outs)

@@ -63,3 +63,25 @@ def test_params_are_the_settings_that_change_results():
     for section in SPEED_ONLY:
         fields = set(StudyConfig.model_fields[section].annotation.model_fields)
         assert fields - SPEED_ONLY[section]  # every section keeps keys that matter
+
+
+def test_every_artifact_a_stage_command_reads_is_a_dep():
+    """Regression: train read cohort/manifest.csv (labels, patients, sites) and the tiles without
+    depending on them, so a label edited in a user's manifest left the MIL results as they were. Every
+    path under the study root that a stage's command names is a dep, unless the stage writes into it.
+    Checked on the committed file, for every stage, with the rule written out here again."""
+    import re
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+    def under(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder + "/")
+
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in body["outs"]]
+        for path in re.findall(r"\$\{root\}/\S+", body["cmd"]):
+            if any(under(path, o) or under(o, path) for o in outs):
+                continue  # an output, or the folder one is written into
+            assert any(under(path, d) for d in body["deps"]), f"dvc.yaml stage {name} reads {path}, no dep"
+    assert "${root}/cohort/manifest.csv" in stages["train"]["do"]["deps"]
