@@ -108,6 +108,10 @@ class MILLayout:
         return self.dir / "predictions.csv"
 
     @property
+    def site_predictions(self) -> Path:  # evaluation.cv: site: the out-of-site predictions
+        return self.dir / "predictions_by_site.csv"
+
+    @property
     def roc(self) -> Path:
         return self.dir / "roc.png"
 

@@ -93,7 +93,7 @@ TILES = Kind("tiles", ("*.h5", "*.png", "summary*.csv"))
 FEATURES_OF_ENCODER = Kind("", ("*.h5", "summary*.csv"), (("fold*", _files("*.h5", "summary*.csv")),))
 MIL_RESULT = Kind(
     "",
-    ("metrics.json", "predictions.csv", "roc.png"),
+    ("metrics.json", "predictions.csv", "predictions_by_site.csv", "roc.png"),
     (
         ("fold*", _files(MODEL_FILE, HISTORY_FILE)),
         ("attention", _files("*.h5")),

@@ -215,6 +215,10 @@ def train_mil(
     expected = config_hash(_stage_config(records, named, mil, evaluation, folds))
     if not overwrite and is_current(out.metrics, expected):
         return MILResult.load(out.dir)
+    # per-fold fine-tuned encoders saw every site's slides: not evaluated out of site
+    by_site = evaluation.cv == "site" and len(stores) == 1 and folds is None
+    # the site folds' errors (no site, one site, ...) before the first model is trained
+    site_split = site_folds(records, val_fraction=mil.holdout_fraction, seed=mil.seed) if by_site else None
     lesions = lesion_labels(records, first, tiles_dir, lesion_masks, evaluation)
     per_fold = []
 
@@ -264,17 +268,28 @@ def train_mil(
         ),
     }
     written = [f"{fold_name(f['fold'])}/{name}" for f in per_fold for name in (MODEL_FILE, HISTORY_FILE)]
-    files = lineage.files_record(out.dir, [*written, out.predictions.name])
-    metrics["lineage"] = lineage.mil_record(named, records, files)
+    written.append(out.predictions.name)
     metrics["evaluation"] = {"bootstrap": evaluation.bootstrap, "ci": evaluation.ci}  # the report's too
-    if evaluation.cv == "site":
-        metrics["sites"] = site_holdout(
-            records, first, mil, evaluation, in_site=preds, per_fold_features=len(stores) > 1
-        )
+    if site_split is not None:
+        metrics["sites"] = site_holdout(records, first, mil, evaluation, site_split, in_site=preds, out=out)
+        written.append(out.site_predictions.name)
+    else:
+        out.site_predictions.unlink(missing_ok=True)  # of an earlier run with evaluation.cv: site
+        if evaluation.cv == "site":
+            metrics["sites"] = {"skipped": FINETUNED_NOT_BY_SITE}
     # the report's paired comparisons resample patients, not slides, when a patient has several slides
     metrics["patients"] = several_slides_per_patient(records)
+    if metrics["patients"] is not None:
+        metrics["patient_level"] = patient_level(preds, metrics["patients"], evaluation, seed=mil.seed)
+    metrics["lineage"] = lineage.mil_record(named, records, lineage.files_record(out.dir, written))
     write_text_atomic(out.metrics, sealed_json(mark(metrics)))
     return MILResult(encoder_id, out.dir, metrics, reused=False)
+
+
+FINETUNED_NOT_BY_SITE = (
+    "each fold's features come from an encoder fine-tuned in that fold, on slides of every site: "
+    "site-held-out folds would test slides its encoders were trained on"
+)
 
 
 def site_holdout(
@@ -282,55 +297,83 @@ def site_holdout(
     store: BagStore,
     mil: MILConfig,
     evaluation: EvaluationConfig,
+    folds: Mapping[str, Fold],
     *,
     in_site: Sequence[SlidePrediction],
-    per_fold_features: bool = False,
+    out: MILLayout,
 ) -> dict[str, Any]:
     """Site-held-out evaluation (``evaluation.cv: site``): the same training with one scanning site
-    held out per fold (``site_folds``); pooled metrics with CIs of those out-of-site predictions, and per
-    site the AUC of its slides when held out (``auc_out``) and in the patient-grouped folds, where its
-    other slides were trained on (``auc_in``, of ``in_site``). An encoder fine-tuned per fold is not
-    evaluated so: its features of a held-out site were made by encoders trained on that site."""
-    if per_fold_features:
-        return {
-            "skipped": "each fold's features come from an encoder fine-tuned in that fold, on slides of "
-            "every site: site-held-out folds would test slides its encoders were trained on"
-        }
-    folds = site_folds(records, val_fraction=mil.holdout_fraction, seed=mil.seed)
-    sites = sorted({str(r.site) for r in records})
+    held out per fold (``folds``: ``site_folds``'s); the out-of-site predictions in
+    ``predictions_by_site.csv``; pooled metrics with CIs of them (slides resampled), and per site the
+    AUC of its slides when held out (``auc_out``) and in the patient-grouped folds, where other slides of
+    its site were trained on (``auc_in``, of ``in_site``), with their means over the sites that have both
+    classes."""
     out_of_site = cross_validate(
         records,
         mil,
         n_classes=len(store.classes),
         store_for=lambda _: store,
         desc=f"mil {store.encoder_id} by site",
-        folds=folds,
+        folds=list(folds.values()),
     )
+    _write_predictions(out.site_predictions, out_of_site, store.classes)
     _, _, pooled = _evaluate(out_of_site, evaluation, seed=mil.seed)
     site_of = {r.slide_id: str(r.site) for r in records}
 
     def site_auc(preds: Sequence[SlidePrediction], site: str) -> float | None:
         mine = [p for p in preds if site_of[p.slide_id] == site]
+        if not mine:
+            return None
         y, probs = np.array([p.label for p in mine]), np.stack([p.probs for p in mine])
         auc = point_metrics(y, probs)["auc"]
         return None if np.isnan(auc) else float(auc)  # one class only at this site
 
     per_site = {
         site: {
-            "n_slides": sum(site_of[p.slide_id] == site for p in out_of_site),
+            "n_slides": len(fold.test),
             "auc_in": site_auc(in_site, site),
             "auc_out": site_auc(out_of_site, site),
         }
-        for site in sites
+        for site, fold in folds.items()
     }
+    both = [v for v in per_site.values() if v["auc_in"] is not None and v["auc_out"] is not None]
     return {
-        "folds": [
-            {"fold": f.index, "site": site, "n_test": len(f.test)}
-            for f, site in zip(folds, sites, strict=True)
-        ],
+        "folds": [{"fold": fold.index, "site": site} for site, fold in folds.items()],
         "out_of_site": pooled,  # the in-site numbers are the result's own: metrics["pooled"]
         "per_site": per_site,
+        "mean_site_auc": {
+            "in": float(np.mean([v["auc_in"] for v in both])) if both else None,
+            "out": float(np.mean([v["auc_out"] for v in both])) if both else None,
+            "n_sites": len(both),
+        },
     }
+
+
+PATIENT_RULE = "mean of the patient's out-of-fold slide probabilities"
+
+
+def patient_level(
+    preds: Sequence[SlidePrediction], patients: Mapping[str, str], evaluation: EvaluationConfig, *, seed: int
+) -> dict[str, Any]:
+    """Patient-level metrics with CIs (patients resampled): a patient's probabilities are the mean of its
+    slides' out-of-fold probabilities (folds group patients, so one model predicted all of them), its
+    label their one label. Skipped, with the reason, when a patient's slides have different labels."""
+    by_patient: dict[str, list[SlidePrediction]] = {}
+    for p in preds:
+        by_patient.setdefault(patients[p.slide_id], []).append(p)
+    mixed = sorted(pid for pid, ps in by_patient.items() if len({p.label for p in ps}) > 1)
+    if mixed:
+        return {
+            "rule": PATIENT_RULE,
+            "skipped": f"patients with slides of different labels ({', '.join(mixed[:5])}"
+            + (f" and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+            + "): a patient-level label needs one label per patient",
+        }
+    ids = sorted(by_patient)
+    y = np.array([by_patient[pid][0].label for pid in ids])
+    probs = np.stack([np.mean([p.probs for p in by_patient[pid]], axis=0) for pid in ids])
+    pooled = with_confidence(y, probs, n_boot=evaluation.bootstrap, ci=evaluation.ci, seed=seed)
+    return {"rule": PATIENT_RULE, "n_patients": len(ids), "pooled": pooled}
 
 
 def study_folds(records: Sequence[SlideRecord], mil: MILConfig) -> list[Fold]:

@@ -111,7 +111,7 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     }
     if metrics["localisation"]["mean_auroc"] is not None:
         scalars["localisation_auroc"] = metrics["localisation"]["mean_auroc"]
-    scalars |= out_of_site_scalars(metrics)
+    scalars |= evaluation_scalars(metrics)
     return {
         "encoder": metrics["encoder_id"],
         "metrics": scalars,
@@ -121,16 +121,22 @@ def classification_summary(mil_dir: Path) -> dict[str, Any]:
     }
 
 
-def out_of_site_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The site-held-out AUC and its interval (``evaluation.cv: site``) as trackers keep them (KFP's
-    Metrics, DVC's metrics.json); {} when the result was not evaluated so."""
-    sites = metrics.get("sites") or {}
-    auc = sites.get("out_of_site", {}).get("auc", {})
-    if auc.get("value") is None:
-        return {}
-    out = {"auc_out_of_site": auc["value"]}
-    if auc.get("ci_low") is not None:
-        out |= {"auc_out_of_site_ci_low": auc["ci_low"], "auc_out_of_site_ci_high": auc["ci_high"]}
+def evaluation_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The AUC with the test site held out (``evaluation.cv: site``: ``auc_out_of_site``) and over
+    patients (several slides per patient: ``auc_patient``), each with its interval, as trackers keep them
+    (KFP's Metrics, DVC's metrics.json); only those the result has."""
+    out = {}
+    sources = {
+        "auc_out_of_site": (metrics.get("sites") or {}).get("out_of_site", {}),
+        "auc_patient": (metrics.get("patient_level") or {}).get("pooled", {}),
+    }
+    for name, pooled in sources.items():
+        auc = pooled.get("auc", {})
+        if auc.get("value") is None:
+            continue
+        out[name] = auc["value"]
+        if auc.get("ci_low") is not None:
+            out |= {f"{name}_ci_low": auc["ci_low"], f"{name}_ci_high": auc["ci_high"]}
     return out
 
 

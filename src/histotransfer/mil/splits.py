@@ -38,6 +38,16 @@ def _holdout(ids: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: 
     return ids[fit], ids[val]
 
 
+def _fit_val(ids, labels, groups, val_fraction: float, seed: int, single: str):
+    """A fold's training part split into (fit, val): ``val_fraction`` of its patients held out, none with
+    0; ``single``: the error when it has one patient, who cannot be in both."""
+    if val_fraction == 0:
+        return ids, ids[:0]
+    if len(np.unique(groups)) < 2:
+        raise SplitError(single)
+    return _holdout(ids, labels, groups, val_fraction, seed)
+
+
 def _ids(values) -> tuple[str, ...]:
     return tuple(sorted(str(v) for v in values))
 
@@ -63,15 +73,13 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = []
     for k, (train_idx, test_idx) in enumerate(splitter.split(ids, labels, groups)):
-        if val_fraction > 0:
-            if len(np.unique(groups[train_idx])) < 2:
-                raise SplitError(
-                    f"fold {k}: its training part has a single patient, which cannot also give validation "
-                    f"slides; use fewer mil.folds (now {n_folds}), mil.selection: last, or a `split` column"
-                )
-            fit, val = _holdout(ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k)
-        else:
-            fit, val = ids[train_idx], ids[:0]
+        single = (
+            f"fold {k}: its training part has a single patient, which cannot also give validation slides; "
+            f"use fewer mil.folds (now {n_folds}), mil.selection: last, or a `split` column"
+        )
+        fit, val = _fit_val(
+            ids[train_idx], labels[train_idx], groups[train_idx], val_fraction, seed + k, single
+        )
         folds.append(Fold(k, _ids(fit), _ids(val), _ids(ids[test_idx])))
     label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
     fix = f"use fewer mil.folds (now {n_folds}) or a `split` column in the manifest" + (
@@ -84,12 +92,18 @@ def make_folds(records: Sequence[SlideRecord], *, n_folds: int, val_fraction: fl
     return folds
 
 
-def site_folds(records: Sequence[SlideRecord], *, val_fraction: float, seed: int) -> list[Fold]:
-    """Site-held-out folds (``evaluation.cv: site``): fold k tests the slides of the k-th site (sorted by
-    name) and trains on the other sites' slides, ``val_fraction`` of their patients held out for
-    validation as in ``make_folds``. Every slide needs a site, no patient may span two sites, and every
-    fold's training part needs every class."""
+def site_folds(records: Sequence[SlideRecord], *, val_fraction: float, seed: int) -> dict[str, Fold]:
+    """Site-held-out folds (``evaluation.cv: site``) by site: fold k tests the slides of the k-th site
+    (sorted by name) and trains on the other sites' slides, ``val_fraction`` of their patients held out
+    for validation as in ``make_folds``. Every slide needs a site, no patient may span two sites, every
+    fold's training part needs every class, and a manifest split (one fixed fold) is not combined."""
     fix = "or set evaluation.cv: patient"
+    if split := [r for r in records if r.split]:
+        raise SplitError(
+            f"evaluation.cv: site holds out each scanning site in turn, but the manifest's split column "
+            f"fixes "
+            f"one train/test split (line {split[0].line}: {split[0].split}): empty the split column, {fix}"
+        )
     unsited = [r for r in records if not r.site]
     if unsited:
         lines = ", ".join(f"{r.slide_id} (line {r.line})" for r in unsited[:5])
@@ -108,33 +122,32 @@ def site_folds(records: Sequence[SlideRecord], *, val_fraction: float, seed: int
     for r in records:
         by_patient.setdefault(r.patient_id, set()).add(str(r.site))
     if spanning := sorted(p for p, s in by_patient.items() if len(s) > 1):
+        named = "; ".join(f"{p} ({', '.join(sorted(by_patient[p]))})" for p in spanning[:5])
         raise SplitError(
-            f"patients with slides from more than one site: {', '.join(spanning[:10])}; a site-held-out "
-            f"fold would train on the patient it tests: give each patient one site, {fix}"
+            f"patients with slides from more than one site: {named}; a site-held-out fold would train on "
+            f"the patient it tests: give each patient one site, {fix}"
         )
     ids = np.array([r.slide_id for r in records])
     labels = np.array([r.label for r in records])
     groups = np.array([r.patient_id for r in records])
     site_of = np.array([str(r.site) for r in records])
     label_of = dict(zip(ids.tolist(), labels.tolist(), strict=True))
-    folds = []
+    folds = {}
     for k, site in enumerate(sites):
         train = site_of != site
-        fit, val = ids[train], ids[:0]
-        if val_fraction > 0:
-            if len(np.unique(groups[train])) < 2:
-                raise SplitError(
-                    f"site {site!r} held out: the other sites have a single patient, which cannot also give "
-                    f"validation slides; use mil.selection: last, {fix}"
-                )
-            fit, val = _holdout(ids[train], labels[train], groups[train], val_fraction, seed + k)
+        single = (
+            f"site {site!r} held out: the other sites have a single patient, which cannot also give "
+            f"validation slides; use mil.selection: last, {fix}"
+        )
+        fit, val = _fit_val(ids[train], labels[train], groups[train], val_fraction, seed + k, single)
         fold = Fold(k, _ids(fit), _ids(val), _ids(ids[~train]))
         check_fold(
             fold,
             label_of,
-            fix=f"site {site!r} is held out in fold {k}: add slides of that class from other sites, {fix}",
+            fix=f"site {site!r} is held out in fold {k}: add slides of that class from other sites (a "
+            f"validation part without it: mil.selection: last holds none out), {fix}",
         )
-        folds.append(fold)
+        folds[site] = fold
     return folds
 
 

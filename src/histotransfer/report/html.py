@@ -21,7 +21,7 @@ from histotransfer.io.layout import BUNDLE_SPEC, MILLayout
 from histotransfer.io.marks import HTML_MARK, MARKDOWN_MARK, mark
 from histotransfer.io.provenance import read_json
 from histotransfer.mil.compare import Predictions, compare_to_best
-from histotransfer.mil.results import MILResult, class_rocs, out_of_site_scalars, roc_points
+from histotransfer.mil.results import MILResult, class_rocs, evaluation_scalars, roc_points
 from histotransfer.plots import forest_plot, roc_curves, site_plot, truncation_curves
 from histotransfer.report.verify import Verification
 
@@ -261,20 +261,22 @@ def _compare_section(rows: list[dict], figure: Path) -> tuple[list[str], list[st
         "independent) or the bootstrap's two-sided p (more classes), and p adjusted for the number of "
         "comparisons (Holm). An interval that holds 0 means the data cannot tell the two apart."
     )
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COMPARE_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _compare_cells(r)) + "</tr>" for r in rows
-    )
-    parts = [
-        "<h2>Paired comparisons</h2>",
-        f"<p>{html.escape(note)}</p>",
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
-        f'<img src="figures/{figure.name}" alt="paired AUC differences">',
-    ]
+    parts = ["<h2>Paired comparisons</h2>", f"<p>{html.escape(note)}</p>"]
     md = ["", "## Paired comparisons", "", note, ""]
-    md += ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
-    md += ["| " + " | ".join(_compare_cells(r)) + " |" for r in rows]
+    _add_table(parts, md, COMPARE_COLUMNS, [_compare_cells(r) for r in rows])
+    parts.append(f'<img src="figures/{figure.name}" alt="paired AUC differences">')
     return parts, md
+
+
+def _add_table(
+    parts: list[str], md: list[str], columns: Sequence[str], rows: Sequence[Sequence[str]]
+) -> None:
+    """A table of text cells, appended to the page (escaped) and to the markdown."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
 
 
 SITE_COLUMNS = (
@@ -282,10 +284,11 @@ SITE_COLUMNS = (
     "AUC, site-mixed folds",
     "AUC, site held out [CI]",
     "change",
+    "mean AUC within a site: mixed → held out",
     "per site: mixed → held out",
 )
-# an encoder ahead of another by this much in site-mixed folds, and not ahead with sites held out, has an
-# advantage that came from recognising the site
+# an encoder ahead of another by this much in site-mixed folds, and not ahead with sites held out, is
+# flagged: its advantage may have come from recognising the site
 SITE_LEAD = 0.02
 
 
@@ -298,7 +301,8 @@ def site_flags(rows: Sequence[tuple[str, float, float]], lead: float = SITE_LEAD
             if a != b and a_in - b_in >= lead and a_out <= b_out:
                 flags.append(
                     f"{a}'s advantage over {b} disappears out of site: {a_in:.3f} vs {b_in:.3f} in "
-                    f"site-mixed folds, {a_out:.3f} vs {b_out:.3f} with the test site held out"
+                    f"site-mixed folds, {a_out:.3f} vs {b_out:.3f} with the test site held out (not tested "
+                    "for significance)"
                 )
     return flags
 
@@ -325,14 +329,15 @@ def _site_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str
             f"{site} ({v['n_slides']}): {num(v['auc_in'])} → {num(v['auc_out'])}"
             for site, v in sites["per_site"].items()
         )
+        mean = sites.get("mean_site_auc") or {}
+        within = (
+            "n/a"
+            if mean.get("in") is None
+            else f"{mean['in']:.3f} → {mean['out']:.3f} ({mean['n_sites']} sites)"
+        )
+        change = f"{out['value'] - auc_in:+.3f}"
         table.append(
-            [
-                r.encoder_id,
-                f"{auc_in:.3f}",
-                f"{out['value']:.3f}{interval}",
-                f"{out['value'] - auc_in:+.3f}",
-                per_site,
-            ]
+            [r.encoder_id, f"{auc_in:.3f}", f"{out['value']:.3f}{interval}", change, within, per_site]
         )
         points.append((r.encoder_id, auc_in, out["value"]))
     if not table and not skipped:
@@ -340,9 +345,12 @@ def _site_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str
     note = (
         "The same training with one scanning site held out per fold (the manifest's site column): a slide's "
         "held-out prediction comes from a model that never saw a slide of its site. Site-mixed folds reward "
-        "an encoder that recognises the site (stain, scanner, compression) where the site predicts the "
-        "label; an encoder whose lead shrinks here learnt the site, not the tissue. Per site: the AUC of "
-        "its slides in the site-mixed folds and held out (n/a: one class at that site)."
+        "an encoder that recognises the site (stain, scanner, compression) where the site goes with the "
+        "label; an encoder whose lead vanishes here may have learnt the site rather than the tissue. Read "
+        "with care: the held-out models train on fewer slides (all sites but one) than the site-mixed "
+        "folds, the pooled AUC also ranks slides across sites (the mean AUC within a site does not), the "
+        "interval resamples slides, not sites, and with few sites it is wide. Per site: the AUC of its "
+        "slides in the site-mixed folds and held out (n/a: one class at that site)."
     )
     flags = site_flags(points)
     parts, md = (
@@ -350,11 +358,7 @@ def _site_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str
         ["", "## Out-of-site evaluation", "", note, ""],
     )
     if table:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in SITE_COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
-        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        md += ["| " + " | ".join(SITE_COLUMNS) + " |", "|" + "---|" * len(SITE_COLUMNS)]
-        md += ["| " + " | ".join(row) + " |" for row in table]
+        _add_table(parts, md, SITE_COLUMNS, table)
         figure = site_plot(figures / "sites.png", points)
         parts.append(f'<img src="figures/{figure.name}" alt="in-site vs out-of-site AUC">')
     if flags:
@@ -369,6 +373,49 @@ def _site_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str
             + "</ul>"
         )
         md += ["", "Not evaluated out of site:", "", *(f"- {x}" for x in skipped)]
+    return parts, md
+
+
+PATIENT_COLUMNS = ("encoder", "slides", "slide AUC", "patients", "patient AUC [CI]", "patient balanced acc.")
+
+
+def _patient_section(results: Sequence[MILResult]) -> tuple[list[str], list[str]]:
+    """Patient-level metrics of every result whose cohort has patients with several slides."""
+    table, skipped, rule = [], [], None
+    for r in results:
+        level = r.metrics.get("patient_level")
+        if level is None:
+            continue
+        rule = level["rule"]
+        if "skipped" in level:
+            skipped.append(f"{r.encoder_id}: {level['skipped']}")
+            continue
+        auc, bacc = level["pooled"]["auc"], level["pooled"]["balanced_accuracy"]
+        interval = "" if auc["ci_low"] is None else f" [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]"
+        slide_auc = r.metrics["pooled"]["auc"]["value"]
+        table.append(
+            [
+                r.encoder_id,
+                str(r.metrics["n_slides"]),
+                "n/a" if slide_auc is None else f"{slide_auc:.3f}",
+                str(level["n_patients"]),
+                "n/a" if auc["value"] is None else f"{auc['value']:.3f}{interval}",
+                "n/a" if bacc["value"] is None else f"{bacc['value']:.3f}",
+            ]
+        )
+    if rule is None:
+        return [], []
+    note = (
+        f"Some patients have several slides. A patient's prediction is the {rule} (folds keep a patient's "
+        "slides together, so one model predicted all of them); intervals resample patients."
+    )
+    parts = ["<h2>Patient-level results</h2>", f"<p>{html.escape(note)}</p>"]
+    md = ["", "## Patient-level results", "", note, ""]
+    if table:
+        _add_table(parts, md, PATIENT_COLUMNS, table)
+    if skipped:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in skipped) + "</ul>")
+        md += ["", *(f"- {x}" for x in skipped)]
     return parts, md
 
 
@@ -521,11 +568,11 @@ def write_report(
         parts += compare_parts
         md += compare_md
         write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
-    site_parts, site_md = _site_section(results, figures)
-    if site_parts:
-        parts += site_parts
-        md += site_md
-        write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
+    for section_parts, section_md in (_patient_section(results), _site_section(results, figures)):
+        if section_parts:
+            parts += section_parts
+            md += section_md
+            write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
     pairs = _finetune_pairs(results)
     if pairs:
         parts += ["<h2>Frozen vs fine-tuned</h2>", _pairs_table(pairs)]
@@ -632,7 +679,7 @@ def write_tracking(
                 row |= {"auc_ci_low": pooled["auc"]["ci_low"], "auc_ci_high": pooled["auc"]["ci_high"]}
             if (loc := r.metrics["localisation"]["mean_auroc"]) is not None:
                 row["localisation_auroc"] = loc
-            row |= out_of_site_scalars(r.metrics)
+            row |= evaluation_scalars(r.metrics)
             seeds = r.metrics.get("seeds") or {"n": 1}
             if seeds["n"] > 1 and seeds["mean"]["auc"] is not None:
                 row |= {"auc_seed_mean": seeds["mean"]["auc"], "auc_seed_sd": seeds["sd"]["auc"]}

@@ -133,6 +133,11 @@ def test_report_has_table_truncation_curve_and_roc(tmp_path):
         assert table[row["other"]]["auc_diff_vs_best"] == row["diff"]
         assert table[row["other"]]["p_holm_vs_best"] == row["p_holm"]
     assert compared_metrics(rows) == {r["other"]: {k: table[r["other"]][k] for k in COMPARED} for r in rows}
+    # patient-level: each patient here has a negative and a positive slide, so there is no patient label
+    level = results[0].metrics["patient_level"]
+    assert "patients with slides of different labels (p0, p1, p2, p3, p4 and 3 more)" in level["skipped"]
+    assert "auc_patient" not in table[results[0].encoder_id]
+    assert "patients with slides of different labels" in summary.split("## Patient-level results")[1]
 
 
 def three_class_cohort(folder, n_bags=24, seed=0):

@@ -1,5 +1,6 @@
 """Site-held-out evaluation (evaluation.cv: site): the folds, what MIL records, and the report's verdict."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,13 +31,14 @@ def test_each_fold_tests_one_site_and_trains_on_the_others():
     cohort = records(sites, labels)
     folds = site_folds(cohort, val_fraction=0.25, seed=0)
     site_of = {r.slide_id: r.site for r in cohort}
-    assert [sorted({site_of[i] for i in f.test}) for f in folds] == [["a"], ["b"], ["c"]]  # by name
-    for fold in folds:
-        (held,) = {site_of[i] for i in fold.test}
-        assert held not in {site_of[i] for i in fold.train + fold.val}
+    assert list(folds) == ["a", "b", "c"]  # by name
+    assert [f.index for f in folds.values()] == [0, 1, 2]
+    for site, fold in folds.items():
+        assert {site_of[i] for i in fold.test} == {site}
+        assert site not in {site_of[i] for i in fold.train + fold.val}
         assert sorted(fold.train + fold.val + fold.test) == sorted(site_of)
         assert fold.val  # a validation part from the other sites' patients
-    assert site_folds(cohort, val_fraction=0, seed=0)[0].val == ()
+    assert site_folds(cohort, val_fraction=0, seed=0)["a"].val == ()
 
 
 @pytest.mark.parametrize(
@@ -44,7 +46,12 @@ def test_each_fold_tests_one_site_and_trains_on_the_others():
     [
         (["a", None, "b", ""], ["x", "y", "x", "y"], None, "empty or missing for s1 (line 3), s3 (line 5)"),
         (["a"] * 4, ["x", "y", "x", "y"], None, "every slide is from 'a'"),
-        (["a", "b", "a", "b"], ["x", "y", "x", "y"], ["p0", "p0", "p1", "p2"], "more than one site: p0"),
+        (
+            ["a", "b", "a", "b"],
+            ["x", "y", "x", "y"],
+            ["p0", "p0", "p1", "p2"],
+            "more than one site: p0 (a, b)",
+        ),
         # site b holds every y: holding it out leaves no y to train on (site a is held out first: x)
         (["a", "b", "a", "b"], ["x", "y", "x", "y"], None, "class 'x' has no slide in the training part"),
     ],
@@ -53,6 +60,15 @@ def test_what_site_folds_cannot_be_made_from_is_named(sites, labels, patients, s
     with pytest.raises(SplitError, match=r"evaluation\.cv: patient") as info:
         site_folds(records(sites, labels, patients), val_fraction=0, seed=0)
     assert said in str(info.value)
+
+
+def test_a_manifest_split_is_not_combined_with_site_folds():
+    cohort = [
+        dataclasses.replace(r, split="test" if r.site == "a" else "train")
+        for r in records(["a", "b"] * 4, ["x", "y"] * 4)
+    ]
+    with pytest.raises(SplitError, match=r"split column fixes one train/test split \(line 2: test\)"):
+        site_folds(cohort, val_fraction=0, seed=0)
 
 
 def test_run_refuses_a_cohort_without_sites_before_the_first_slide():
@@ -119,7 +135,7 @@ def test_a_site_confounded_encoder_loses_its_auc_out_of_site_and_the_report_says
     )
     sites = result.metrics["sites"]
     assert [f["site"] for f in sites["folds"]] == list(SITES)
-    assert [f["n_test"] for f in sites["folds"]] == [8] * 6
+    assert [f["fold"] for f in sites["folds"]] == list(range(6))
     # the held-out folds: no model saw a slide of the site it predicts
     site_of = {r.slide_id: r.site for r in cohort}
     held_out = trained_on[3:]
@@ -133,6 +149,24 @@ def test_a_site_confounded_encoder_loses_its_auc_out_of_site_and_the_report_says
     print(f"site-confounded: AUC {auc_in:.3f} in site-mixed folds, {auc_out:.3f} held out")
     assert set(sites["per_site"]) == set(SITES)
     assert all(v["n_slides"] == 8 for v in sites["per_site"].values())
+    # the out-of-site predictions are kept, each slide's from the fold of its own site; the per-site AUCs
+    # are those of these predictions and of the site-mixed ones (a plain scikit-learn loop)
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    with (result.out_dir / "predictions_by_site.csv").open() as f:
+        held = list(csv.DictReader(f))
+    with (result.out_dir / "predictions.csv").open() as f:
+        mixed = list(csv.DictReader(f))
+    assert all(int(row["fold"]) == SITES.index(site_of[row["slide_id"]]) for row in held)
+    for site in SITES:
+        for rows, key in ((held, "auc_out"), (mixed, "auc_in")):
+            mine = [row for row in rows if site_of[row["slide_id"]] == site]
+            y = [row["label"] == "pos" for row in mine]
+            expected = roc_auc_score(y, [float(row["prob_pos"]) for row in mine])
+            assert sites["per_site"][site][key] == pytest.approx(expected, abs=1e-5), (site, key)
+    assert "predictions_by_site.csv" in result.metrics["lineage"]["files"]
     # the same result resumes
     again = train_mil(cohort, features_dir=features, out_dir=tmp_path / "mil", mil=mil, evaluation=evaluation)
     assert again.reused
@@ -165,10 +199,32 @@ def test_an_advantage_that_disappears_out_of_site_is_flagged():
     flags = site_flags(rows)
     assert flags == [
         "random's advantage over imagenet disappears out of site: 0.970 vs 0.950 in site-mixed folds, "
-        "0.600 vs 0.930 with the test site held out",
+        "0.600 vs 0.930 with the test site held out (not tested for significance)",
         "random's advantage over kimianet disappears out of site: 0.970 vs 0.900 in site-mixed folds, "
-        "0.600 vs 0.910 with the test site held out",
+        "0.600 vs 0.910 with the test site held out (not tested for significance)",
     ]
     # imagenet keeps its lead over kimianet out of site; a lead under 0.02 is no advantage to lose
     assert site_flags([("a", 0.91, 0.80), ("b", 0.90, 0.85)]) == []
     assert site_flags([]) == []
+
+
+def test_a_fine_tuned_encoders_result_is_not_evaluated_out_of_site(tmp_path):
+    """Fine-tuned features come with the folds their encoders were fine-tuned in (here one folder, as a
+    manifest split gives): those encoders were trained on every site's slides, so no held-out fold is
+    trained and the result says why."""
+    from histotransfer.mil.splits import make_folds
+    from tests.helpers import synthetic_cohort
+
+    cohort, _, features = synthetic_cohort(tmp_path, n_bags=12)
+    cohort = [dataclasses.replace(r, site="ab"[i % 2]) for i, r in enumerate(cohort)]
+    folds = make_folds(cohort, n_folds=2, val_fraction=0, seed=0)
+    result = train_mil(
+        cohort,
+        features_dir=features,
+        out_dir=tmp_path / "mil",
+        mil=MILConfig(epochs=1, folds=2, restarts=1),
+        evaluation=EvaluationConfig(bootstrap=100, heatmaps=0, cv="site"),
+        folds=folds,
+    )
+    assert "fine-tuned in that fold" in result.metrics["sites"]["skipped"]
+    assert not (result.out_dir / "predictions_by_site.csv").exists()
