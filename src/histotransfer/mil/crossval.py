@@ -140,7 +140,9 @@ def _write_predictions(path: Path, preds: Sequence[SlidePrediction], classes: Se
         writer.writerow(["slide_id", "label", "fold", "prediction", *(f"prob_{c}" for c in classes)])
         for p in preds:
             row = [p.slide_id, classes[p.label], p.fold, classes[int(p.probs.argmax())]]
-            writer.writerow(row + [f"{v:.6f}" for v in p.probs])
+            # every digit of the float32 probability: rounded, a confident model's probabilities tie
+            # (0.99999994 and 0.99999988 both 1.000000) and AUCs read back from here differ from the study's
+            writer.writerow(row + [f"{float(v):.9g}" for v in p.probs])
 
 
 def _write_attention(path: Path, pred: SlidePrediction, coords: np.ndarray) -> None:
