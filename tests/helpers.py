@@ -67,7 +67,7 @@ output_dir: {out}
 sample_data: {{n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}}
 extraction:
   encoders: [{{id: efficientnet_lite0@blocks.3}}]
-mil: {{epochs: 3, folds: 3}}
+mil: {{epochs: 3, folds: 3, restarts: 1}}
 evaluation: {{bootstrap: 100, heatmaps: 2}}
 """
 SMALL_STUDY_ENCODER = "efficientnet_lite0@blocks.3"
@@ -78,7 +78,7 @@ TINY = f"""
 sample_data: {{n_slides: 6, tissue_pieces: 1, site_mpp: [0.5], lesion_fraction: 0.25, artefacts: 0.0}}
 extraction:
   encoders: [{{id: {SMALL_STUDY_ENCODER}}}]
-mil: {{epochs: 2, folds: 3}}
+mil: {{epochs: 2, folds: 2, restarts: 1}}
 finetune: {{encoders: [{SMALL_STUDY_ENCODER}], k: 4, epochs: 1, lr: 1.0e-4, patience: 1}}
 cka: {{tiles: 32, batch_size: 16}}
 evaluation: {{bootstrap: 100, heatmaps: 2}}

@@ -31,7 +31,7 @@ PREDICT = f"{REGISTRY}/histotransfer:{VERSION}-predict"
 ENCODER = "efficientnet_lite0@blocks.1"
 # 4 slides, 2 folds: small enough for a container per stage, every stage still does its real work
 CHAIN_CONFIG = """
-mil: {epochs: 2, folds: 2}
+mil: {epochs: 2, folds: 2, restarts: 1}
 finetune: {k: 4, epochs: 1, patience: 1}
 cka: {tiles: 32, batch_size: 16}
 evaluation: {bootstrap: 100, heatmaps: 1}

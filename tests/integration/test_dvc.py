@@ -32,7 +32,7 @@ def small_params(manifest: Path | None = None) -> dict:
         {"id": "efficientnet_lite0@blocks.1"},
         {"id": SMALL_STUDY_ENCODER},
     ]
-    params["mil"].update(epochs=2, folds=3)
+    params["mil"].update(epochs=2, folds=2, restarts=1)
     params["finetune"].update(encoders=[{"id": "efficientnet_lite0@blocks.1"}], k=4, epochs=1, patience=1)
     params["cka"].update(tiles=32, batch_size=16)
     params["evaluation"].update(bootstrap=100, heatmaps=2)
