@@ -203,6 +203,7 @@ def _weight(item) -> int:
     return max((w for name, w in WEIGHTS.items() if item.get_closest_marker(name)), default=0)
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: make test-fast orders what it runs
 def pytest_collection_modifyitems(config, items):
     """Refuses a whole study outside the integration tier, and puts the heaviest files first: under
     ``--dist loadfile --no-loadscope-reorder`` the workers take files in this order, so the longest
