@@ -284,9 +284,9 @@ def submit(args: argparse.Namespace) -> str:
     import kfp
 
     run_arguments = arguments(args.config, args.param or [], args.pipeline)  # before any request
+    probe_endpoint(args.host)  # an unreachable host fails before the compile's seconds
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, Path(tmp) / f"{args.pipeline}.yaml", options_from(args))
-        probe_endpoint(args.host)
         with kfp_endpoint(args.host):
             with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": v2 it is
                 warnings.simplefilter("ignore", FutureWarning)

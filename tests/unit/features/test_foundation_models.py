@@ -157,6 +157,7 @@ def test_hibous_own_release_in_dinov2s_layout_loads_as_its_hugging_face_file_doe
     assert model.blocks[0].mlp.fc1.weight.shape[0] == 2 * model.blocks[0].mlp.fc2.weight.shape[1]  # SwiGLU
 
 
+@pytest.mark.slow  # 16 pairs of two built models each; the loading tests above stay fast
 @pytest.mark.parametrize(("arch", "neighbour"), NEIGHBOURS)
 def test_a_neighbouring_models_checkpoint_is_refused(tmp_path, small, arch, neighbour):
     _, state = random_model(neighbour)
@@ -184,6 +185,7 @@ def _meta_encoder(arch: str):
     return model, encoder
 
 
+@pytest.mark.slow  # full-size models (meta device): the shrunk ones are checked in the fast tier
 @pytest.mark.parametrize("arch", FMS)
 def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(arch):
     spec = ARCHS[arch]
@@ -204,6 +206,7 @@ def test_the_full_size_published_layout_matches_key_for_key_on_the_meta_device(a
     assert abs(n - millions) / millions < 0.02, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [a for a in FMS if ARCHS[a].family != "cnn"])
 def test_every_full_size_cut_has_its_documented_width_on_the_meta_device(arch):
     """One meta forward per model, each block's output pooled as a cut there pools it."""
