@@ -11,21 +11,39 @@ IMAGE_PREDICT = $(shell $(BIN)/python -m components.image predict)
 IMAGE_BUILD_ARGS ?=
 
 .PHONY: help setup test test-fast demo lint format bench bench-models clean image image-gpu image-predict push pipeline-compile pipeline-local \
-	dvc-repro dvc-remote dvc-yaml docs-layout
+	dvc-repro dvc-remote dvc-yaml docs-layout test-images
 
 setup: $(STAMP)  ## create .venv with the package and its dev extra (the default goal)
 
+# --no-compile: pip would byte-compile every module of every package (16,000 files, a minute); Python
+# compiles those that are imported, once, when they first are
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
 	touch $@
 
 # one pytest worker per core (each pinned to one thread: tests/conftest.py); a test file runs on one
 # worker, so its module fixtures (a DVC project, the docker images) are built once
 PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
-test: setup lint  ## lint and the whole test suite, as CI runs it
+test:  ## lint and the whole test suite, as CI runs it
+	$(MAKE) --no-print-directory -j2 setup test-images
+	$(MAKE) --no-print-directory lint
 	$(PYTEST)
+
+# The images the docker tests run, built while .venv is made (pip installs on one core, the image build
+# on the other) when a Docker engine answers; the docker tests then build them from the layer cache in
+# seconds. A build that fails here is left to those tests to report, with its log.
+TEST_IMAGES_LOG ?= $(or $(TMPDIR),/tmp)/histotransfer-test-images.log
+test-images:  ## build the images the docker tests run, if a Docker engine answers (make test does, beside setup)
+	@if docker info >/dev/null 2>&1; then \
+		start=$$(date +%s); status=built; \
+		for target in cpu predict; do \
+			containers/build.sh $$target "$$(python3 components/image.py $$target)" >>$(TEST_IMAGES_LOG) 2>&1 \
+				|| status="not built (the docker tests will build them and report why)"; \
+		done; \
+		echo "test images $$status in $$(( $$(date +%s) - start )) s (log: $(TEST_IMAGES_LOG))"; \
+	fi
 
 test-fast: setup  ## the tests not marked integration, slow or docker
 	$(PYTEST) -m "not integration and not slow and not docker"

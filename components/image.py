@@ -8,11 +8,23 @@ when pipelines are compiled and images built.
 
 import os
 import sys
+import tomllib
+from pathlib import Path
 
-from histotransfer import __version__
+
+def _version() -> str:
+    """The installed package's version; in a source tree whose package is not installed (`make test`
+    names the images while .venv is still being made), pyproject.toml's, which it is installed from."""
+    try:
+        from histotransfer import __version__
+    except ImportError:
+        with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    return __version__
+
 
 REGISTRY = os.environ.get("HISTOTRANSFER_REGISTRY", "ghcr.io/histotransfer")
-VERSION = __version__
+VERSION = _version()
 TARGETS = {"cpu": "", "gpu": "-gpu", "predict": "-predict"}
 
 
