@@ -94,7 +94,7 @@ def predict_row(encoder_id: str, model_only: float, pieces: int, tmp: Path):
     torch.manual_seed(0)
     head = AttentionMIL(encoder.dim, 2).eval()
     bundle_dir = tmp / "bundle"
-    info = AggregatorInfo(mil_dir="(benchmark: untrained head)", fold=0, val_loss=None, attention="paper")
+    info = AggregatorInfo(mil_dir="(benchmark: untrained head)", fold=0, val_loss=None, kind="abmil")
     write_bundle(
         bundle_dir,
         encoder=encoder,

@@ -137,7 +137,7 @@ def tiny_bundle(tmp_path_factory):
         head=build_model(encoder.dim, 2, MILConfig()),
         classes=["normal", "tumor"],
         tiling=TilingConfig(patch_size_px=64),
-        aggregator=AggregatorInfo(mil_dir="none", fold=0, val_loss=None, train_loss=0.5, attention="paper"),
+        aggregator=AggregatorInfo(mil_dir="none", fold=0, val_loss=None, train_loss=0.5, kind="abmil"),
         probes=None,
         precision="fp32",
         opset=OPSET,

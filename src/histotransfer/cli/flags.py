@@ -88,7 +88,7 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("mil.epochs"),
         Flag("mil.lr"),
         Flag("mil.folds"),
-        Flag("mil.attention"),
+        Flag("mil.aggregator"),
         Flag("mil.selection"),
         Flag("mil.seed"),
         Flag("mil.seeds"),

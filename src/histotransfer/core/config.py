@@ -426,7 +426,11 @@ class ExtractionConfig(_Section):
 class MILConfig(_Section):
     """Attention-MIL head and its training (defaults: the paper)."""
 
-    attention: Literal["paper", "gated"] = Field("paper", description="attention pooling: paper or gated")
+    aggregator: Literal["abmil", "gated", "clam_sb", "transmil", "mean", "max"] = Field(
+        "abmil",
+        description="the MIL head: abmil (the paper's attention), gated, clam_sb, transmil, or the pooling "
+        "baselines mean and max (docs/study.md, Aggregators)",
+    )
     hidden_dims: tuple[Width, Width] = Field((256, 64), description="widths of the two feature layers")
     attention_dim: Width = Field(32, description="width of the attention layer")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each feature layer")
@@ -464,6 +468,16 @@ class MILConfig(_Section):
     max_loss: float = Field(1e3, gt=0, le=1e9, description="a loss above this (or NaN) stops training")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the folds, initialisations and bootstrap")
     bag_cache_gb: float = Field(4.0, ge=0, le=4096, description="features kept in memory between epochs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "attention" in data:
+            raise ValueError(
+                "mil.attention was renamed mil.aggregator (paper -> abmil, gated -> gated); "
+                f"write aggregator: {'gated' if data['attention'] == 'gated' else 'abmil'}"
+            )
+        return data
 
     @property
     def holdout_fraction(self) -> float:

@@ -25,7 +25,7 @@ from histotransfer.io.layout import BUNDLE_SPEC
 from histotransfer.io.provenance import intact, sealed_json, sha256_file
 
 BUNDLE_FORMAT = "histotransfer-onnx-bundle"
-BUNDLE_VERSION = 2  # 2: integrity and lineage
+BUNDLE_VERSION = 3  # 2: integrity and lineage; 3: aggregator.kind (was attention: paper | gated)
 ENCODER_FILE, AGGREGATOR_FILE, BUNDLE_FILE = "encoder.onnx", "aggregator.onnx", BUNDLE_SPEC
 AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS = "features", ("probabilities", "attention")
 
@@ -49,7 +49,7 @@ class AggregatorInfo(_Strict):
     fold: int
     val_loss: float | None  # of the kept epoch; None when the folds had no validation slides
     train_loss: float | None = None  # of the kept epoch (older bundles lack it)
-    attention: Literal["paper", "gated"]
+    kind: Literal["abmil", "gated", "clam_sb", "transmil", "mean", "max"]  # the head (mil.aggregator)
 
 
 class BundleSpec(_Strict):

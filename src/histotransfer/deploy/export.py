@@ -43,7 +43,8 @@ from histotransfer.io import lineage
 from histotransfer.io.atomic import atomic_dir
 from histotransfer.io.layout import MILLayout
 from histotransfer.io.provenance import CONFIG_ATTR, config_hash, read_json, sha256_file
-from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.model import MILHead
+from histotransfer.mil.model import load_head as head_from_state
 from histotransfer.mil.results import MILResult
 from histotransfer.wsi.slides import local_slide_path, open_slide
 from histotransfer.wsi.tiling import load_tiles, read_tile, tiling_hash
@@ -147,14 +148,14 @@ def probe_tiles(tiles_dir: Path, n: int = 8) -> np.ndarray | None:
     return None
 
 
-def load_head(mil_dir: Path, fold: int) -> AttentionMIL:
+def load_head(mil_dir: Path, fold: int) -> MILHead:
     path = MILLayout(Path(mil_dir)).fold_model(fold)
     if not path.is_file():
         raise ExportError(f"{path} not found: fold {fold} has no MIL head")
     try:
-        return AttentionMIL.from_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        return head_from_state(torch.load(path, weights_only=True, map_location="cpu"))
     except (ValueError, RuntimeError) as exc:
-        raise ExportError(f"{path}: not a usable attention-MIL head ({exc})") from exc
+        raise ExportError(f"{path}: not a usable MIL head ({exc})") from exc
 
 
 def export_study_model(
@@ -230,7 +231,7 @@ def export_study_model(
             fold=fold,
             val_loss=losses.val_loss,
             train_loss=losses.train_loss,
-            attention="gated" if head.gated else "paper",
+            kind=head.kind,
         ),
         probes=probe_tiles(tiles_dir),
         precision=precision,
@@ -268,7 +269,7 @@ def write_bundle(
     out: Path,
     *,
     encoder: Encoder,
-    head: AttentionMIL,
+    head: MILHead,
     classes: list[str],
     tiling: TilingConfig,
     aggregator: AggregatorInfo,

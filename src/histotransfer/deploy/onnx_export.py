@@ -14,13 +14,13 @@ from histotransfer.core.onnx_runtime import Parity, check_parity, measure_parity
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS
 from histotransfer.features.onnx_encoder import OPSET, export_graph
 from histotransfer.io.atomic import atomic_path
-from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.model import MILHead
 
 
 class AggregatorGraph(nn.Module):
     """The MIL head as deployed: softmax probabilities and attention, no training-only outputs."""
 
-    def __init__(self, mil: AttentionMIL):
+    def __init__(self, mil: MILHead):
         super().__init__()
         self.mil = mil
 
@@ -29,7 +29,7 @@ class AggregatorGraph(nn.Module):
         return torch.softmax(out.logits, dim=0), out.attention  # (n_classes,), (n_tiles,)
 
 
-def export_aggregator(mil: AttentionMIL, path: str | Path, *, in_dim: int, opset: int = OPSET) -> Path:
+def export_aggregator(mil: MILHead, path: str | Path, *, in_dim: int, opset: int = OPSET) -> Path:
     """Write the MIL head as ONNX with a dynamic bag length (1 tile up), atomically."""
     module = AggregatorGraph(mil.cpu().eval()).eval()
     example = torch.rand(17, in_dim)  # any size > 1: a size-1 example would fix the axis to 1
@@ -40,9 +40,7 @@ def export_aggregator(mil: AttentionMIL, path: str | Path, *, in_dim: int, opset
     return Path(path)
 
 
-def aggregator_parity(
-    mil: AttentionMIL, path: Path, bags: Sequence[np.ndarray], *, tolerance: float
-) -> Parity:
+def aggregator_parity(mil: MILHead, path: Path, bags: Sequence[np.ndarray], *, tolerance: float) -> Parity:
     """Probabilities and attention of float32 bags (n, dim) through torch and ONNX Runtime."""
     module = AggregatorGraph(mil.cpu().eval()).eval()
     sess = session(path, threads=torch.get_num_threads(), providers=["CPUExecutionProvider"])

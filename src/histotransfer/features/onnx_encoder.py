@@ -31,6 +31,10 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, names,
     """Write ``module`` as ONNX (dynamo export): input ``names[0]`` with dynamic ``dims``, outputs
     ``names[1:]``; checked with onnx.checker."""
     import onnx
+    from onnxscript import opset18
+
+    def sym_sqrt(x):  # a square root of a dimension (TransMIL's square of tiles): ONNX Sqrt
+        return opset18.Sqrt(x)
 
     program = torch.onnx.export(
         module,
@@ -41,6 +45,7 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, *, names,
         dynamic_shapes={names[0]: dims},
         opset_version=opset,
         verbose=False,
+        custom_translation_table={torch._sym_sqrt: sym_sqrt},
     )
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -42,7 +42,7 @@ from histotransfer.io.atomic import atomic_dir
 from histotransfer.io.layout import FinetuneFoldLayout
 from histotransfer.io.marks import MARK_KEY, mark
 from histotransfer.io.provenance import sealed_json
-from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.model import MILHead
 from histotransfer.mil.training import TrainingError, class_weights
 from histotransfer.wsi.batches import tile_batches
 from histotransfer.wsi.slides import local_slide_path
@@ -78,7 +78,7 @@ def make_bags(
     slide_ids: Sequence[str],
     *,
     store: BagStore,
-    head: AttentionMIL,
+    head: MILHead,
     tiles: dict[str, TileSet],
     paths: dict[str, str],
     k: int,
@@ -181,13 +181,13 @@ class EncoderWithHead(nn.Module):
     running statistics stay the pretrained ones), LayerNorm in train mode like every other layer (it
     keeps no statistics: it normalises each token by itself in both modes)."""
 
-    def __init__(self, encoder: nn.Module, head: AttentionMIL):
+    def __init__(self, encoder: nn.Module, head: MILHead):
         super().__init__()
         self.encoder = encoder
         self.head = head
 
     @classmethod
-    def start(cls, encoder: Encoder, head: AttentionMIL) -> EncoderWithHead:
+    def start(cls, encoder: Encoder, head: MILHead) -> EncoderWithHead:
         """Copies of the encoder and of the fold's trained MIL head: the originals stay untouched."""
         return cls(copy.deepcopy(encoder.module), copy.deepcopy(head))
 
@@ -212,7 +212,7 @@ class FinetuneResult:
 
 def finetune(
     encoder: Encoder,
-    head: AttentionMIL,
+    head: MILHead,
     train_bags: Sequence[Bag],
     val_bags: Sequence[Bag],
     *,

@@ -19,27 +19,27 @@ from torch import nn
 from histotransfer.core.config import MILConfig
 from histotransfer.core.errors import TrainingError
 from histotransfer.features.bags import BagStore
-from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.model import MILHead, build_head
 from histotransfer.mil.splits import Fold
 
 
 @dataclass
 class FoldModel:
     fold: Fold
-    model: AttentionMIL  # takes raw features: the standardisation is folded into its first layer
+    model: MILHead  # takes raw features: the standardisation is folded into its first layer
     best_epoch: int
     history: list[dict[str, float | None]] = field(default_factory=list)  # of the kept restart
     restart: int = 0
     restarts: list[dict[str, float | None]] = field(default_factory=list)  # selection loss of each
 
 
-def build_model(in_dim: int, n_classes: int, cfg: MILConfig) -> AttentionMIL:
-    return AttentionMIL(
+def build_model(in_dim: int, n_classes: int, cfg: MILConfig) -> MILHead:
+    return build_head(
+        cfg.aggregator,
         in_dim,
         n_classes,
         hidden_dims=cfg.hidden_dims,
         attention_dim=cfg.attention_dim,
-        attention=cfg.attention,
         dropout=cfg.dropout,
         patch_head=cfg.beta > 0,
     )
@@ -82,7 +82,7 @@ class Standardizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.scale  # (n_tiles, dim)
 
-    def fold_into(self, model: AttentionMIL) -> AttentionMIL:
+    def fold_into(self, model: MILHead) -> MILHead:
         """``model`` changed in place to take raw features: W' = W / scale, b' = b - W' mean."""
         first = model.embed[0]
         with torch.no_grad():
@@ -92,13 +92,15 @@ class Standardizer:
         return model
 
 
-def bag_loss(
-    model: AttentionMIL, x: torch.Tensor, y: int, slide_loss: nn.Module, beta: float
-) -> torch.Tensor:
-    """Slide cross-entropy, plus beta times the patch-level loss (every tile takes the slide label)."""
+def bag_loss(model: MILHead, x: torch.Tensor, y: int, slide_loss: nn.Module, beta: float) -> torch.Tensor:
+    """Slide cross-entropy (mixed with the head's own loss where it has one: CLAM's instance loss),
+    plus beta times the patch-level loss (every tile takes the slide label)."""
     out = model(x)
     target = torch.tensor([y])
     loss = slide_loss(out.logits[None], target)
+    if (own := model.auxiliary_loss(out, y)) is not None:
+        weight = model.slide_weight()
+        loss = weight * loss + (1 - weight) * own
     if out.patch_logits is not None and beta > 0:
         patch_target = target.expand(len(x))  # (n_tiles,)
         loss = loss + beta * nn.functional.cross_entropy(out.patch_logits, patch_target)
@@ -213,7 +215,7 @@ class SlidePrediction:
 
 
 def predict_slides(
-    model: AttentionMIL, store: BagStore, slide_ids: Sequence[str], fold: int
+    model: MILHead, store: BagStore, slide_ids: Sequence[str], fold: int
 ) -> list[SlidePrediction]:
     model.eval()
     out = []
