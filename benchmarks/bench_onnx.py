@@ -25,9 +25,9 @@ from common import benchmark_slide
 from histotransfer.core.config import TilingConfig
 from histotransfer.core.onnx_runtime import session
 from histotransfer.deploy.bundle import AggregatorInfo, load_bundle
-from histotransfer.deploy.export import write_bundle
+from histotransfer.deploy.inference import predict_cohort
 from histotransfer.deploy.onnx_export import AggregatorGraph, export_aggregator
-from histotransfer.deploy.predict import predict_cohort
+from histotransfer.deploy.packaging import write_bundle
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.onnx_encoder import OPSET, export_encoder
 from histotransfer.io.manifest import SlideRecord

@@ -124,7 +124,7 @@ def tiny_bundle(tmp_path_factory):
     """A bundle of a small random encoder and a random head, written by the exporter (no study)."""
     from histotransfer.core.config import MILConfig, TilingConfig
     from histotransfer.deploy.bundle import AggregatorInfo
-    from histotransfer.deploy.export import write_bundle
+    from histotransfer.deploy.packaging import write_bundle
     from histotransfer.features.encoders import build_encoder
     from histotransfer.features.onnx_encoder import OPSET
     from histotransfer.mil.training import build_model

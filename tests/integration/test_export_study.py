@@ -14,7 +14,7 @@ import torch
 from histotransfer.cli import EXIT_BAD_INPUT, EXIT_SLIDES_FAILED, main
 from histotransfer.core.errors import ExportError
 from histotransfer.deploy.bundle import load_bundle, read_spec
-from histotransfer.deploy.export import best_result, choose_fold, export_study_model
+from histotransfer.deploy.packaging import best_result, choose_fold, export_study_model
 from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
 from histotransfer.io.assets import fetch_asset
@@ -130,7 +130,7 @@ def test_failed_export_keeps_the_previous_bundle(small_study, tmp_path, monkeypa
     assert first.spec.aggregator.fold == 1
     assert export(fold=1).reused
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr("histotransfer.deploy.export.TOLERANCE", {"fp32": -1.0, "fp16": -1.0})
+    monkeypatch.setattr("histotransfer.deploy.packaging.TOLERANCE", {"fp32": -1.0, "fp16": -1.0})
     with pytest.raises(ExportError, match="disagrees with torch"):
         export(fold=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

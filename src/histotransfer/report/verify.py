@@ -489,7 +489,7 @@ def _bundle(folder: Path, layout: StudyLayout | None) -> Finding:
 
 def _predictions(out: PredictionLayout) -> Finding:
     from histotransfer.deploy.bundle import read_spec
-    from histotransfer.deploy.predict import read_slide_prediction
+    from histotransfer.deploy.inference import read_slide_prediction
 
     records, problems = _records(out.dir / "slides", "prediction")
     notes, bundles = set(), {}

@@ -15,7 +15,7 @@ from histotransfer.io.outputs import claim_output
 from histotransfer.stages.models import weights_for
 
 if TYPE_CHECKING:
-    from histotransfer.deploy.export import ExportResult
+    from histotransfer.deploy.packaging import ExportResult
     from histotransfer.mil.results import MILResult
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def best_mil_result(layout: StudyLayout, results: Sequence[MILResult] | None = None) -> Path:
     """The best of ``results`` (default: every finished MIL result of the study), as the report ranks
     them (its first row)."""
-    from histotransfer.deploy.export import best_result
+    from histotransfer.deploy.packaging import best_result
     from histotransfer.mil.results import MILResult
 
     results = MILResult.load_all(layout.mil) if results is None else results
@@ -51,7 +51,7 @@ def export(
     for a fine-tuned id, that fold's fine-tuned encoder from the layout's finetune section.
     """
     from histotransfer.core.encoder_ids import frozen_id
-    from histotransfer.deploy.export import choose_fold, export_study_model, finished_result
+    from histotransfer.deploy.packaging import choose_fold, export_study_model, finished_result
 
     mil_dir = Path(mil_dir) if mil_dir is not None else best_mil_result(layout)
     out = Path(out) if out is not None else layout.bundle(config.export.name)

@@ -30,7 +30,7 @@ def predict(
     """Classify ``slides`` (a slide, a gs:// URI or a manifest) with the ONNX bundle in ``bundle_dir``
     into ``out`` (see PredictionLayout). Torch-free: ONNX Runtime, OpenSlide and numpy only."""
     from histotransfer.deploy.bundle import load_bundle
-    from histotransfer.deploy.predict import BATCH_SIZE, predict_cohort, slides_to_classify
+    from histotransfer.deploy.inference import BATCH_SIZE, predict_cohort, slides_to_classify
     from histotransfer.io.storage import is_gcs_uri
 
     local_input = None if is_gcs_uri(slides) else Path(slides)

@@ -313,7 +313,7 @@ def test_predict_settings_name_the_flag(flags, message):
 
 def test_predict_settings_defaults_are_the_ones_predict_uses():
     from histotransfer.core.config import predict_settings
-    from histotransfer.deploy.predict import BATCH_SIZE
+    from histotransfer.deploy.inference import BATCH_SIZE
 
     settings = predict_settings(mpp=None, batch_size=None, readers=None, threads=None)
     assert (settings.mpp, settings.batch_size, settings.readers, settings.threads) == (

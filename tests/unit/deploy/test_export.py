@@ -12,7 +12,7 @@ import torch
 from histotransfer.cli import EXIT_BAD_INPUT, main
 from histotransfer.core.errors import BundleError
 from histotransfer.deploy.bundle import BUNDLE_FILE, ENCODER_FILE, load_bundle
-from histotransfer.deploy.export import choose_fold
+from histotransfer.deploy.packaging import choose_fold
 from histotransfer.io.provenance import sealed_json
 from histotransfer.mil.model import AttentionMIL
 
