@@ -15,11 +15,8 @@ ROOT = REPO / "src" / PACKAGE
 # Lowest first. Subpackages by folder name, modules at the package root by file name; every one is named
 # (a test fails on a file of the package that no layer names).
 LAYERS: list[tuple[str, ...]] = [
-    (
-        "core",
-        "io",
-        "__init__.py",
-    ),  # the config schema, the id grammar, errors, processes; files, the data contract
+    ("core", "__init__.py"),  # the config schema, the id grammar, errors, processes
+    ("io",),  # files, the data contract, the per-slide runner and the run's lifecycle
     ("wsi",),  # slides and tiles
     ("plots.py",),  # every figure; heatmaps draw over slide thumbnails (wsi), mil and deploy draw
     ("features",),  # encoders and patch features
@@ -123,7 +120,8 @@ def test_the_check_sees_lazy_relative_and_package_imports():
     )
     found = upward_imports("x.py", "histotransfer.features.extraction", False, text)
     assert [f.split(":")[1] for f in found] == ["5", "6", "7"], found
-    assert "histotransfer.mil (layer 4: mil)" in found[1]
+    assert "histotransfer.mil (layer 5: mil)" in found[1]
+    assert upward_imports("c.py", "histotransfer.core.runner", False, "from histotransfer.io import atomic")
     assert "in no layer" in upward_imports("y.py", "histotransfer.novel.thing", False, "")[0]
     assert upward_imports("z.py", "histotransfer.core.config", False, "import histotransfer.nothing_here")
 

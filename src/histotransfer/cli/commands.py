@@ -13,9 +13,9 @@ from histotransfer.cli import printing
 from histotransfer.cli.entry import EXIT_BAD_INPUT, EXIT_OK, EXIT_SLIDES_FAILED
 from histotransfer.cli.flags import flag_values, study_config
 from histotransfer.core.errors import ConfigError
-from histotransfer.core.runner import StageResult
 from histotransfer.io.layout import StudyLayout
 from histotransfer.io.manifest import read_manifest
+from histotransfer.io.runner import StageResult
 from histotransfer.io.storage import check_destination, fetch_gcs, staging_dir, upload_tree
 
 

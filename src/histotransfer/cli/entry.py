@@ -25,9 +25,9 @@ from pathlib import Path
 from histotransfer import __version__
 from histotransfer.cli import printing
 from histotransfer.core.errors import USER_ERRORS
-from histotransfer.core.lifecycle import command_scope
 from histotransfer.core.logs import configure_logging
 from histotransfer.io.assets import cache_dir
+from histotransfer.io.lifecycle import command_scope
 
 EXIT_OK, EXIT_SLIDES_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 EXIT_TERMINATED, EXIT_BROKEN_PIPE = 143, 141

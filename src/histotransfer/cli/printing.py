@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from histotransfer.core.errors import Interrupted
-from histotransfer.core.runner import StageResult
+from histotransfer.io.runner import StageResult
 
 
 def say(*lines: str) -> None:

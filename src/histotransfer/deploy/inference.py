@@ -21,13 +21,13 @@ from histotransfer.core.config import PredictSettings
 from histotransfer.core.cpus import available_cpus
 from histotransfer.core.errors import ManifestError
 from histotransfer.core.onnx_runtime import ENCODER_INPUT
-from histotransfer.core.runner import StageResult, run_per_slide
 from histotransfer.deploy.bundle import AGGREGATOR_INPUT, AGGREGATOR_OUTPUTS, Bundle
 from histotransfer.io import lineage
 from histotransfer.io.atomic import atomic_path
 from histotransfer.io.layout import PredictionLayout, slide_file
 from histotransfer.io.manifest import SlideRecord, check_slide_id, local_slide_file, read_manifest
 from histotransfer.io.provenance import config_hash, provenance_attrs
+from histotransfer.io.runner import StageResult, run_per_slide
 from histotransfer.io.storage import fetch_gcs, is_gcs_uri
 from histotransfer.plots import attention_heatmap
 from histotransfer.wsi.batches import tile_batches

@@ -30,7 +30,6 @@ from histotransfer.core.cpus import available_cpus
 from histotransfer.core.errors import BundleError, DeviceError, ExportError, LineageError
 from histotransfer.core.onnx_runtime import ENCODER_INPUT, ENCODER_OUTPUT, TOLERANCE, check_io, run_session
 from histotransfer.core.onnx_runtime import session as ort_session
-from histotransfer.core.runner import StageResult, run_per_slide
 from histotransfer.features.encoders import Encoder
 from histotransfer.features.onnx_encoder import ONNX_MAX_BYTES, encoder_parity, export_encoder, weights_bytes
 from histotransfer.io import lineage
@@ -45,6 +44,7 @@ from histotransfer.io.provenance import (
     recorded_sha256,
     sha256_file,
 )
+from histotransfer.io.runner import StageResult, run_per_slide
 from histotransfer.wsi.batches import measured_batches
 from histotransfer.wsi.regions import RegionReader, open_regions
 from histotransfer.wsi.slides import SlideError, local_slide_path, open_slide

@@ -27,10 +27,10 @@ from typing import Any
 from histotransfer import stages
 from histotransfer.core.config import StudyConfig, validate_config
 from histotransfer.core.errors import ConfigError
-from histotransfer.core.lifecycle import command_scope
 from histotransfer.core.logs import configure_logging
 from histotransfer.io.atomic import write_text_atomic
 from histotransfer.io.layout import BUNDLE_SPEC, SUMMARY, StudyLayout, is_shard_summary
+from histotransfer.io.lifecycle import command_scope
 from histotransfer.io.manifest import read_manifest
 from histotransfer.stages.common import stage_stats
 

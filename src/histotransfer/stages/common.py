@@ -14,7 +14,7 @@ from histotransfer.io.layout import SUMMARY, StudyLayout
 from histotransfer.io.manifest import SlideRecord
 
 if TYPE_CHECKING:
-    from histotransfer.core.runner import StageResult
+    from histotransfer.io.runner import StageResult
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from histotransfer.core.config import StudyConfig
 from histotransfer.core.errors import FeaturesError
-from histotransfer.core.runner import StageResult
 from histotransfer.io import lineage
 from histotransfer.io.layout import StudyLayout, shard_summary
 from histotransfer.io.manifest import SlideRecord, read_manifest
 from histotransfer.io.outputs import claim_output
+from histotransfer.io.runner import StageResult
 from histotransfer.stages.common import shard, stage_stats, tiled, tiles_folder
 from histotransfer.stages.models import build, engine
 

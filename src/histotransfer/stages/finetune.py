@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from histotransfer.core.config import StudyConfig
 from histotransfer.core.errors import FeaturesError
-from histotransfer.core.runner import StageResult
 from histotransfer.io import lineage
 from histotransfer.io.layout import StudyLayout
 from histotransfer.io.manifest import SlideRecord, read_manifest
 from histotransfer.io.outputs import claim_output
+from histotransfer.io.runner import StageResult
 from histotransfer.stages.common import featured, tiles_folder
 from histotransfer.stages.extract import extract
 from histotransfer.stages.fanout import fan_out

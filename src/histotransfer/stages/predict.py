@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histotransfer.core.runner import StageResult
 from histotransfer.io.outputs import claim_output
+from histotransfer.io.runner import StageResult
 
 if TYPE_CHECKING:
     pass

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from histotransfer import stages
 from histotransfer.core import errors
 from histotransfer.core.config import StudyConfig
-from histotransfer.core.runner import StageResult
 from histotransfer.io.layout import StudyLayout
 from histotransfer.io.manifest import SlideRecord
 from histotransfer.io.outputs import claim_output
+from histotransfer.io.runner import StageResult
 from histotransfer.stages.fanout import FanOut, T, fan_out
 
 if TYPE_CHECKING:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histotransfer.core.config import StudyConfig
-from histotransfer.core.runner import StageResult
 from histotransfer.io.layout import StudyLayout, shard_summary
 from histotransfer.io.manifest import SlideRecord, read_manifest
 from histotransfer.io.outputs import claim_output
+from histotransfer.io.runner import StageResult
 from histotransfer.stages.common import shard, stage_stats
 
 if TYPE_CHECKING:

@@ -18,13 +18,13 @@ from PIL import Image
 from scipy import ndimage
 
 from histotransfer.core.config import TilingConfig
-from histotransfer.core.runner import StageResult, run_per_slide
 from histotransfer.io import lineage
 from histotransfer.io.atomic import atomic_path
 from histotransfer.io.layout import SUMMARY, slide_file
 from histotransfer.io.manifest import SlideRecord
 from histotransfer.io.marks import png_info
 from histotransfer.io.provenance import config_hash, provenance_attrs
+from histotransfer.io.runner import StageResult, run_per_slide
 from histotransfer.wsi.geometry import TileGeometry, footprint_means, grid_coords, tile_geometry
 from histotransfer.wsi.regions import RegionReader, SlideRegions
 from histotransfer.wsi.slides import (

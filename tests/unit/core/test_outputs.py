@@ -227,9 +227,9 @@ def test_a_folder_replaced_whole_keeps_the_users_dotfiles_and_refuses_their_othe
 
 def test_sigterm_during_a_folder_swap_waits_until_the_new_folder_is_in_place(tmp_path, monkeypatch):
     from histotransfer.core.errors import Terminated
-    from histotransfer.core.lifecycle import command_scope
     from histotransfer.io import atomic
     from histotransfer.io.atomic import atomic_dir
+    from histotransfer.io.lifecycle import command_scope
 
     fold = tmp_path / "fold0"
     with atomic_dir(fold) as stage:
