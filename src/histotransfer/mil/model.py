@@ -7,13 +7,19 @@ features (n_tiles, D) -> Linear(D, 256) -> ReLU -> Linear(256, 64) -> ReLU -> h 
 abmil     the paper's attention: Linear(64, 32) -> Tanh -> Linear(32, 1), softmax over the tiles,
           Linear(64, n_classes) on sum_i a_i h_i
 gated     Ilse et al.'s gated attention: tanh(V h) * sigmoid(U h) -> Linear(32, 1), pooled as abmil
-clam_sb   CLAM single-branch (Lu et al. 2021): gated attention, plus an instance classifier per class
-          trained on the slide's top-k attended tiles (the slide's class) and bottom-k (not it); the
-          loss is 0.7 slide + 0.3 instance, CLAM's defaults (k = 8, cross-entropy)
+clam_sb   CLAM single-branch (Lu et al. 2021) as CLAM runs it without `subtyping`: gated attention,
+          plus an instance classifier per class, the slide's class's trained on the slide's top-k
+          attended tiles (in class) and bottom-k (not); the other classes' classifiers are not
+          trained (CLAM's subtyping mode would train them on the top-k as out of class). The loss is
+          0.7 slide + 0.3 instance (CLAM's defaults: k = 8, cross-entropy; k shrinks to half of a
+          smaller bag, where CLAM would fail), also for choosing restarts and epochs (CLAM's early
+          stopping reads the slide loss only)
 transmil  TransMIL (Shao et al. 2021): a class token and h through two pre-norm self-attention layers,
           the PPEG (depthwise 7/5/3 convolutions over the tokens laid out on a square, padded by
           repeating the first tokens) after the first; the classifier reads the class token. Exact
-          attention (scaled_dot_product_attention) instead of the Nystrom approximation
+          attention (scaled_dot_product_attention) instead of the Nystrom approximation, so without
+          its residual convolution over the values and its attention dropout; 4 heads of 16 (the
+          64-wide shared embedding; the paper: 8 of 64 on 512) and a class token drawn with sd 0.02
 mean      Linear(64, n_classes) on the mean of h (the pooling baseline)
 max       Linear(64, n_classes) on each tile's h; the slide's logits are its top tile's (CLAM's MIL
           baseline): the tile most for class 1 of two, the most confident tile of more
@@ -152,11 +158,11 @@ class CLAMSingleBranch(AttentionMIL):
     kind = "clam_sb"
     marker = "instance_classifiers.0.weight"
 
-    def __init__(self, in_dim: int, n_classes: int, *, k: int = CLAM_K, **kwargs):
+    def __init__(self, in_dim: int, n_classes: int, **kwargs):
         kwargs.pop("attention", None)
         super().__init__(in_dim, n_classes, attention="gated", **kwargs)
         h2 = self.classifier.in_features
-        self.k = k
+        self.k = CLAM_K  # a constant: a saved head does not record it
         self.instance_classifiers = nn.ModuleList(nn.Linear(h2, 2) for _ in range(n_classes))
 
     def slide_weight(self) -> float:
@@ -255,13 +261,14 @@ class TransMIL(MILHead):
     kind = "transmil"
     marker = "cls_token"
 
-    def __init__(self, in_dim: int, n_classes: int, *, heads: int = TRANSMIL_HEADS, **kwargs):
+    def __init__(self, in_dim: int, n_classes: int, **kwargs):
         kwargs.pop("attention_dim", None)
         super().__init__(in_dim, n_classes, **kwargs)
         dim = self.embed[3].out_features
         self.cls_token = nn.Parameter(torch.zeros(1, dim))
         nn.init.normal_(self.cls_token, std=0.02)
-        self.layer1, self.layer2 = _SelfAttention(dim, heads), _SelfAttention(dim, heads)
+        # a constant number of heads: no weight's shape records it, so a saved head could not say
+        self.layer1, self.layer2 = _SelfAttention(dim, TRANSMIL_HEADS), _SelfAttention(dim, TRANSMIL_HEADS)
         self.ppeg = _PPEG(dim)
         self.norm = nn.LayerNorm(dim)
         self.transmil_classifier = nn.Linear(dim, n_classes)

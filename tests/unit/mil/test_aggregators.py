@@ -3,6 +3,7 @@ state alone, takes the folded standardisation, learns a planted-instance problem
 own loss (CLAM's instance loss) computes it as the paper describes."""
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -30,7 +31,7 @@ def _head(kind: str, n_classes: int = 3, **kwargs) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", AGGREGATORS)
-@pytest.mark.parametrize("n", [1, 2, 7, 50])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50])
 def test_every_head_pools_any_bag_into_logits_and_a_distribution_over_its_tiles(kind, n):
     model = _head(kind, patch_head=True)
     with torch.no_grad():
@@ -57,6 +58,8 @@ def test_a_saved_head_is_rebuilt_as_its_own_kind_and_computes_the_same(kind, pat
         a, b = model(x), rebuilt(x)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.attention, b.attention)
+    if patch_head:
+        torch.testing.assert_close(a.patch_logits, b.patch_logits)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         load_head(state | {"stray.weight": torch.zeros(1)})
 
@@ -126,23 +129,75 @@ def test_clams_instance_loss_is_the_top_and_bottom_k_of_the_slides_class():
         slide = nn.functional.cross_entropy(out.logits[None], torch.tensor([label]))
         total = bag_loss(model, x, label, nn.CrossEntropyLoss(), beta=0.0)
         torch.testing.assert_close(total, CLAM_BAG_WEIGHT * slide + (1 - CLAM_BAG_WEIGHT) * expected)
-    small = model(torch.randn(5, 24))  # k shrinks to half the bag
-    assert model.auxiliary_loss(small, 0) is not None
+    small = model(torch.randn(5, 24))  # k shrinks to half the bag: the top 2 and the bottom 2
+    weights = small.attention.detach().tolist()
+    order = sorted(range(5), key=lambda i: -weights[i])
+    logits = model.instance_classifiers[0](small.tiles[order[:2] + order[-2:]])
+    expected = nn.functional.cross_entropy(logits, torch.tensor([1, 1, 0, 0]))
+    torch.testing.assert_close(model.auxiliary_loss(small, 0), expected)
+    model.zero_grad()
+    model.auxiliary_loss(model(x), 1).backward()  # the instance loss trains the embedding too
+    assert model.embed[0].weight.grad.abs().sum() > 0
     assert model.auxiliary_loss(model(torch.randn(1, 24)), 0) is None  # one tile: nothing to contrast
     assert _head("abmil").auxiliary_loss(MILOutput(out.logits, out.attention, None), 0) is None
 
 
-def test_transmil_reads_its_class_token_and_pads_to_a_square():
-    model = _head("transmil", 2)
-    x = torch.randn(10, 24)  # a 4 x 4 square: 6 tokens repeated
+@pytest.mark.parametrize("n", [1, 3, 9, 10])
+def test_transmil_is_its_layers_in_the_papers_order_over_tokens_padded_to_a_square(n):
+    """A plain re-composition: repeat the first tokens up to a square, class token first, layer 1,
+    the PPEG (x plus three depthwise convolutions over the square), layer 2, LayerNorm, the class token
+    classified; attention: the class token's softmax over the real tiles in layer 2, mean over heads."""
+    model = _head("transmil", 3)
+    x = torch.randn(n, 24)
     with torch.no_grad():
+        h = model.embed(x)
+        side = int(np.ceil(np.sqrt(n)))
+        tokens = torch.cat([model.cls_token, h, h.repeat(2, 1)[: side * side - n]])
+        assert len(tokens) == 1 + side * side
+
+        def attend(layer, t):
+            q, k, v = layer.qkv(layer.norm(t)).chunk(3, dim=1)
+            split = [z.reshape(len(t), 4, 16).transpose(0, 1) for z in (q, k, v)]  # (heads, n, 16)
+            weights = torch.softmax(split[0] @ split[1].transpose(1, 2) / 4.0, dim=-1)
+            mixed = (weights @ split[2]).transpose(0, 1).reshape(len(t), 64)
+            return t + layer.out(mixed), weights[:, 0, 1:].mean(0)
+
+        t, _ = attend(model.layer1, tokens)
+        grid = t[1:].T.reshape(1, 64, side, side)
+        grid = grid + sum(conv(grid) for conv in model.ppeg.convs)
+        t = torch.cat([t[:1], grid.reshape(64, -1).T])
+        t, cls = attend(model.layer2, t)
+        logits = model.transmil_classifier(model.norm(t[0]))
         out = model(x)
-        model.transmil_classifier.weight.zero_()
-        model.transmil_classifier.bias.copy_(torch.tensor([0.25, -0.5]))
-        torch.testing.assert_close(model(x).logits, torch.tensor([0.25, -0.5]))
-    assert out.attention.shape == (10,)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.attention, cls[:n] / cls[:n].sum(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not a multiple of 4 heads"):
         build_head("transmil", 24, 2, hidden_dims=(32, 18))
+
+
+def test_mean_pooling_of_more_classes_scores_tiles_for_the_slides_class():
+    model = _head("mean", 3)
+    x = torch.randn(9, 24)
+    with torch.no_grad():
+        tiles = model.mean_classifier(model.embed(x))
+        out = model(x)
+    target = int(out.logits.argmax())
+    torch.testing.assert_close(out.attention, torch.softmax(tiles[:, target] - tiles.mean(1), 0))
+
+
+@pytest.mark.parametrize("kind", AGGREGATORS)
+def test_every_head_trains_every_layer_it_uses(kind):
+    model = _head(kind, 3, patch_head=True, dropout=0.1).train()
+    x = torch.randn(12, 24)
+    loss = bag_loss(model, x, 2, nn.CrossEntropyLoss(), beta=0.5)
+    loss.backward()
+    untouched = [
+        name
+        for name, p in model.named_parameters()
+        if p.grad is None or not p.grad.abs().sum() > 0
+        if not name.startswith(("instance_classifiers.0.", "instance_classifiers.1."))  # label 2's only
+    ]
+    assert untouched == []
 
 
 @pytest.mark.parametrize("kind", AGGREGATORS)
