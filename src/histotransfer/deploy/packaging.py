@@ -326,5 +326,7 @@ def write_bundle(
         text = spec_json(spec)
         (stage / BUNDLE_FILE).write_text(text, encoding="utf-8")
         spec = spec.model_copy(update={"integrity": json.loads(text)["integrity"]})
-    log.info("bundle %s: %s with the MIL head of fold %d", out, encoder.id, aggregator.fold)
+    log.info(
+        "bundle %s: %s with the %s MIL head of fold %d", out, encoder.id, aggregator.kind, aggregator.fold
+    )
     return spec

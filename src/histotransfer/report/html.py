@@ -490,7 +490,8 @@ def _bundle_section(report_dir: Path, bundle: Path) -> tuple[list[str], list[str
     spec = read_spec(bundle)
     parity = ", ".join(f"{k} {v.max_rel:.1e}" for k, v in spec.parity.items())
     facts = (
-        f"{spec.encoder.id} ({spec.encoder.precision}) with the MIL head of fold {spec.aggregator.fold}; "
+        f"{spec.encoder.id} ({spec.encoder.precision}) with the {spec.aggregator.kind} MIL head of fold "
+        f"{spec.aggregator.fold}; "
         f"tiles of {spec.tiling.patch_size_px} px at {spec.tiling.target_mpp:g} um/px; "
         f"classes {', '.join(spec.classes)}; ONNX vs torch relative error: {parity}"
     )

@@ -468,7 +468,8 @@ def _bundle(folder: Path, layout: StudyLayout | None) -> Finding:
         return Finding(str(folder) + "/", "unreadable", [str(exc)], redo)
     record, problems, notes = spec.lineage, [], []
     made = (
-        f"{spec.encoder.id} ({spec.encoder.weights_source}) with the MIL head of fold {spec.aggregator.fold}"
+        f"{spec.encoder.id} ({spec.encoder.weights_source}) with the {spec.aggregator.kind} MIL head of fold "
+        f"{spec.aggregator.fold}"
     )
     if not lineage.well_formed(record, "bundle"):
         return Finding(str(folder) + "/", made, [], redo, ["records no lineage (made outside a study)"])
