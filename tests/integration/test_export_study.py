@@ -19,7 +19,7 @@ from histotransfer.features.encoders import build_encoder
 from histotransfer.features.extraction import TileReader
 from histotransfer.io.assets import fetch_asset
 from histotransfer.mil.crossval import MILResult
-from histotransfer.mil.model import AttentionMIL
+from histotransfer.mil.model import AttentionMIL, load_head
 from histotransfer.wsi.tiling import load_tiles
 from tests.helpers import SMALL_STUDY_ENCODER, write_csv
 
@@ -152,3 +152,38 @@ def test_export_command(small_study, tmp_path, capsys):
     assert load_bundle(out).spec.encoder.id == SMALL_STUDY_ENCODER
     rc = main(["export", "--mil", str(tmp_path / "missing"), "--out", str(out)])
     assert rc == EXIT_BAD_INPUT
+
+
+@pytest.mark.integration  # reads the small study (a whole `histotransfer run`)
+@pytest.mark.parametrize("kind", ["transmil", "max"])
+def test_any_head_trains_exports_and_predicts_what_its_torch_model_says(small_study, tmp_path, kind):
+    """`train --aggregator KIND` on the study's features, `export` of it, `predict` on the cohort: the
+    bundle names the head, and predict's probabilities and tile scores are the saved torch head's on
+    the study's features of the same tiles."""
+    study = small_study.root
+    manifest, tiles = study / "cohort" / "manifest.csv", study / "tiles"
+    features = study / "features" / SMALL_STUDY_ENCODER
+    mil = tmp_path / "mil"
+    train = ["train", str(manifest), "--features", str(features), "--out", str(mil), "--tiles", str(tiles)]
+    assert main([*train, "--aggregator", kind, "--epochs", "3", "--folds", "2"]) == 0
+    bundle = tmp_path / "bundle"
+    assert (
+        main(["export", "--mil", str(mil / SMALL_STUDY_ENCODER), "--out", str(bundle), "--tiles", str(tiles)])
+        == 0
+    )
+    spec = read_spec(bundle)
+    assert spec.aggregator.kind == kind
+    out = tmp_path / "pred"
+    assert main(["predict", str(manifest), "--bundle", str(bundle), "--out", str(out), "--no-heatmaps"]) == 0
+    state = torch.load(
+        mil / SMALL_STUDY_ENCODER / f"fold{spec.aggregator.fold}" / "model.pt", weights_only=True
+    )
+    head = load_head(state)
+    assert head.kind == kind
+    for path in sorted((out / "slides").glob("*.h5")):
+        with h5py.File(path, "r") as got, h5py.File(features / path.name, "r") as ours:
+            np.testing.assert_array_equal(got["coords"][:], ours["coords"][:])
+            with torch.inference_mode():
+                expected = head(torch.from_numpy(ours["features"][:]))
+            np.testing.assert_allclose(got["probabilities"][:], torch.softmax(expected.logits, 0), atol=1e-3)
+            np.testing.assert_allclose(got["attention"][:], expected.attention, rtol=1e-2, atol=1e-5)

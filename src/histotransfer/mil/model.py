@@ -159,7 +159,6 @@ class CLAMSingleBranch(AttentionMIL):
     marker = "instance_classifiers.0.weight"
 
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
-        kwargs.pop("attention", None)
         super().__init__(in_dim, n_classes, attention="gated", **kwargs)
         h2 = self.classifier.in_features
         self.k = CLAM_K  # a constant: a saved head does not record it
@@ -186,7 +185,6 @@ class MeanPool(MILHead):
     marker = "mean_classifier.weight"
 
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
-        kwargs.pop("attention_dim", None)
         super().__init__(in_dim, n_classes, **kwargs)
         self.mean_classifier = nn.Linear(self.embed[3].out_features, n_classes)
 
@@ -200,7 +198,6 @@ class MaxPool(MILHead):
     marker = "tile_classifier.weight"
 
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
-        kwargs.pop("attention_dim", None)
         super().__init__(in_dim, n_classes, **kwargs)
         self.tile_classifier = nn.Linear(self.embed[3].out_features, n_classes)
 
@@ -262,7 +259,6 @@ class TransMIL(MILHead):
     marker = "cls_token"
 
     def __init__(self, in_dim: int, n_classes: int, **kwargs):
-        kwargs.pop("attention_dim", None)
         super().__init__(in_dim, n_classes, **kwargs)
         dim = self.embed[3].out_features
         self.cls_token = nn.Parameter(torch.zeros(1, dim))
