@@ -106,6 +106,24 @@ def site_plot(path: Path, rows: list[tuple[str, float, float]]) -> Path:
     return _save(fig, path)
 
 
+def aggregator_matrix(path: Path, matrix: np.ndarray, encoders: list[str], aggregators: list[str]) -> Path:
+    """Pooled slide AUC of each encoder (down) with each MIL head (across); NaN: not run."""
+    fig = Figure(figsize=(1.8 + 0.75 * len(aggregators), 1.0 + 0.38 * len(encoders)), dpi=110)
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.5, vmax=1, cmap="viridis", origin="upper")
+    ax.set_xticks(range(len(aggregators)), aggregators, fontsize=7)
+    ax.set_yticks(range(len(encoders)), encoders, fontsize=7)
+    ax.set(title="slide AUC: encoder x MIL head")
+    ax.title.set_fontsize(8)
+    for (i, j), v in np.ndenumerate(matrix):
+        if np.isfinite(v):
+            ax.text(
+                j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="white" if v < 0.8 else "black"
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
 def cka_matrix(
     path: Path, matrix: np.ndarray, layers_a: list[str], layers_b: list[str], name_a: str, name_b: str
 ):

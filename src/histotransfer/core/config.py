@@ -7,7 +7,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -423,13 +423,23 @@ class ExtractionConfig(_Section):
         return value
 
 
+# The MIL heads (histotransfer.mil.model builds them; docs/study.md, Aggregators)
+Aggregator = Literal["abmil", "gated", "clam_sb", "transmil", "mean", "max"]
+AGGREGATORS: tuple[str, ...] = get_args(Aggregator)
+
+
 class MILConfig(_Section):
     """Attention-MIL head and its training (defaults: the paper)."""
 
-    aggregator: Literal["abmil", "gated", "clam_sb", "transmil", "mean", "max"] = Field(
+    aggregator: Aggregator = Field(
         "abmil",
         description="the MIL head: abmil (the paper's attention), gated, clam_sb, transmil, or the pooling "
         "baselines mean and max (docs/study.md, Aggregators)",
+    )
+    compare: list[Aggregator] = Field(
+        default_factory=list,
+        description="more heads cross-validated on each frozen encoder's features beside mil.aggregator "
+        "(same folds and seeds): the report's encoder x aggregator table",
     )
     hidden_dims: tuple[Width, Width] = Field((256, 64), description="widths of the two feature layers")
     attention_dim: Width = Field(32, description="width of the attention layer")
@@ -468,6 +478,20 @@ class MILConfig(_Section):
     max_loss: float = Field(1e3, gt=0, le=1e9, description="a loss above this (or NaN) stops training")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the folds, initialisations and bootstrap")
     bag_cache_gb: float = Field(4.0, ge=0, le=4096, description="features kept in memory between epochs")
+
+    @model_validator(mode="after")
+    def _distinct_heads(self) -> MILConfig:
+        heads = [self.aggregator, *self.compare]
+        if len(set(heads)) < len(heads):
+            raise ValueError(
+                f"mil.compare {self.compare} repeats a head (mil.aggregator is {self.aggregator}): name "
+                "each other head once"
+            )
+        return self
+
+    def head(self, kind: str) -> MILConfig:
+        """These settings with ``kind`` as the head and nothing to compare: one of compare's runs."""
+        return self.model_copy(update={"aggregator": kind, "compare": []})
 
     @model_validator(mode="before")
     @classmethod

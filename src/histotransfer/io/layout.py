@@ -5,7 +5,7 @@ A study root holds one folder per section::
     cohort/      manifest.csv, cohort.json, slides/, masks/, artefacts/   (the sample cohort)
     tiles/       {slide_id}.h5, {slide_id}.png, summary.csv
     features/    {encoder_id}/{slide_id}.h5 and summary.csv; fine-tuned: {encoder_id}+ft/fold{k}/...
-    mil/         {encoder_id}/  (see MILLayout)
+    mil/         {encoder_id}/  (see MILLayout); mil.compare: {encoder_id}/aggregators/{head}/{encoder_id}/
     finetune/    {encoder_id}/fold{k}/  (see FinetuneFoldLayout)
     cka/         {a}__{b}.json and .png
     onnx/        {name}/  (an ONNX bundle)
@@ -131,6 +131,15 @@ class MILLayout:
 
     def attention(self, slide_id: str) -> Path:
         return slide_file(self.dir / "attention", slide_id)
+
+    def compared_root(self, aggregator: str) -> Path:
+        """Where mil.compare's run with ``aggregator`` writes its result (``{root}/{encoder_id}/``):
+        inside this one, so that it travels with it (a KFP artifact, a DVC output)."""
+        return self.dir / "aggregators" / aggregator
+
+    def compared(self) -> list[MILLayout]:
+        """The finished results of mil.compare's other heads on the same features."""
+        return [MILLayout(p.parent) for p in sorted(self.dir.glob("aggregators/*/*/metrics.json"))]
 
     def heatmap(self, slide_id: str) -> Path:
         return slide_file(self.dir / "heatmaps", slide_id, ".png")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histotransfer.core.config import AGGREGATORS
 from histotransfer.core.encoder_ids import ENCODER_ID
 from histotransfer.core.errors import OutputError
 from histotransfer.io.layout import (
@@ -91,15 +92,17 @@ def _files(*patterns: str) -> Kind:
 
 TILES = Kind("tiles", ("*.h5", "*.png", "summary*.csv"))
 FEATURES_OF_ENCODER = Kind("", ("*.h5", "summary*.csv"), (("fold*", _files("*.h5", "summary*.csv")),))
-MIL_RESULT = Kind(
-    "",
-    ("metrics.json", "predictions.csv", "predictions_by_site.csv", "roc.png"),
-    (
-        ("fold*", _files(MODEL_FILE, HISTORY_FILE)),
-        ("attention", _files("*.h5")),
-        ("heatmaps", _files("*.png")),
-    ),
+_MIL_FILES = ("metrics.json", "predictions.csv", "predictions_by_site.csv", "roc.png")
+_MIL_FOLDERS = (
+    ("fold*", _files(MODEL_FILE, HISTORY_FILE)),
+    ("attention", _files("*.h5")),
+    ("heatmaps", _files("*.png")),
 )
+# mil.compare's other heads: aggregators/{aggregator}/{encoder_id}/, each a MIL result of its own
+_COMPARED = Kind(
+    "", (), ((AGGREGATORS.__contains__, Kind("", (), ((_encoder_dir, Kind("", _MIL_FILES, _MIL_FOLDERS)),))),)
+)
+MIL_RESULT = Kind("", _MIL_FILES, (*_MIL_FOLDERS, ("aggregators", _COMPARED)))
 FINETUNED = Kind("", (), (("fold*", _files("encoder.pt", "head.pt", "selection.h5", HISTORY_FILE)),))
 
 KINDS: dict[str, Kind] = {

@@ -85,6 +85,16 @@ class LesionMasks:
         return inside >= fraction
 
 
+def _hashed_settings(mil: MILConfig) -> dict[str, Any]:
+    """The MIL settings a result's resume hash covers. Not mil.compare: it makes other results. The
+    paper's head and the gated one keep the key they had before mil.aggregator existed (attention:
+    paper | gated), so that results trained before are still current."""
+    settings = {k: v for k, v in results_of("mil", mil).items() if k != "compare"}
+    if settings["aggregator"] in ("abmil", "gated"):
+        settings["attention"] = "paper" if settings.pop("aggregator") == "abmil" else "gated"
+    return settings
+
+
 def _stage_config(
     records,
     feature_sets: Mapping[str, FeatureSet],
@@ -99,7 +109,7 @@ def _stage_config(
         del settings["cv"]
     made_from = {
         "stage": "mil",
-        "mil": results_of("mil", mil),
+        "mil": _hashed_settings(mil),
         "evaluation": settings,
         "cohort": [(r.slide_id, r.label, r.patient_id, r.split) for r in records],
         "features": {k: fs.digest for k, fs in feature_sets.items()},
@@ -252,6 +262,7 @@ def train_mil(
     metrics = {
         "config_hash": expected,
         "encoder_id": encoder_id,
+        "aggregator": mil.aggregator,
         "feature_dim": first.dim,
         "classes": classes,
         "n_slides": len(preds),

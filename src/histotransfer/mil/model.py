@@ -44,7 +44,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-AGGREGATORS = ("abmil", "gated", "clam_sb", "transmil", "mean", "max")
+from histotransfer.core.config import AGGREGATORS
+
 ATTENTION_KINDS = ("paper", "gated")  # AttentionMIL's own argument
 CLAM_K, CLAM_BAG_WEIGHT = 8, 0.7  # CLAM's k_sample and bag_weight defaults
 TRANSMIL_HEADS = 4

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import numpy as np
 
 from histotransfer.core.architectures import ARCHS, list_cut_points
+from histotransfer.core.config import AGGREGATORS
 from histotransfer.core.encoder_ids import RANDOM, EncoderId, frozen_id, parse_encoder_id
 from histotransfer.deploy.bundle import read_spec
 from histotransfer.io.atomic import write_text_atomic
@@ -22,7 +23,7 @@ from histotransfer.io.marks import HTML_MARK, MARKDOWN_MARK, mark
 from histotransfer.io.provenance import read_json
 from histotransfer.mil.compare import Predictions, compare_to_best
 from histotransfer.mil.results import MILResult, class_rocs, evaluation_scalars, roc_points
-from histotransfer.plots import forest_plot, roc_curves, site_plot, truncation_curves
+from histotransfer.plots import aggregator_matrix, forest_plot, roc_curves, site_plot, truncation_curves
 from histotransfer.report.verify import Verification
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,58 @@ def site_flags(rows: Sequence[tuple[str, float, float]], lead: float = SITE_LEAD
     return flags
 
 
+def aggregator_grid(results: Sequence[MILResult]) -> tuple[list[str], list[str], dict]:
+    """The encoders that have mil.compare results, the heads in the catalogue's order, and
+    ``{(encoder, head): MILResult}``: each result's own head and its compared heads'."""
+    cells: dict[tuple[str, str], MILResult] = {}
+    for r in results:
+        compared = [MILResult.load(c.dir) for c in MILLayout(r.out_dir).compared()]
+        if not compared:
+            continue
+        for c in [r, *compared]:
+            cells[(r.encoder_id, c.metrics.get("aggregator", "unrecorded"))] = c
+    encoders = list(dict.fromkeys(e for e, _ in cells))
+    used = {h for _, h in cells}
+    heads = [h for h in (*AGGREGATORS, "unrecorded") if h in used]
+    return encoders, heads, cells
+
+
+def _aggregator_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str], list[str]]:
+    """Encoder x MIL head (mil.compare): pooled AUC with its CI and localisation, and a matrix figure."""
+    encoders, heads, cells = aggregator_grid(results)
+    if not cells:
+        return [], []
+
+    def cell(result: MILResult | None) -> str:
+        if result is None:
+            return "—"
+        loc = result.metrics["localisation"].get("mean_auroc")
+        return _fmt(result.metrics["pooled"]["auc"]) + ("" if loc is None else f"; loc. {loc:.3f}")
+
+    matrix = np.array(
+        [[cells[(e, h)].metrics["pooled"]["auc"]["value"] if (e, h) in cells else np.nan for h in heads]
+         for e in encoders],
+        dtype=float,
+    )  # fmt: skip
+    figure = aggregator_matrix(figures / "aggregators.png", matrix, encoders, heads)
+    lead = (
+        "Each encoder's frozen features with every MIL head of mil.aggregator and mil.compare: the same "
+        "folds, seeds, standardisation and restarts, so a column differs only in how tiles are pooled. "
+        "Pooled out-of-fold AUC [95% CI]; loc.: tile-score localisation where lesion masks exist "
+        "(docs/study.md, Aggregators, says what each head's tile scores are)."
+    )
+    parts, md = (
+        ["<h2>Encoder x aggregator</h2>", f"<p>{html.escape(lead)}</p>"],
+        ["", "## Encoder x aggregator", "", lead, ""],
+    )
+    _add_table(
+        parts, md, ["encoder", *heads], [[e, *(cell(cells.get((e, h))) for h in heads)] for e in encoders]
+    )
+    parts.append(_figure("figures/" + figure.name, "slide AUC, encoder x MIL head"))
+    md += ["", f"![encoder x aggregator](figures/{figure.name})"]
+    return parts, md
+
+
 def _site_section(results: Sequence[MILResult], figures: Path) -> tuple[list[str], list[str]]:
     """In-site vs out-of-site AUC of every encoder evaluated with ``evaluation.cv: site``."""
     table, points, skipped = [], [], []
@@ -569,7 +622,12 @@ def write_report(
         parts += compare_parts
         md += compare_md
         write_text_atomic(report_dir / "summary.md", "\n".join(md) + "\n")
-    for section_parts, section_md in (_patient_section(results), _site_section(results, figures)):
+    sections = (
+        _aggregator_section(results, figures),
+        _patient_section(results),
+        _site_section(results, figures),
+    )
+    for section_parts, section_md in sections:
         if section_parts:
             parts += section_parts
             md += section_md

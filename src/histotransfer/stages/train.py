@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from histotransfer.core.config import StudyConfig
 from histotransfer.core.errors import FeaturesError
 from histotransfer.io import lineage
-from histotransfer.io.layout import SUMMARY, StudyLayout
+from histotransfer.io.layout import SUMMARY, MILLayout, StudyLayout
 from histotransfer.io.manifest import SlideRecord, read_manifest
 from histotransfer.io.outputs import claim_output
 from histotransfer.stages.common import going_on, tiled
@@ -75,18 +75,27 @@ def train(
     features = {
         k: lineage.check_features(d, usable, encoder_id=encoder_id, tiles=tiles_made) for k, d in dirs.items()
     }
-    return train_mil(
+    common = {
+        "evaluation": config.evaluation,
+        "tiles_dir": tiles,  # without: no heatmaps, no localisation
+        "lesion_masks": lesion_masks(layout),
+        "overwrite": overwrite,
+        "feature_sets": features,
+    }
+    result = train_mil(
         usable,
         features_dir=folder if folds is None else dict(dirs),
         out_dir=layout.mil,
         mil=config.mil,
-        evaluation=config.evaluation,
-        tiles_dir=tiles,  # without: no heatmaps, no localisation
-        lesion_masks=lesion_masks(layout),
-        overwrite=overwrite,
-        feature_sets=features,
         folds=None if folds is None else [_less(f, {r.slide_id for r in usable}) for f in folds],
+        **common,
     )
+    if folds is None:  # mil.compare: the other heads on the same frozen features, folds and seeds
+        place = MILLayout(result.out_dir)
+        for kind in config.mil.compare:
+            mil = config.mil.head(kind)
+            train_mil(usable, features_dir=folder, out_dir=place.compared_root(kind), mil=mil, **common)
+    return result
 
 
 def _less(fold: Fold, kept: set[str]) -> Fold:

@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from histotransfer.core.config import EvaluationConfig, MILConfig
+from histotransfer.core.config import EvaluationConfig, MILConfig, StudyConfig
+from histotransfer.io.layout import MILLayout, StudyLayout
 from histotransfer.mil.crossval import train_mil
 from histotransfer.mil.model import (
     AGGREGATORS,
@@ -19,8 +20,11 @@ from histotransfer.mil.model import (
     head_kind,
     load_head,
 )
+from histotransfer.mil.results import MILResult
 from histotransfer.mil.training import Standardizer, bag_loss
-from tests.helpers import synthetic_cohort
+from histotransfer.report.html import aggregator_grid, write_report
+from histotransfer.stages.train import train
+from tests.helpers import synthetic_cohort, write_csv
 
 ORDER_FREE = [k for k in AGGREGATORS if k != "transmil"]  # TransMIL's PPEG reads the tiles' order
 
@@ -227,3 +231,69 @@ def test_the_old_attention_key_names_its_new_one():
     with pytest.raises(ValidationError, match=r"renamed mil.aggregator .* write aggregator: gated"):
         MILConfig.model_validate({"attention": "gated"})
     assert MILConfig().aggregator == "abmil"
+
+
+# ---- mil.compare: the encoder x aggregator axis -------------------------------------------------------
+
+
+def test_compare_trains_each_other_head_inside_the_result_and_the_report_crosses_them(tmp_path):
+    records, _, features_dir = synthetic_cohort(tmp_path, n_bags=16)
+    manifest = write_csv(
+        tmp_path / "manifest.csv",
+        [
+            {"slide_id": r.slide_id, "path": r.path, "label": r.label, "patient_id": r.patient_id}
+            for r in records
+        ],
+    )
+    layout = StudyLayout.of(manifest=manifest, features=features_dir.parent, mil=tmp_path / "mil")
+    config = StudyConfig(mil={"epochs": 4, "folds": 2, "restarts": 1, "compare": ["mean", "max"]})
+    result = train(layout, config, records, "synthetic")
+    compared = {m.dir.parent.name: MILResult.load(m.dir) for m in MILLayout(result.out_dir).compared()}
+    assert sorted(compared) == ["max", "mean"]
+    for kind, other in compared.items():
+        assert other.metrics["aggregator"] == kind
+        assert other.out_dir == result.out_dir / "aggregators" / kind / "synthetic"
+        assert head_kind(torch.load(other.out_dir / "fold0" / "model.pt", weights_only=True)) == kind
+        assert [f["n_test"] for f in other.metrics["folds"]] == [f["n_test"] for f in result.metrics["folds"]]
+    assert result.metrics["aggregator"] == "abmil"
+    assert MILResult.load_all(layout.mil) == [MILResult.load(result.out_dir)]  # the primary only
+
+    # one more head: the primary and the heads it had are reused, only the new one trains
+    more = config.model_copy(
+        update={"mil": config.mil.model_copy(update={"compare": ["mean", "max", "gated"]})}
+    )
+    again = train(layout, more, records, "synthetic")
+    assert again.reused
+    kinds = [m.dir.parent.name for m in MILLayout(again.out_dir).compared()]
+    assert kinds == ["gated", "max", "mean"]
+
+    encoders, heads, cells = aggregator_grid([again])
+    assert encoders == ["synthetic"]
+    assert heads == ["abmil", "gated", "mean", "max"]  # the catalogue's order
+    page = write_report(
+        [again], report_dir=tmp_path / "report", tiles_dir=tmp_path / "none", compared=[]
+    ).read_text()
+    assert "<h2>Encoder x aggregator</h2>" in page
+    assert (tmp_path / "report" / "figures" / "aggregators.png").is_file()
+    auc = cells[("synthetic", "max")].metrics["pooled"]["auc"]["value"]
+    assert f"{auc:.3f}" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_compare_names_each_head_once():
+    with pytest.raises(ValidationError, match=r"repeats a head \(mil.aggregator is abmil\)"):
+        MILConfig(compare=["mean", "abmil"])
+    with pytest.raises(ValidationError, match="repeats a head"):
+        MILConfig(aggregator="mean", compare=["max", "max"])
+    assert MILConfig(compare=["mean"]).head("mean") == MILConfig(aggregator="mean")
+
+
+def test_results_trained_before_the_rename_keep_their_resume_hash():
+    """The MIL settings hashed as they were when the key was mil.attention (paper | gated): a default
+    result made then is still current, and mil.compare is in no result's hash."""
+    from histotransfer.mil.crossval import _hashed_settings
+
+    before = MILConfig().model_dump(mode="json", exclude={"bag_cache_gb", "aggregator", "compare"})
+    assert _hashed_settings(MILConfig(compare=["mean"])) == before | {"attention": "paper"}
+    assert _hashed_settings(MILConfig(aggregator="gated"))["attention"] == "gated"
+    assert _hashed_settings(MILConfig(aggregator="mean"))["aggregator"] == "mean"
+    assert "attention" not in _hashed_settings(MILConfig(aggregator="transmil"))
