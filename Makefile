@@ -27,13 +27,13 @@ $(STAMP): pyproject.toml
 PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test:  ## lint and the whole test suite, as CI runs it
-	$(MAKE) --no-print-directory -j2 setup test-images
-	$(MAKE) --no-print-directory lint
-	$(PYTEST)
+	@$(MAKE) --no-print-directory test-images & images=$$!; \
+	$(MAKE) --no-print-directory lint && $(PYTEST); status=$$?; wait $$images; exit $$status
 
-# The images the docker tests run, built while .venv is made (pip installs on one core, the image build
-# on the other) when a Docker engine answers; the docker tests then build them from the layer cache in
-# seconds. A build that fails here is left to those tests to report, with its log.
+# The images the docker tests run, built in the background while .venv is made and the other tests run
+# (pip and the image build use a core each) when a Docker engine answers. The docker tests' own build
+# waits for this one (containers/build.sh takes a lock) and then finds every layer cached. A build
+# that fails here is left to those tests to report, with its log.
 TEST_IMAGES_LOG ?= $(or $(TMPDIR),/tmp)/histotransfer-test-images.log
 test-images:  ## build the images the docker tests run, if a Docker engine answers (make test does, beside setup)
 	@if docker info >/dev/null 2>&1; then \

@@ -21,6 +21,14 @@ fi
 target="$1"
 tag="$2"
 shift 2
+# One build at a time on this machine. A second one (the docker tests, while `make test` still builds
+# their images in the background) waits here and then finds every layer cached; beside the first it
+# would serve pip's folders on another port, miss the layer cache and build everything again.
+exec 9>"${TMPDIR:-/tmp}/histotransfer-build.lock"
+if ! flock -n 9; then
+    echo "build: waiting for another build of histotransfer's images to finish" >&2
+    flock 9
+fi
 base="${PYTHON_IMAGE:-$(sed -n 's/^ARG PYTHON_IMAGE=//p' containers/Dockerfile)}"
 fallback="histotransfer-base:bookworm"  # what containers/base-image.sh makes; made once, then reused
 if ! docker image inspect "$base" >/dev/null 2>&1 && ! docker pull "$base" >/dev/null 2>&1; then
