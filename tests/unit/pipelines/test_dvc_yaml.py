@@ -16,6 +16,24 @@ def test_the_committed_dvc_yaml_and_params_are_the_generated_ones():
     assert (REPO / "params.yaml").read_text() == params_text(), "params.yaml is stale: `make dvc-yaml`"
 
 
+def test_every_param_a_stage_names_is_in_params_yaml():
+    """Regression: a new config key (mil.compare) reached dvc.yaml's params from the schema but not
+    params.yaml (a copy of the demo config), and `dvc repro` stopped: "Parameters 'mil.compare' are
+    missing from 'params.yaml'"."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        for key in (stage.get("do", stage)).get("params", []):
+            node = params
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(f"{name}: {key}")
+                    break
+                node = node[part]
+    assert missing == [], f"dvc.yaml names params that params.yaml lacks: {missing}"
+
+
 # each DVC stage's command and the stage function behind it
 STAGE_ENTRY_POINTS = {
     "cohort": ("cmd_cohort", "cohort"),
