@@ -35,9 +35,9 @@ test:  ## lint and the whole test suite, as CI runs it
 # waits for this one (containers/build.sh takes a lock) and then finds every layer cached. A build
 # that fails here is left to those tests to report, with its log.
 TEST_IMAGES_LOG ?= $(or $(TMPDIR),/tmp)/histotransfer-test-images.log
-test-images:  ## build the images the docker tests run, if a Docker engine answers (make test does, beside setup)
+test-images:  ## build the images the docker tests run, if a Docker engine answers (make test runs it in the background)
 	@if docker info >/dev/null 2>&1; then \
-		start=$$(date +%s); status=built; \
+		start=$$(date +%s); status=built; : >$(TEST_IMAGES_LOG); \
 		for target in cpu predict; do \
 			containers/build.sh $$target "$$(python3 components/image.py $$target)" >>$(TEST_IMAGES_LOG) 2>&1 \
 				|| status="not built (the docker tests will build them and report why)"; \
